@@ -1,0 +1,38 @@
+"""Domain exceptions. Each carries the exit code the command line turns it into."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    USAGE = 2  # bad flag, bad value, bad preset
+    MODEL = 3  # model or device could not be loaded
+    GENERATION = 4  # the model produced something the sampler cannot use (NaN logits, …)
+    INTERRUPTED = 130  # SIGINT
+    TERMINATED = 143  # SIGTERM
+
+
+class LlmsampleError(Exception):
+    """Base class: a one-line, user-facing message plus an exit code."""
+
+    exit_code: ExitCode = ExitCode.USAGE
+
+
+class ConfigError(LlmsampleError, ValueError):
+    """A setting is out of range, of the wrong type, or unknown."""
+
+    exit_code = ExitCode.USAGE
+
+
+class ModelError(LlmsampleError):
+    """The model, tokenizer or device could not be loaded."""
+
+    exit_code = ExitCode.MODEL
+
+
+class SamplingError(LlmsampleError, ValueError):
+    """The logits cannot be sampled from (NaN or +inf, or no finite value in a row)."""
+
+    exit_code = ExitCode.GENERATION

@@ -1,0 +1,217 @@
+"""The chain of stages built from a ``SamplingConfig``, and the one selector that turns scores into ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from llmsample.config import SamplingConfig
+from llmsample.sampling import stages
+from llmsample.sampling.candidates import Candidates
+from llmsample.sampling.stages import History
+
+Stage = Callable[[Candidates, History], Candidates]
+
+
+def _build_stage(name: str, cfg: SamplingConfig) -> Stage:
+    if name == "penalties":
+        return lambda c, h: stages.penalties(
+            c, h, cfg.repetition_penalty, cfg.frequency_penalty, cfg.presence_penalty
+        )
+    if name == "no_repeat_ngram":
+        return lambda c, h: stages.no_repeat_ngram(c, h, cfg.no_repeat_ngram_size)
+    fn, value = {
+        "top_k": (stages.top_k, cfg.top_k),
+        "top_p": (stages.top_p, cfg.top_p),
+        "min_p": (stages.min_p, cfg.min_p),
+        "typical_p": (stages.typical_p, cfg.typical_p),
+        "temperature": (stages.temperature, cfg.temperature),
+    }[name]
+    return lambda c, h: fn(c, value)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The tokens picked at one step, ``[batch]`` each."""
+
+    token_ids: torch.Tensor  # long
+    prob: torch.Tensor  # probability under the processed distribution (1.0 for greedy's pick at T=0)
+    raw_prob: torch.Tensor  # model softmax at T=1, before any stage
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """What each stage did to the top-n tokens by raw probability, for the candidate tables.
+
+    Shapes: ``token_ids``, ``raw_probs``, ``final_probs``: ``[batch, n]``; ``stage_probs``: ``[batch, stages, n]``
+    (0 where the token was removed); ``kept``: ``[batch, stages]`` survivors after each stage;
+    ``removed_by[b][i]``: the stage that removed token i of row b, or ``None`` if it survived.
+    """
+
+    stage_names: tuple[str, ...]
+    token_ids: torch.Tensor
+    raw_probs: torch.Tensor
+    stage_probs: torch.Tensor
+    final_probs: torch.Tensor
+    kept: torch.Tensor
+    removed_by: list[list[Optional[str]]]
+    raw_mass_outside: torch.Tensor  # [batch] raw probability of everything not in the table
+
+    def to_dict(self, row: int = 0) -> dict:
+        """One row as plain JSON-ready data."""
+        return {
+            "stages": list(self.stage_names),
+            "kept": self.kept[row].tolist(),
+            "raw_mass_outside": float(self.raw_mass_outside[row]),
+            "candidates": [
+                {
+                    "token_id": int(self.token_ids[row, i]),
+                    "raw_prob": float(self.raw_probs[row, i]),
+                    "stage_probs": [float(x) for x in self.stage_probs[row, :, i]],
+                    "final_prob": float(self.final_probs[row, i]),
+                    "removed_by": self.removed_by[row][i],
+                }
+                for i in range(self.token_ids.shape[1])
+            ],
+        }
+
+
+class Sampler:
+    """Runs the configured chain of stages and selects the next token.
+
+    >>> s = Sampler(SamplingConfig(do_sample=True, top_k=2, temperature=0.5))
+    >>> s.describe()
+    'logits -> top_k -> temperature -> dist'
+    >>> s.process(torch.tensor([[5]]), torch.tensor([[1.0, 3.0, 2.0]]))
+    tensor([[-inf, 6., 4.]])
+    """
+
+    def __init__(self, config: SamplingConfig, check_finite: bool = True):
+        self.config = config
+        self.check_finite = check_finite
+        self.stage_names: tuple[str, ...] = config.active_stages()
+        self._stages: list[Stage] = [_build_stage(name, config) for name in self.stage_names]
+
+    # ---- the chain -------------------------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """The chain in order, e.g. ``logits -> penalties -> top_k -> top_p -> temperature -> dist``."""
+        selector = "greedy" if self.config.greedy and self.config.num_beams == 1 else "dist"
+        if self.config.num_beams > 1:
+            selector = f"beam({self.config.num_beams})"
+        return " -> ".join(("logits", *self.stage_names, selector))
+
+    def candidates(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0) -> Candidates:
+        """Run the chain; the survivors come back compacted when a stage bounded them."""
+        history, c = self._start(input_ids, logits, prompt_len)
+        for stage in self._stages:
+            c = stage(c, history)
+        return c
+
+    def process(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0) -> torch.Tensor:
+        """``[batch, vocab]`` processed logits, −inf where a stage removed the token."""
+        return self.candidates(input_ids, logits, prompt_len).dense()
+
+    # ---- selection -------------------------------------------------------------------------------------------
+
+    def sample(
+        self,
+        input_ids: torch.Tensor,
+        logits: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        prompt_len: int = 0,
+    ) -> torch.Tensor:
+        """``[batch]`` next token ids: argmax when greedy, else one draw from the processed distribution."""
+        return self.select(self.candidates(input_ids, logits, prompt_len), generator)
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        logits: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        prompt_len: int = 0,
+    ) -> Choice:
+        """Pick the next tokens and report their processed and raw probabilities (what the decode loop needs)."""
+        c = self.candidates(input_ids, logits, prompt_len)
+        columns = self._select_columns(c, generator)
+        log_total = torch.logsumexp(c.logits, dim=-1)
+        prob = torch.exp(c.logits.gather(1, columns.unsqueeze(1)).squeeze(1) - log_total)
+        token_ids = c.to_vocab(columns)
+        raw = logits.float()
+        raw_prob = torch.exp(raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - torch.logsumexp(raw, dim=-1))
+        return Choice(token_ids, prob, raw_prob)
+
+    def select(self, c: Candidates, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Turn processed candidates into ``[batch]`` token ids."""
+        return c.to_vocab(self._select_columns(c, generator))
+
+    def _select_columns(self, c: Candidates, generator: Optional[torch.Generator]) -> torch.Tensor:
+        if self.config.greedy:
+            return c.logits.argmax(-1)
+        return draw(c.logits, generator)
+
+    # ---- tracing ---------------------------------------------------------------------------------------------
+
+    def trace(self, input_ids: torch.Tensor, logits: torch.Tensor, top_n: int = 10, prompt_len: int = 0) -> StepTrace:
+        """Follow the top-n tokens by raw probability through every active stage."""
+        history, c = self._start(input_ids, logits, prompt_len)
+        raw_probs_all = torch.softmax(c.logits, dim=-1)
+        n = min(top_n, raw_probs_all.shape[-1])
+        raw_probs, token_ids = torch.topk(raw_probs_all, n, dim=-1)
+        batch = token_ids.shape[0]
+        removed_by: list[list[Optional[str]]] = [[None] * n for _ in range(batch)]
+        stage_probs, kept = [], []
+        alive = torch.ones_like(token_ids, dtype=torch.bool)
+        for name, stage in zip(self.stage_names, self._stages):
+            c = stage(c, history)
+            dense = c.dense()
+            probs = torch.softmax(dense, dim=-1).gather(1, token_ids)
+            now_alive = torch.isfinite(dense.gather(1, token_ids))
+            for b, i in (alive & ~now_alive).nonzero().tolist():
+                removed_by[b][i] = name
+            alive = now_alive
+            stage_probs.append(probs)
+            kept.append(torch.isfinite(dense).sum(-1))
+        final = stage_probs[-1] if stage_probs else raw_probs
+        return StepTrace(
+            stage_names=self.stage_names,
+            token_ids=token_ids,
+            raw_probs=raw_probs,
+            stage_probs=torch.stack(stage_probs, dim=1) if stage_probs else raw_probs.new_zeros(batch, 0, n),
+            final_probs=final,
+            kept=torch.stack(kept, dim=1) if kept else token_ids.new_zeros(batch, 0),
+            removed_by=removed_by,
+            raw_mass_outside=(1.0 - raw_probs.sum(-1)).clamp(min=0.0),
+        )
+
+    # ---- internals -------------------------------------------------------------------------------------------
+
+    def _start(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int) -> tuple[History, Candidates]:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"input_ids must be [batch, length] with batch {logits.shape[0]}, got shape {tuple(input_ids.shape)}"
+            )
+        if not 0 <= prompt_len <= input_ids.shape[1]:
+            raise ValueError(f"prompt_len must be in [0, {input_ids.shape[1]}], got {prompt_len}")
+        logits = logits.float()  # fp16/bf16 logits are processed in float32; float32 input is not copied
+        if self.check_finite:
+            stages.check_logits(logits)
+        return History(input_ids, prompt_len), Candidates.from_logits(logits)
+
+
+def draw(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One draw per row from softmax(logits) by inverse CDF: ``[batch, n]`` → ``[batch]`` column indices.
+
+    One uniform number per row and a cumulative sum: no ``multinomial`` over the vocabulary. A removed
+    (−inf) column has an empty interval, so it is never drawn.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=logits.device, dtype=cdf.dtype)
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)

@@ -1,0 +1,279 @@
+"""The sampling stages. Each maps ``Candidates`` to new ``Candidates`` and never modifies its input.
+
+Every stage's math is the one in DESIGN.md §4; each docstring gives the neutral value and a tiny example.
+Truncation stages find a per-row logit threshold and keep ``logits >= threshold``: probabilities are monotone in
+the logits within a row, so that keeps ties at the boundary (as transformers' top_k does) and lets
+``keep_from`` look at a small ``topk`` window instead of sorting the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+import torch
+
+from llmsample.sampling.candidates import NEG_INF, Candidates
+
+# Rows at most this wide are filtered in place; wider dense rows are compacted through a growing topk window.
+SMALL_ROW = 2048
+FIRST_WINDOW = 256
+WINDOW_GROWTH = 4
+TOP_P_SLACK = 1e-6
+
+
+@dataclass
+class History:
+    """The token history a step is conditioned on: ``input_ids[:, :prompt_len]`` is the prompt."""
+
+    input_ids: torch.Tensor  # [batch, length] long
+    prompt_len: int = 0
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def generated(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+
+def _table(ids: torch.Tensor, vocab_size: int, counts: bool) -> torch.Tensor:
+    """``[batch, vocab]`` per-token count (float) or presence (bool) of ``ids``; ids past the vocab are dropped."""
+    batch = ids.shape[0]
+    spare = ids.clamp(max=vocab_size)  # ids the lm_head cannot produce land in a spare column
+    if counts:
+        out = torch.zeros(batch, vocab_size + 1, dtype=torch.float32, device=ids.device)
+        out.scatter_add_(1, spare, torch.ones_like(spare, dtype=torch.float32))
+    else:
+        out = torch.zeros(batch, vocab_size + 1, dtype=torch.bool, device=ids.device)
+        out.scatter_(1, spare, True)
+    return out[:, :vocab_size]
+
+
+def keep_from(c: Candidates, threshold: torch.Tensor) -> Candidates:
+    """Keep the tokens whose logit is ``>= threshold`` (``[batch, 1]``); remove the rest.
+
+    A wide dense row is compacted: a ``topk`` window grows until its smallest value is below every row's
+    threshold, so only the survivors (and their ties) are gathered.
+    """
+    logits = c.logits
+    width = logits.shape[-1]
+    if width > SMALL_ROW:
+        window = FIRST_WINDOW
+        while window < width:
+            values, columns = torch.topk(logits, window, dim=-1)
+            if bool((values[:, -1:] < threshold).all()):
+                needed = int((values >= threshold).sum(-1).max())
+                values, columns = values[:, :needed], columns[:, :needed]
+                return c.take(columns, values.masked_fill(values < threshold, NEG_INF))
+            window *= WINDOW_GROWTH
+    return c.with_logits(logits.masked_fill(logits < threshold, NEG_INF))
+
+
+# ---- penalties -------------------------------------------------------------------------------------------------
+
+
+def penalties(
+    c: Candidates,
+    history: History,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+) -> Candidates:
+    """Repetition penalty (CTRL), then frequency and presence penalties (OpenAI). Neutral: 1.0, 0.0, 0.0.
+
+    Repetition sees the whole history (prompt + generated): ℓ>0 → ℓ/r, else ℓ·r, once per distinct token.
+    Frequency and presence count only generated tokens: ℓ_j −= c_j·α + [c_j>0]·β.
+
+    >>> c = Candidates.from_logits(torch.tensor([[2.0, -1.0, 0.5]]))
+    >>> penalties(c, History(torch.tensor([[0, 1]])), repetition_penalty=2.0).logits
+    tensor([[ 1.0000, -2.0000,  0.5000]])
+    >>> penalties(c, History(torch.tensor([[2, 0, 0]]), prompt_len=1), frequency_penalty=0.5).logits
+    tensor([[ 1.0000, -1.0000,  0.5000]])
+    """
+    logits = c.logits
+    vocab = c.vocab_size
+    if repetition_penalty != 1.0 and history.input_ids.shape[1] > 0:
+        if c.is_dense:
+            # Touch only the history's columns: a spare column absorbs ids past the vocab.
+            padded = torch.nn.functional.pad(logits, (0, 1))
+            ids = history.input_ids.clamp(max=vocab)
+            seen = padded.gather(1, ids)
+            seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+            logits = padded.scatter(1, ids, seen)[:, :vocab]
+        else:
+            present = _table(history.input_ids, vocab, counts=False).gather(1, c.ids)
+            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(present, penalised, logits)
+    generated = history.generated
+    if (frequency_penalty != 0.0 or presence_penalty != 0.0) and generated.shape[1] > 0:
+        counts = _table(generated, vocab, counts=True)
+        if not c.is_dense:
+            counts = counts.gather(1, c.ids)
+        delta = counts * frequency_penalty + (counts > 0).to(counts.dtype) * presence_penalty
+        logits = logits - delta
+    return c.with_logits(logits)
+
+
+def no_repeat_ngram(c: Candidates, history: History, size: int) -> Candidates:
+    """Ban every token that would complete an n-gram already in the history (prompt + generated). Neutral: 0.
+
+    If a row would lose every token, its best token is kept (the documented fallback).
+
+    >>> c = Candidates.from_logits(torch.zeros(1, 4))
+    >>> no_repeat_ngram(c, History(torch.tensor([[1, 2, 3, 1]])), size=2).logits
+    tensor([[0., 0., -inf, 0.]])
+    """
+    ids = history.input_ids
+    length = ids.shape[1]
+    if size <= 0 or length < size:
+        return c
+    vocab = c.vocab_size
+    # An n-gram can be completed only by a window whose first n-1 tokens equal the current suffix.
+    suffix = ids[:, length + 1 - size :]  # [batch, n-1]
+    windows = ids.unfold(1, size, 1)  # [batch, windows, n]
+    matches = (windows[..., :-1] == suffix.unsqueeze(1)).all(-1)  # [batch, windows]
+    banned_ids = torch.where(matches, windows[..., -1].clamp(max=vocab), vocab)  # spare column = nothing banned
+    if c.is_dense:
+        padded = torch.nn.functional.pad(c.logits, (0, 1))
+        out = padded.scatter(1, banned_ids, NEG_INF)[:, :vocab]
+    else:
+        banned = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+        banned.scatter_(1, banned_ids, True)
+        out = c.logits.masked_fill(banned[:, :vocab].gather(1, c.ids), NEG_INF)
+    # Fallback without a host sync: a row left with nothing gets its best token back.
+    best = c.logits.argmax(-1, keepdim=True)
+    emptied = torch.isneginf(out.amax(-1, keepdim=True))
+    restored = torch.where(emptied, c.logits.gather(1, best), out.gather(1, best))
+    return c.with_logits(out.scatter(1, best, restored))
+
+
+# ---- truncation ------------------------------------------------------------------------------------------------
+
+
+def top_k(c: Candidates, k: int) -> Candidates:
+    """Keep the k highest logits; ties with the k-th are kept too. Neutral: 0.
+
+    >>> top_k(Candidates.from_logits(torch.tensor([[1.0, 3.0, 2.0, 2.0]])), 2).logits
+    tensor([[-inf, 3., 2., 2.]])
+    """
+    width = c.logits.shape[-1]
+    if k <= 0 or k >= width:
+        return c
+    values, columns = torch.topk(c.logits, k + 1, dim=-1)
+    kth = values[:, k - 1 : k]
+    if width > SMALL_ROW and bool((values[:, k:] < kth).all()):
+        return c.take(columns[:, :k], values[:, :k])  # no tie crosses the boundary: the window is the answer
+    return keep_from(c, kth)
+
+
+def top_p(c: Candidates, p: float) -> Candidates:
+    """Nucleus: keep token j iff the probability mass strictly above it is < p (the token that crosses p is
+    kept; ties with it are kept). At least one token always survives. Neutral: 1.0.
+
+    Masses are sums of float32 probabilities, so a mass within ``TOP_P_SLACK`` of p counts as reaching p: the
+    seeds' and llama.cpp's exact tables (0.4 + 0.3 reaching p = 0.7) then come out as written.
+
+    Seed 001's first context: 0.6/0.25/0.1/0.05 with p=0.85 keeps two tokens.
+
+    >>> probs = torch.tensor([[0.6, 0.25, 0.1, 0.05]])
+    >>> top_p(Candidates.from_logits(probs.log()), 0.85).logits.isfinite()
+    tensor([[ True,  True, False, False]])
+    """
+    if p >= 1.0:
+        return c
+    logits = c.logits
+    width = logits.shape[-1]
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    window = FIRST_WINDOW if width > SMALL_ROW else width
+    while True:
+        window = min(window, width)
+        values, _ = torch.topk(logits, window, dim=-1)  # sorted, descending
+        probs = torch.exp(values - log_total).double()
+        mass_above = probs.cumsum(-1) - probs
+        kept = (mass_above < p - TOP_P_SLACK).sum(-1, keepdim=True).clamp(min=1)  # a prefix; the first token always stays
+        threshold = values.gather(1, kept - 1)
+        # The window is enough when every row's cut lies inside it with room for the ties after it.
+        if window == width or bool((values[:, -1:] < threshold).all()):
+            return keep_from(c, threshold)
+        window *= WINDOW_GROWTH
+
+
+def min_p(c: Candidates, m: float) -> Candidates:
+    """Keep tokens with p_i ≥ m·p_max, i.e. ℓ_i ≥ ℓ_max + ln m. Neutral: 0.0.
+
+    >>> min_p(Candidates.from_logits(torch.tensor([[0.5, 0.3, 0.2]]).log()), 0.5).dense().isfinite()
+    tensor([[ True,  True, False]])
+    """
+    if m <= 0.0:
+        return c
+    threshold = c.logits.amax(-1, keepdim=True) + math.log(m)
+    return keep_from(c, threshold)
+
+
+def typical_p(c: Candidates, mass: float) -> Candidates:
+    """Locally typical sampling (Meister et al.; transformers' TypicalLogitsWarper). Neutral: 1.0.
+
+    Tokens are ranked by how far their surprisal is from the entropy; the smallest set of the most typical
+    tokens whose mass reaches ``mass`` is kept (ties with the last one kept too).
+
+    >>> typical_p(Candidates.from_logits(torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()), 0.5).dense().isfinite()
+    tensor([[False,  True,  True, False]])
+    """
+    if mass >= 1.0:
+        return c
+    logits = c.logits
+    log_probs = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
+    distance = (-log_probs - entropy).abs()
+    sorted_distance, order = torch.sort(distance, dim=-1)
+    cumulative = logits.gather(1, order).softmax(-1).cumsum(-1)
+    last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    removed_sorted = sorted_distance > sorted_distance.gather(1, last)
+    removed_sorted[:, 0] = False
+    # Kept tokens are a prefix of the distance order: compact to the longest prefix in the batch.
+    kept = (~removed_sorted).sum(-1, keepdim=True)
+    width = int(kept.max())
+    columns = order[:, :width]
+    position = torch.arange(width, device=logits.device).unsqueeze(0)
+    values = logits.gather(1, columns).masked_fill(position >= kept, NEG_INF)
+    return c.take(columns, values)
+
+
+# ---- shape -----------------------------------------------------------------------------------------------------
+
+
+def temperature(c: Candidates, t: float) -> Candidates:
+    """ℓ / T. T = 0 keeps only the top token (the first one on a tie). Neutral: 1.0.
+
+    >>> temperature(Candidates.from_logits(torch.tensor([[1.0, 2.0]])), 0.5).logits
+    tensor([[2., 4.]])
+    """
+    if t == 1.0:
+        return c
+    if t == 0.0:
+        return c.take(c.logits.argmax(-1, keepdim=True))
+    return c.with_logits(c.logits / t)
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """Raise ``SamplingError`` for a row with NaN, +inf, or no finite value.
+
+    One ``amax`` per row finds all three (it propagates NaN); the slow diagnosis runs only on failure.
+    """
+    from llmsample.errors import SamplingError
+
+    row_max = logits.amax(-1)
+    if bool(torch.isfinite(row_max).all()):
+        return
+    nan_rows = torch.isnan(logits).any(-1).nonzero().flatten().tolist()
+    if nan_rows:
+        raise SamplingError(f"the model's logits contain NaN (batch row {_rows(nan_rows)})")
+    pos_inf = torch.isposinf(logits).any(-1).nonzero().flatten().tolist()
+    if pos_inf:
+        raise SamplingError(f"the model's logits contain +inf (batch row {_rows(pos_inf)})")
+    empty = torch.isneginf(row_max).nonzero().flatten().tolist()
+    raise SamplingError(f"every logit is -inf: no token can be chosen (batch row {_rows(empty)})")
+
+
+def _rows(rows: list[int], limit: int = 5) -> str:
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+

@@ -1,0 +1,156 @@
+"""Each stage pinned on hand-computed examples, including the seed documents' worked examples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmsample.config import SamplingConfig
+from llmsample.sampling import Sampler
+from llmsample.sampling.candidates import Candidates
+from llmsample.sampling.stages import History, min_p, no_repeat_ngram, penalties, temperature, top_k, top_p
+
+INF = float("inf")
+
+
+def kept(c: Candidates) -> list[bool]:
+    return torch.isfinite(c.dense())[0].tolist()
+
+
+def from_probs(*probs: float) -> Candidates:
+    return Candidates.from_logits(torch.tensor([probs], dtype=torch.float32).log())
+
+
+def test_seed_001_softmax_example():
+    # 晴朗=3.0, 多云=2.5, 阴天=2.0, 雨天=1.0 → 0.47 / 0.29 / 0.17 / 0.06
+    probs = torch.softmax(Sampler(SamplingConfig(do_sample=True)).process(
+        torch.zeros(1, 0, dtype=torch.long), torch.tensor([[3.0, 2.5, 2.0, 1.0]])), -1)
+    assert [round(p, 2) for p in probs[0].tolist()] == [0.47, 0.29, 0.17, 0.06]
+
+
+# Seed 001's weather contexts. Context 1: 晴朗 dominates and the top two hold 85%. Context 2: close probabilities,
+# the top three hold 80% and 雨天 20%.
+CONTEXT_1 = (0.60, 0.25, 0.10, 0.05)
+CONTEXT_2 = (0.30, 0.28, 0.22, 0.20)
+
+
+@pytest.mark.parametrize(
+    "probs, stage, expected",
+    [
+        (CONTEXT_1, lambda c: top_k(c, 3), [True, True, True, False]),  # keeps the needless 阴天
+        (CONTEXT_2, lambda c: top_k(c, 3), [True, True, True, False]),  # drops 雨天 at 20%
+        (CONTEXT_1, lambda c: top_p(c, 0.85), [True, True, False, False]),  # 晴朗 + 多云 = 85%
+        (CONTEXT_2, lambda c: top_p(c, 0.85), [True, True, True, True]),  # 80% < 85%: 雨天 joins
+    ],
+)
+def test_seed_001_weather_examples(probs, stage, expected):
+    assert kept(stage(from_probs(*probs))) == expected
+
+
+@pytest.mark.parametrize(
+    "probs, p, expected",
+    [
+        # llama.cpp's test_top_p table, in our rule (the token that crosses p is kept)
+        ((0.1, 0.2, 0.3, 0.4), 0.0001, [False, False, False, True]),
+        ((0.1, 0.2, 0.3, 0.4), 0.7, [False, False, True, True]),
+        ((0.1, 0.2, 0.3, 0.4), 0.8, [False, True, True, True]),
+        ((0.1, 0.2, 0.3, 0.4), 1.0, [True, True, True, True]),
+        ((0.5, 0.5), 0.3, [True, True]),  # a tie on the boundary is kept whole
+    ],
+)
+def test_top_p_table(probs, p, expected):
+    assert kept(top_p(from_probs(*probs), p)) == expected
+
+
+@pytest.mark.parametrize(
+    "logits, k, expected",
+    [
+        ((1.0, 3.0, 2.0, 0.0), 1, [False, True, False, False]),
+        ((1.0, 3.0, 2.0, 2.0), 2, [False, True, True, True]),  # ties with the k-th are kept
+        ((1.0, 3.0), 5, [True, True]),  # k larger than the vocab
+        ((1.0, 3.0, 2.0), 0, [True, True, True]),  # neutral
+    ],
+)
+def test_top_k_table(logits, k, expected):
+    assert kept(top_k(Candidates.from_logits(torch.tensor([logits])), k)) == expected
+
+
+@pytest.mark.parametrize(
+    "probs, m, expected",
+    [
+        ((0.5, 0.3, 0.15, 0.05), 0.2, [True, True, True, False]),  # keeps p ≥ 0.1
+        ((0.5, 0.3, 0.15, 0.05), 0.5, [True, True, False, False]),
+        ((0.5, 0.3, 0.15, 0.05), 1.0, [True, False, False, False]),
+    ],
+)
+def test_min_p_table(probs, m, expected):
+    assert kept(min_p(from_probs(*probs), m)) == expected
+
+
+def test_temperature_scales_and_zero_keeps_the_top_token():
+    c = Candidates.from_logits(torch.tensor([[1.0, 4.0, 2.0]]))
+    assert temperature(c, 2.0).logits.tolist() == [[0.5, 2.0, 1.0]]
+    assert kept(temperature(c, 0.0)) == [False, True, False]
+
+
+def test_repetition_penalty_whole_history_frequency_presence_generated_only():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    history = History(torch.tensor([[0, 3, 3, 1]]), prompt_len=2)  # prompt: 0 3; generated: 3 1
+    out = penalties(Candidates.from_logits(logits), history, 2.0, 0.5, 0.25).logits
+    # token 0: prompt only → repetition only: 2/2 = 1.0
+    # token 1: generated once → −1·2 − 0.5 − 0.25 = −2.75
+    # token 3: prompt + generated once → 1/2 − 0.5 − 0.25 = −0.25
+    assert out.tolist() == [[1.0, -2.75, 0.5, -0.25]]
+
+
+def test_frequency_penalty_counts_repeats():
+    history = History(torch.tensor([[2, 2, 2, 1]]), prompt_len=0)
+    out = penalties(Candidates.from_logits(torch.zeros(1, 3)), history, 1.0, 0.5, 0.0).logits
+    assert out.tolist() == [[0.0, -0.5, -1.5]]
+
+
+def test_penalties_on_compacted_candidates_match_dense():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5000, generator=g) * 3
+    ids = torch.randint(0, 5000, (3, 40), generator=g)
+    ids[:, 20:] = ids[:, :20]  # repeats
+    cfg = dict(do_sample=True, repetition_penalty=1.4, frequency_penalty=0.3, presence_penalty=0.7)
+    first = Sampler(SamplingConfig(order="penalties,top_k", top_k=60, **cfg)).process(ids, logits, prompt_len=10)
+    after = Sampler(SamplingConfig(order="top_k,penalties", top_k=60, **cfg)).process(ids, logits, prompt_len=10)
+    # penalties after top_k judge only the 60 survivors; on them the values agree with the dense computation
+    both = torch.isfinite(first) & torch.isfinite(after)
+    assert both.sum() > 100
+    assert torch.equal(first[both], after[both])
+
+
+def test_no_repeat_ngram_bans_completions_and_falls_back_when_everything_is_banned():
+    hist = History(torch.tensor([[1, 2, 3, 1, 2]]))
+    assert kept(no_repeat_ngram(Candidates.from_logits(torch.zeros(1, 5)), hist, 3)) == [
+        True, True, True, False, True
+    ]
+    # vocab 2, unigrams: both tokens already used; the best one comes back
+    out = no_repeat_ngram(Candidates.from_logits(torch.tensor([[0.3, 0.9]])), History(torch.tensor([[0, 1]])), 1)
+    assert kept(out) == [False, True]
+
+
+def test_stages_never_modify_their_inputs():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3000, generator=g)
+    ids = torch.randint(0, 30, (2, 12), generator=g)
+    before_logits, before_ids = logits.clone(), ids.clone()
+    cfg = SamplingConfig(do_sample=True, temperature=0.7, top_k=100, top_p=0.8, min_p=0.01, typical_p=0.95,
+                         repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2, no_repeat_ngram_size=2)
+    s = Sampler(cfg)
+    s.process(ids, logits, prompt_len=4)
+    s.sample(ids, logits, generator=torch.Generator().manual_seed(0), prompt_len=4)
+    s.trace(ids, logits, 5, prompt_len=4)
+    assert torch.equal(logits, before_logits) and torch.equal(ids, before_ids)
+
+
+def test_length_penalty_formula_is_documented_in_beam_only():
+    # With sampling it has no effect: the config says so instead of ignoring it silently.
+    notes = dict(SamplingConfig(do_sample=True, length_penalty=0.9).inactive_settings())
+    assert "beam search only" in notes["length_penalty"]
+    assert math.isclose(SamplingConfig(num_beams=4, length_penalty=0.9).length_penalty, 0.9)
