@@ -58,7 +58,7 @@ class Candidates:
         out = torch.full(
             (self.logits.shape[0], self.vocab_size), NEG_INF, dtype=self.logits.dtype, device=self.logits.device
         )
-        return out.scatter(-1, self.ids, self.logits)
+        return out.scatter_(-1, self.ids, self.logits)  # in place on our own new tensor: no second copy
 
     def token_ids(self) -> torch.Tensor:
         """``[batch, n]`` vocabulary ids of the columns."""

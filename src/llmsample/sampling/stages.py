@@ -18,7 +18,9 @@ from llmsample.sampling.candidates import NEG_INF, Candidates
 SMALL_ROW = 2048
 FIRST_WINDOW = 256
 WINDOW_GROWTH = 4
-TOP_P_SLACK = 1e-6
+# fast_topk splits a row into chunks this wide and needs at least this many of them to pay off.
+CHUNK = 256
+FAST_TOPK_MIN_CHUNKS = 64
 
 
 @dataclass
@@ -47,6 +49,30 @@ def _table(ids: torch.Tensor, vocab_size: int, counts: bool) -> torch.Tensor:
     return out[:, :vocab_size]
 
 
+def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k)`` (sorted) for wide rows, through chunk maxima instead of a pass over every value.
+
+    Split the row into chunks of ``CHUNK`` and let t be the k-th largest chunk maximum. Every value above t sits
+    in one of the k chunks with the largest maxima, and those chunks hold at least k values ``>= t``; so topk
+    over them (plus the ragged tail) returns exactly the k largest values, and every value left out is
+    ``<= t <=`` the k-th returned: the guarantee ``torch.topk`` gives, which the callers' tie checks rely on.
+    Which of several tied columns is returned may differ from ``torch.topk`` (as it may between its devices).
+    """
+    batch, width = x.shape
+    chunks = width // CHUNK
+    if chunks < FAST_TOPK_MIN_CHUNKS or k > chunks // 4:
+        return torch.topk(x, k, dim=-1)
+    body = x[:, : chunks * CHUNK].reshape(batch, chunks, CHUNK)
+    best_chunks = torch.topk(body.amax(-1), k, dim=-1).indices  # [batch, k]
+    offsets = torch.arange(CHUNK, device=x.device)
+    columns = (best_chunks.unsqueeze(-1) * CHUNK + offsets).reshape(batch, -1)  # [batch, k*CHUNK]
+    if width > chunks * CHUNK:
+        tail = torch.arange(chunks * CHUNK, width, device=x.device).expand(batch, -1)
+        columns = torch.cat((columns, tail), dim=-1)
+    values, picked = torch.topk(x.gather(1, columns), k, dim=-1)
+    return values, columns.gather(1, picked)
+
+
 def keep_from(c: Candidates, threshold: torch.Tensor) -> Candidates:
     """Keep the tokens whose logit is ``>= threshold`` (``[batch, 1]``); remove the rest.
 
@@ -58,7 +84,7 @@ def keep_from(c: Candidates, threshold: torch.Tensor) -> Candidates:
     if width > SMALL_ROW:
         window = FIRST_WINDOW
         while window < width:
-            values, columns = torch.topk(logits, window, dim=-1)
+            values, columns = fast_topk(logits, window)
             if bool((values[:, -1:] < threshold).all()):
                 needed = int((values >= threshold).sum(-1).max())
                 values, columns = values[:, :needed], columns[:, :needed]
@@ -157,7 +183,7 @@ def top_k(c: Candidates, k: int) -> Candidates:
     width = c.logits.shape[-1]
     if k <= 0 or k >= width:
         return c
-    values, columns = torch.topk(c.logits, k + 1, dim=-1)
+    values, columns = fast_topk(c.logits, k + 1)
     kth = values[:, k - 1 : k]
     if width > SMALL_ROW and bool((values[:, k:] < kth).all()):
         return c.take(columns[:, :k], values[:, :k])  # no tie crosses the boundary: the window is the answer
@@ -168,8 +194,8 @@ def top_p(c: Candidates, p: float) -> Candidates:
     """Nucleus: keep token j iff the probability mass strictly above it is < p (the token that crosses p is
     kept; ties with it are kept). At least one token always survives. Neutral: 1.0.
 
-    Masses are sums of float32 probabilities, so a mass within ``TOP_P_SLACK`` of p counts as reaching p: the
-    seeds' and llama.cpp's exact tables (0.4 + 0.3 reaching p = 0.7) then come out as written.
+    Masses are float64 sums of float32 probabilities: a mass that equals p in exact arithmetic lands on either
+    side of it by rounding, as it does in transformers (which sums in float32, smallest first).
 
     Seed 001's first context: 0.6/0.25/0.1/0.05 with p=0.85 keeps two tokens.
 
@@ -185,10 +211,10 @@ def top_p(c: Candidates, p: float) -> Candidates:
     window = FIRST_WINDOW if width > SMALL_ROW else width
     while True:
         window = min(window, width)
-        values, _ = torch.topk(logits, window, dim=-1)  # sorted, descending
+        values, _ = fast_topk(logits, window)  # sorted, descending
         probs = torch.exp(values - log_total).double()
         mass_above = probs.cumsum(-1) - probs
-        kept = (mass_above < p - TOP_P_SLACK).sum(-1, keepdim=True).clamp(min=1)  # a prefix; the first token always stays
+        kept = (mass_above < p).sum(-1, keepdim=True).clamp(min=1)  # a prefix; the first token always stays
         threshold = values.gather(1, kept - 1)
         # The window is enough when every row's cut lies inside it with room for the ties after it.
         if window == width or bool((values[:, -1:] < threshold).all()):

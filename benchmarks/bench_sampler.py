@@ -1,0 +1,161 @@
+"""Time llmsample's sampling core against transformers' logits warpers, side by side in one run.
+
+    python benchmarks/bench_sampler.py                 # CPU, real logits from the default model + random logits
+    python benchmarks/bench_sampler.py --device cuda   # on a GPU (random logits unless --real works there)
+
+For each setting and batch size it reports, per decoding step:
+- "process": the processed distribution (our ``Sampler.process`` vs transformers' warpers in their order);
+- "step": processed distribution plus the draw (our ``Sampler.sample`` vs warpers + softmax + multinomial,
+  which is what ``generate`` does).
+Both sides produce the same removed set on every step (checked while timing), so the ratio compares equal work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from llmsample.config import SamplingConfig
+from llmsample.sampling import Sampler
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden screw press. Within fifty years printers had produced "
+    "millions of books across Europe, and the price of a book fell so far that ordinary people could own one. "
+    "大语言模型在生成文本时，会先根据上下文计算下一个词的概率分布，然后按照采样参数从中选择一个词。"
+    "温度越低，输出越确定；温度越高，输出越多样。top_k 只保留概率最高的 k 个候选词，top_p 则保留累计概率达到 p 的最小集合。"
+)
+
+SETTINGS = {
+    "T0.7+top_k50+top_p0.9": dict(temperature=0.7, top_k=50, top_p=0.9),
+    "T0.7+top_p0.9": dict(temperature=0.7, top_p=0.9),
+    "T0.7+top_p0.9+rep1.3": dict(temperature=0.7, top_p=0.9, repetition_penalty=1.3),
+}
+
+
+def real_logits(device: str) -> torch.Tensor:
+    """Next-token logits of the default model at every position of a fixed English + Chinese text."""
+    from llmsample.models import load
+
+    lm = load(device=device)
+    ids = lm.tokenizer(TEXT, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        return lm.model(ids).logits[0].float()  # [positions, vocab]
+
+
+def random_logits(n: int, vocab: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, vocab, generator=g) * 3).to(device)
+
+
+def hf_warpers(cfg: SamplingConfig) -> list:
+    from transformers.generation import logits_process as lp
+
+    chain = []
+    if cfg.repetition_penalty != 1.0:
+        chain.append(lp.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
+    chain.append(lp.TemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_k:
+        chain.append(lp.TopKLogitsWarper(cfg.top_k))
+    if cfg.top_p < 1.0:
+        chain.append(lp.TopPLogitsWarper(cfg.top_p))
+    return chain
+
+
+def timed(fn: Callable[[int], torch.Tensor], steps: int, device: str) -> float:
+    """Median milliseconds per call over ``steps`` calls (after two warm-up calls)."""
+    fn(0)
+    fn(1)
+    times = []
+    for i in range(steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(i)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench(pool: torch.Tensor, batch: int, name: str, settings: dict, steps: int, device: str) -> dict:
+    cfg = SamplingConfig(do_sample=True, order="hf", **settings)
+    ours = Sampler(cfg)
+    theirs = hf_warpers(cfg)
+    history = torch.randint(0, 2000, (batch, 64), generator=torch.Generator().manual_seed(1)).to(device)
+    rows = pool.shape[0]
+
+    def step_logits(i: int) -> torch.Tensor:
+        return pool[[(i * batch + b) % rows for b in range(batch)]]
+
+    def hf_process(i: int) -> torch.Tensor:
+        scores = step_logits(i)
+        for warper in theirs:
+            scores = warper(history, scores)
+        return scores
+
+    def hf_step(i: int) -> torch.Tensor:
+        return torch.multinomial(torch.softmax(hf_process(i), -1), 1).squeeze(1)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    for i in range(min(steps, 8)):  # the two sides must agree before their times mean anything
+        a, b = ours.process(history, step_logits(i)), hf_process(i)
+        if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+            raise SystemExit(f"{name}: removed sets differ at step {i}")
+
+    result = {"setting": name, "batch": batch}
+    result["hf_process_ms"] = timed(hf_process, steps, device)
+    result["ours_process_ms"] = timed(lambda i: ours.process(history, step_logits(i)), steps, device)
+    result["hf_step_ms"] = timed(hf_step, steps, device)
+    result["ours_step_ms"] = timed(lambda i: ours.sample(history, step_logits(i), generator=gen), steps, device)
+    result["process_speedup"] = result["hf_process_ms"] / result["ours_process_ms"]
+    result["step_speedup"] = result["hf_step_ms"] / result["ours_step_ms"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--vocab", type=int, default=262_144, help="vocab size of the random logits")
+    parser.add_argument("--no-real", action="store_true", help="skip the default model's logits")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per row")
+    args = parser.parse_args()
+
+    pools = {}
+    if not args.no_real:
+        pools["real"] = real_logits(args.device)
+    pools["random"] = random_logits(64, args.vocab, args.device)
+
+    rows = []
+    for source, pool in pools.items():
+        for batch in (1, 8):
+            for name, settings in SETTINGS.items():
+                row = bench(pool, batch, name, settings, args.steps, args.device)
+                row["logits"] = source
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
+    if not args.json:
+        print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"vocab={pools['random'].shape[-1]}")
+        header = f"{'logits':7} {'setting':24} {'batch':>5} {'hf proc':>8} {'ours':>7} {'x':>6}   " \
+                 f"{'hf step':>8} {'ours':>7} {'x':>6}"
+        print(header)
+        for r in rows:
+            print(f"{r['logits']:7} {r['setting']:24} {r['batch']:>5} {r['hf_process_ms']:8.2f} "
+                  f"{r['ours_process_ms']:7.2f} {r['process_speedup']:6.1f}   {r['hf_step_ms']:8.2f} "
+                  f"{r['ours_step_ms']:7.2f} {r['step_speedup']:6.1f}")
+        print("times: median ms per decoding step; x = transformers time / llmsample time")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

