@@ -1,0 +1,146 @@
+"""The decode loops: the model's forward with a KV cache, the shared ``Sampler``, stop conditions.
+
+They yield step records and never print; rendering is the consumer's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from llmsample.sampling import Sampler
+from llmsample.sampling.beam import BeamSearch, Hypothesis
+
+# Given the number of tokens generated so far, the temperature for the next one (None = the config's own).
+TemperatureSchedule = Callable[[int], Optional[float]]
+
+
+@dataclass
+class Step:
+    """One decoding step over the batch: ``[batch]`` tensors, on the CPU."""
+
+    index: int  # 0 for the first generated token
+    token_ids: torch.Tensor
+    prob: torch.Tensor  # under the processed distribution
+    raw_prob: torch.Tensor  # model softmax at T=1
+    active: torch.Tensor  # bool: rows still generating (a finished row's token is padding)
+    temperature: float
+    logits: Optional[torch.Tensor] = None  # [batch, vocab] raw logits, when asked for (candidate tables)
+    history: Optional[torch.Tensor] = None  # [batch, length] ids the step was conditioned on, when asked for
+
+
+@dataclass
+class DecodeState:
+    """Shared with the consumer: it may finish rows (a stop string) while the loop runs."""
+
+    batch: int
+    finish_reasons: list[Optional[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.finish_reasons = [None] * self.batch
+
+    def finish(self, row: int, reason: str) -> None:
+        if self.finish_reasons[row] is None:
+            self.finish_reasons[row] = reason
+
+    @property
+    def all_finished(self) -> bool:
+        return all(reason is not None for reason in self.finish_reasons)
+
+
+def _forward(model, input_ids: torch.Tensor, past) -> tuple[torch.Tensor, object]:
+    out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
+    return out.logits[:, -1, :], out.past_key_values
+
+
+@torch.inference_mode()
+def sample_loop(
+    model,
+    input_ids: torch.Tensor,
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int] = (),
+    generator: Optional[torch.Generator] = None,
+    state: Optional[DecodeState] = None,
+    schedule: Optional[TemperatureSchedule] = None,
+    keep_logits: bool = False,
+) -> Iterator[Step]:
+    """Greedy or sampled decoding of ``input_ids`` (``[batch, prompt_len]``, one row per sample).
+
+    Yields one ``Step`` per generated position. Rows end on EOS, at ``max_new_tokens``, or when the consumer calls
+    ``state.finish(row, reason)``.
+    """
+    batch, prompt_len = input_ids.shape
+    state = state or DecodeState(batch)
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=input_ids.device)
+    pad = int(eos[0]) if len(eos) else 0
+    samplers: dict[float, Sampler] = {}
+    sequence = input_ids
+    logits, past = _forward(model, sequence, None)  # prefill: [batch, vocab]
+    for index in range(max_new_tokens):
+        # Pick this step's sampler: a schedule may change the temperature from some token on.
+        step_sampler = sampler
+        temperature = sampler.config.temperature
+        if schedule is not None:
+            scheduled = schedule(index)
+            if scheduled is not None and scheduled != temperature:
+                temperature = scheduled
+                if scheduled not in samplers:
+                    samplers[scheduled] = Sampler(sampler.config.replace(temperature=scheduled))
+                step_sampler = samplers[scheduled]
+        choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len)
+        active = torch.tensor([reason is None for reason in state.finish_reasons], device=sequence.device)
+        tokens = torch.where(active, choice.token_ids, torch.full_like(choice.token_ids, pad))
+        yield Step(
+            index=index,
+            token_ids=tokens.cpu(),
+            prob=choice.prob.cpu(),
+            raw_prob=choice.raw_prob.cpu(),
+            active=active.cpu(),
+            temperature=temperature,
+            logits=logits if keep_logits else None,
+            history=sequence if keep_logits else None,
+        )
+        for row in (active & torch.isin(tokens, eos)).nonzero().flatten().tolist():
+            state.finish(row, "eos")
+        if state.all_finished:
+            return
+        if index + 1 == max_new_tokens:
+            break
+        sequence = torch.cat((sequence, tokens[:, None]), dim=1)  # [batch, length + 1]
+        logits, past = _forward(model, tokens[:, None], past)
+    for row in range(batch):
+        state.finish(row, "length")
+
+
+@torch.inference_mode()
+def beam_search(
+    model,
+    input_ids: torch.Tensor,
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int] = (),
+    num_return_sequences: int = 1,
+    on_step: Optional[Callable[[BeamSearch, torch.Tensor], None]] = None,
+) -> list[Hypothesis]:
+    """Beam search from one prompt (``[1, prompt_len]``); returns the best hypotheses, best first.
+
+    ``on_step(search, sequences)`` is called after each step with the running beams (for progress or tables).
+    """
+    num_beams = sampler.config.num_beams
+    prompt_len = input_ids.shape[1]
+    search = BeamSearch(sampler, prompt_len, max_new_tokens, eos_token_ids, num_return_sequences)
+    sequences = input_ids.expand(num_beams, -1).contiguous()  # [beams, prompt_len]
+    logits, past = _forward(model, sequences, None)
+    while True:
+        order, tokens = search.step(sequences, logits)
+        if search.done:
+            break
+        sequences = torch.cat((sequences[order], tokens[:, None]), dim=1)
+        past.reorder_cache(order)
+        if on_step is not None:
+            on_step(search, sequences)
+        logits, past = _forward(model, tokens[:, None], past)
+    return search.results()
