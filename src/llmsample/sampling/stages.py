@@ -245,6 +245,10 @@ def typical_p(c: Candidates, mass: float) -> Candidates:
     """
     if mass >= 1.0:
         return c
+    if not c.is_dense and c.logits.shape[-1] > SMALL_ROW:
+        # Many survivors: sum over the full row, in transformers' order. On a flat distribution, distances that
+        # tie within float32 rounding would otherwise fall on either side of the cut.
+        c = Candidates(c.dense(), None, c.vocab_size)
     logits = c.logits
     log_probs = torch.log_softmax(logits, dim=-1)
     entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
