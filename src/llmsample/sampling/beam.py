@@ -38,7 +38,7 @@ class Hypothesis:
 class BeamSearch:
     """Step-by-step beam search over ``num_beams`` rows; the caller runs the model and reorders its cache.
 
-    >>> bs = BeamSearch(Sampler(SamplingConfig(num_beams=2)), prompt_len=1, max_new_tokens=1, eos_token_ids=[0])
+    >>> bs = BeamSearch(Sampler(SamplingConfig(num_beams=2)), 1, max_new_tokens=1, num_return_sequences=2)
     >>> _ = bs.step(torch.tensor([[5], [5]]), torch.tensor([[0.0, 2.0, 1.0]] * 2))
     >>> bs.done  # one new token was allowed
     True
