@@ -97,18 +97,46 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     name: str
-    device: str
+    device: Any  # torch.device of the inputs
     dtype: str
+
+
+def _quiet_transformers() -> None:
+    """Our own progress goes to stderr; transformers' bars and advice would only add noise there."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _explain_load_failure(spec: str, exc: Exception) -> ModelError:
+    text = str(exc)
+    lowered = text.lower()
+    if isinstance(exc, (OSError, ValueError)) and Path(spec).expanduser().exists():
+        return ModelError(f"cannot load a model from {spec}: {text.splitlines()[0] if text else type(exc).__name__}")
+    if any(word in lowered for word in ("connection", "resolve", "offline", "network", "timed out", "max retries")):
+        return ModelError(
+            f"cannot reach the Hugging Face hub to fetch {spec!r}; use a local model folder or a .gguf file "
+            "(--model PATH), or run without --model for the packaged default"
+        )
+    if "not a valid model identifier" in lowered or "repository not found" in lowered or "404" in lowered:
+        return ModelError(f"no model {spec!r}: not a local path and not a model on the Hugging Face hub")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return ModelError(f"cannot load model {spec!r}: {first}")
 
 
 def load(
     model: Optional[str] = None,
     device: str = "cpu",
     dtype: str = "float32",
+    device_map: Optional[str] = None,
     report: Optional[Callable[[str], None]] = None,
 ) -> LoadedModel:
     """Load a model by HF id, local folder or ``.gguf`` file; ``None`` is the packaged default model."""
     import torch
+
+    _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
@@ -117,14 +145,30 @@ def load(
         source: Path | str = ensure_default_model("float32", report)
         name = DEFAULT_MODEL
     elif model.endswith(".gguf"):
-        path = Path(model)
+        path = Path(model).expanduser()
         if not path.is_file():
             raise ModelError(f"model file not found: {model}")
         source, kwargs["gguf_file"], name = path.parent, path.name, path.name
     else:
-        source, name = model, model
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    lm.to(device)
+        local = Path(model).expanduser()
+        if local.is_dir() and not (local / "config.json").exists():
+            raise ModelError(f"{model} is a folder but not a model (no config.json in it)")
+        if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+            raise ModelError(f"model folder not found: {model}")
+        source, name = (local if local.exists() else model), model
+    try:
+        if report:
+            report("loading the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if report:
+            report("loading the weights")
+        if device_map:
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device)
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers raises many types here; each becomes one clear line
+        raise _explain_load_failure(str(model), exc) from exc
     lm.eval()
-    return LoadedModel(lm, tokenizer, name, device, dtype)
+    return LoadedModel(lm, tokenizer, name, lm.device, dtype)

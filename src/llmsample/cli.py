@@ -1,0 +1,265 @@
+"""The ``llmsample`` command line: thin; the one place where errors become a message and an exit code.
+
+torch and transformers are imported only inside the commands that need them, so ``--help`` starts at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import Annotated, Optional
+
+import click
+import typer
+
+try:  # typer >= 0.2x runs on a vendored click; older typer on click itself
+    from typer._click import exceptions as _vendored_click
+except ImportError:  # pragma: no cover
+    _vendored_click = click.exceptions
+
+from llmsample import __version__
+from llmsample.config import SamplingConfig
+from llmsample.errors import ConfigError, ExitCode, LlmsampleError
+
+USAGE_ERRORS = (click.exceptions.UsageError, _vendored_click.UsageError)
+EXITS = (click.exceptions.Exit, typer.Exit)
+ABORTS = (click.exceptions.Abort, typer.Abort)
+
+
+class PipeClosed(LlmsampleError):
+    """The reader closed stdout (``| head``): not an error, it has what it asked for."""
+
+    exit_code = ExitCode.OK
+
+app = typer.Typer(
+    name="llmsample",
+    help="Generate text with a language model and see how the sampling parameters shape it.",
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+SAMPLING = "Sampling"
+GENERATION = "Generation"
+MODEL = "Model"
+OUTPUT = "Output"
+
+
+class Format(str, enum.Enum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmsample {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    """Generate text with a language model and see how the sampling parameters shape it.
+
+    Without a command, [bold]generate[/] runs: [cyan]llmsample "Once upon a time"[/].
+    """
+
+
+def _sampling_config(values: dict, explicit_sample: Optional[bool]) -> SamplingConfig:
+    """Built-in CLI defaults (sampling on, nothing truncated) overridden by the flags that were given."""
+    given = {name: value for name, value in values.items() if value is not None}
+    if explicit_sample is not None:
+        given["do_sample"] = explicit_sample
+    elif given.get("num_beams", 1) > 1:
+        given["do_sample"] = False  # beams imply deterministic search unless --sample asks otherwise
+    else:
+        given.setdefault("do_sample", True)
+    if given.get("num_beams", 1) > 1 and given.get("do_sample"):
+        raise ConfigError("--num-beams cannot be combined with --sample: beam search is deterministic")
+    return SamplingConfig(**given)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (also read from stdin when piped).",
+                                                    show_default=False)] = None,
+    file: Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from FILE ('-' = stdin).",
+                                                rich_help_panel=GENERATION)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Divide the logits by T (0 = argmax) [default: 1.0, ≥ 0].",
+                                                         rich_help_panel=SAMPLING)] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens [default: 0 = off].",
+                                                 rich_help_panel=SAMPLING)] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus: keep the smallest set reaching mass p [default: 1.0 = off, (0, 1]].",
+                                                   rich_help_panel=SAMPLING)] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Keep tokens with p ≥ min_p·p_max [default: 0 = off, [0, 1]].",
+                                                   rich_help_panel=SAMPLING)] = None,
+    typical_p: Annotated[Optional[float], typer.Option(help="Locally typical sampling mass [default: 1.0 = off, (0, 1]].",
+                                                       rich_help_panel=SAMPLING)] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="Divide positive / multiply negative logits of seen tokens [default: 1.0 = off, > 0].",
+                                                                rich_help_panel=SAMPLING)] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option(help="Subtract α·count for generated tokens [default: 0, [-2, 2]].",
+                                                               rich_help_panel=SAMPLING)] = None,
+    presence_penalty: Annotated[Optional[float], typer.Option(help="Subtract β once for generated tokens [default: 0, [-2, 2]].",
+                                                              rich_help_panel=SAMPLING)] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(help="Ban repeating any n-gram of this size [default: 0 = off].",
+                                                                rich_help_panel=SAMPLING)] = None,
+    num_beams: Annotated[Optional[int], typer.Option(help="Beam search with this many beams [default: 1 = off].",
+                                                     rich_help_panel=SAMPLING)] = None,
+    length_penalty: Annotated[Optional[float], typer.Option(help="Beam score = Σ log p / length^α [default: 1.0].",
+                                                            rich_help_panel=SAMPLING)] = None,
+    early_stopping: Annotated[Optional[str], typer.Option(help="Beam search stop rule: true, false or never [default: false].",
+                                                          rich_help_panel=SAMPLING)] = None,
+    order: Annotated[Optional[str], typer.Option(help="Stage order, comma-separated, or 'hf' for transformers' order "
+                                                      "[default: penalties,no_repeat_ngram,top_k,top_p,min_p,typical_p,temperature].",
+                                                 rich_help_panel=SAMPLING)] = None,
+    sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Draw from the distribution, or take the argmax [default: --sample].",
+                                                   show_default=False, rich_help_panel=SAMPLING)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.", rich_help_panel=GENERATION)] = 128,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this text (repeatable; not printed).",
+                                                      rich_help_panel=GENERATION)] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence tokens "
+                                             "(fixed-length runs, benchmarks).", rich_help_panel=GENERATION)] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, model, device and settings → same text).",
+                                                rich_help_panel=GENERATION)] = None,
+    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch.",
+                                             rich_help_panel=GENERATION)] = 1,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", help="HF model id, local folder or .gguf file [default: packaged Gemma 3 270M].",
+                                                 rich_help_panel=MODEL)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).",
+                                       rich_help_panel=MODEL)] = "auto",
+    device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a large model with accelerate.",
+                                                      rich_help_panel=MODEL)] = None,
+    output_format: Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (one event per token).",
+                                                  rich_help_panel=OUTPUT)] = Format.text,
+    no_color: Annotated[bool, typer.Option("--no-color", help="Never colour the output (NO_COLOR is honoured too).",
+                                           rich_help_panel=OUTPUT)] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print load time, time to first token and tokens/s to stderr.",
+                                        rich_help_panel=OUTPUT)] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", rich_help_panel=OUTPUT)] = False,
+) -> None:
+    """Generate text from a prompt, streaming tokens coloured by their probability.
+
+    Examples:
+
+      llmsample "今天天气非常" --temperature 0.7 --top-p 0.9 --seed 1
+
+      echo "Write a haiku about rain" | llmsample --format jsonl | jq -r .text
+
+      llmsample "The capital of France is" --num-beams 4 -n 2
+    """
+    from llmsample import render, run
+
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples must be an integer >= 1, got {num_samples}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens}")
+    if stop and any(s == "" for s in stop):
+        raise ConfigError("--stop must not be empty")
+    if early_stopping is not None:
+        key = early_stopping.strip().lower()
+        if key not in ("true", "false", "never"):
+            raise ConfigError(f"--early-stopping must be true, false or never, got {early_stopping!r}")
+        early_stopping_value: object = {"true": True, "false": False}.get(key, "never")
+    else:
+        early_stopping_value = None
+    sampling = _sampling_config(
+        dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+             repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+             presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
+             length_penalty=length_penalty, early_stopping=early_stopping_value, order=order),
+        sample,
+    )
+    text = run.read_prompt(prompt, file)
+    out, err = render.make_consoles(no_color=no_color)
+    renderer = render.make_renderer(output_format.value, out, err)
+    options = run.GenerateOptions(prompt=text, sampling=sampling, max_new_tokens=max_new_tokens,
+                                  stop=list(stop or []), seed=seed, num_samples=num_samples, model=model,
+                                  device=device, dtype=dtype, device_map=device_map, stats=stats,
+                                  ignore_eos=ignore_eos)
+    try:
+        run.generate(options, renderer)
+    except BrokenPipeError:
+        raise PipeClosed("stdout was closed") from None  # before click turns it into a silent exit 1
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------
+
+TOP_LEVEL = {"--help", "-h", "--version", "--install-completion", "--show-completion"}
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """``llmsample "prompt"`` means ``llmsample generate "prompt"``."""
+    commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    if argv and (argv[0] in commands or argv[0] in TOP_LEVEL):
+        return argv
+    if not argv and sys.stdin.isatty():
+        return ["--help"]
+    return ["generate", *argv]
+
+
+def _given_value(args: list[str], names: list[str]) -> Optional[str]:
+    """The text given for an option (``--top-k abc`` or ``--top-k=abc``), to name it in the error."""
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1 :]
+    return None
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"llmsample: error: {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command line; return the exit code (the console script exits with it)."""
+    args = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="llmsample", standalone_mode=False)
+        return int(code or 0)
+    except EXITS as exc:
+        return exc.exit_code
+    except USAGE_ERRORS as exc:
+        message = exc.format_message().replace("\n", " ")
+        value = _given_value(args, getattr(getattr(exc, "param", None), "opts", []))
+        if value is not None and repr(value) not in message:
+            message = f"{message.rstrip('.')}, got {value!r}"
+        _error(message)
+        return int(ExitCode.USAGE)
+    except ABORTS:
+        _error("interrupted")
+        return int(ExitCode.INTERRUPTED)
+    except (PipeClosed, BrokenPipeError):
+        from llmsample.run import quiet_broken_pipe
+
+        quiet_broken_pipe()
+        return int(ExitCode.OK)
+    except LlmsampleError as exc:
+        if debug:
+            raise
+        _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _error("interrupted")
+        return int(ExitCode.INTERRUPTED)
+    except Exception as exc:  # an unexpected failure: one line, the traceback only with --debug
+        if debug:
+            raise
+        _error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

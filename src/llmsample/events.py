@@ -1,0 +1,68 @@
+"""Plain, JSON-ready records of a run. Every record carries ``schema`` so scripts can check what they read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class SampleRecord:
+    """Everything generated for one sample (or one beam hypothesis)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    raw_probs: list[float] = field(default_factory=list)  # model softmax at T=1
+    probs: list[float] = field(default_factory=list)  # after the chain
+    temperatures: list[float] = field(default_factory=list)  # the temperature used at each step
+    finish_reason: Optional[str] = None  # eos | length | stop | interrupted | terminated
+    score: Optional[float] = None  # beam search: length-normalised score
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "index": self.index,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "raw_probs": [round(p, 6) for p in self.raw_probs],
+            "probs": [round(p, 6) for p in self.probs],
+            "temperatures": self.temperatures,
+            "finish_reason": self.finish_reason,
+        }
+        if self.score is not None:
+            out["score"] = self.score
+        return out
+
+
+def token_event(sample: int, index: int, token_id: int, text: str, raw_prob: float, prob: float,
+                temperature: float, candidates: Optional[dict] = None) -> dict[str, Any]:
+    """One generated token (``--format jsonl``)."""
+    event = {
+        "type": "token",
+        "schema": SCHEMA_VERSION,
+        "sample": sample,
+        "index": index,
+        "token_id": token_id,
+        "text": text,
+        "raw_prob": round(raw_prob, 6),
+        "prob": round(prob, 6),
+        "temperature": temperature,
+    }
+    if candidates is not None:
+        event["candidates"] = candidates
+    return event
+
+
+def summary(prompt: str, samples: list[SampleRecord], settings: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """The whole run (``--format json``, and the last line of ``--format jsonl``)."""
+    return {
+        "type": "summary",
+        "schema": SCHEMA_VERSION,
+        "prompt": prompt,
+        "text": samples[0].text if samples else "",
+        "samples": [s.to_dict() for s in samples],
+        "settings": settings,
+        **run,
+    }

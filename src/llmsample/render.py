@@ -1,0 +1,166 @@
+"""Output: the answer to stdout, everything else (legend, warnings, stats, progress) to stderr.
+
+rich decides about colour (TTY detection, ``NO_COLOR``, ``FORCE_COLOR``); ``--no-color`` forces it off.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional, TextIO
+
+from rich.console import Console
+from rich.text import Text
+
+from llmsample import events
+
+# Token colour by the probability it was sampled with: (lower bound, style, legend label).
+PROB_STYLES = [
+    (0.9, "bold green", "≥90%"),
+    (0.5, "green", "≥50%"),
+    (0.2, "yellow", "≥20%"),
+    (0.05, "dark_orange", "≥5%"),
+    (0.0, "bold red", "<5%"),
+]
+
+
+def style_for(prob: float) -> str:
+    for bound, style, _ in PROB_STYLES:
+        if prob >= bound:
+            return style
+    return PROB_STYLES[-1][1]
+
+
+def make_consoles(no_color: bool = False, stdout: Optional[TextIO] = None,
+                  stderr: Optional[TextIO] = None) -> tuple[Console, Console]:
+    """``(out, err)`` consoles; neither wraps lines or highlights on its own."""
+    kwargs: dict[str, Any] = dict(highlight=False, soft_wrap=True, emoji=False)
+    if no_color:
+        kwargs["no_color"] = True
+        kwargs["color_system"] = None
+    out = Console(file=stdout or sys.stdout, **kwargs)
+    err = Console(file=stderr or sys.stderr, stderr=stderr is None, **kwargs)
+    return out, err
+
+
+class Renderer:
+    """Receives the run as it happens. Subclasses decide what reaches stdout."""
+
+    def __init__(self, out: Console, err: Console):
+        self.out = out
+        self.err = err
+
+    def start(self, samples: int, streaming: bool) -> None: ...
+
+    def token(self, sample: int, index: int, token_id: int, text: str, raw_prob: float, prob: float,
+              temperature: float, candidates: Optional[dict] = None) -> None: ...
+
+    def tail(self, sample: int, text: str) -> None:
+        """Text held back until the end (an incomplete character, a partial stop string that never completed)."""
+
+    def sample_done(self, record: events.SampleRecord) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+    def warn(self, message: str) -> None:
+        self.err.print(Text("warning: ", style="yellow") + Text(message))
+
+    def note(self, message: str) -> None:
+        self.err.print(Text(message, style="dim"))
+
+
+class TextRenderer(Renderer):
+    """Plain text; on a colour terminal each token is coloured by its sampled probability."""
+
+    def __init__(self, out: Console, err: Console):
+        super().__init__(out, err)
+        self.color = out.is_terminal and out.color_system is not None and not out.no_color
+        self.streaming = True
+        self.ended_with_newline = True
+
+    def start(self, samples: int, streaming: bool) -> None:
+        self.streaming = streaming
+        if self.color and streaming:
+            legend = Text("probability: ", style="dim")
+            for _, style, label in PROB_STYLES:
+                legend += Text(f" {label} ", style=style)
+            self.err.print(legend)
+
+    def _write(self, text: str, style: Optional[str] = None) -> None:
+        if not text:
+            return
+        if self.color and style:
+            self.out.print(Text(text, style=style), end="")
+        else:
+            self.out.file.write(text)
+        self.out.file.flush()
+        self.ended_with_newline = text.endswith("\n")
+
+    def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None) -> None:
+        if self.streaming:
+            self._write(text, style_for(prob))
+
+    def tail(self, sample: int, text: str) -> None:
+        if self.streaming:
+            self._write(text)
+
+    def sample_done(self, record: events.SampleRecord) -> None:
+        if self.streaming:
+            return
+        if record.index > 0:
+            self._write("\n")
+        if self.err.is_terminal:
+            label = f"── sample {record.index + 1}"
+            if record.score is not None:
+                label += f" (score {record.score:.4f})"
+            self.err.print(Text(label + " ──", style="dim"))
+        self._write(record.text)
+        if not record.text.endswith("\n"):
+            self._write("\n")
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.streaming and not self.ended_with_newline:
+            self._write("\n")
+
+
+class JsonRenderer(Renderer):
+    """One JSON object for the whole run."""
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.out.file.write(json.dumps(summary, ensure_ascii=False) + "\n")
+        self.out.file.flush()
+
+
+class JsonlRenderer(Renderer):
+    """One JSON line per token as it is generated, then the summary line."""
+
+    def _line(self, record: dict[str, Any]) -> None:
+        self.out.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.file.flush()
+
+    def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None) -> None:
+        self._line(events.token_event(sample, index, token_id, text, raw_prob, prob, temperature, candidates))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self._line(summary)
+
+
+RENDERERS = {"text": TextRenderer, "json": JsonRenderer, "jsonl": JsonlRenderer}
+
+
+def make_renderer(fmt: str, out: Console, err: Console) -> Renderer:
+    return RENDERERS[fmt](out, err)
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    parts = []
+    if stats.get("load_s") is not None:
+        parts.append(f"load {stats['load_s']:.2f} s")
+    if stats.get("first_token_s") is not None:
+        parts.append(f"first token {stats['first_token_s']:.3f} s")
+    if stats.get("new_tokens"):
+        parts.append(
+            f"{stats['new_tokens']} tokens in {stats['decode_s']:.2f} s ({stats['tokens_per_s']:.1f} tok/s)"
+        )
+    parts.append(f"{stats.get('device')} {stats.get('dtype')}")
+    return " · ".join(parts)

@@ -1,0 +1,251 @@
+"""One function per command, gluing config → model → decode loop → renderer."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llmsample import events
+from llmsample.config import SamplingConfig
+from llmsample.errors import ConfigError, ExitCode, LlmsampleError, ModelError
+from llmsample.render import Renderer, format_stats
+
+
+class Interrupted(LlmsampleError):
+    """Ctrl-C or SIGTERM ended the run after its output was completed."""
+
+    def __init__(self, reason: str, exit_code: ExitCode):
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
+class _Terminated(Exception):
+    """Raised from the SIGTERM handler inside the decode loop."""
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str
+    sampling: SamplingConfig
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    num_samples: int = 1
+    model: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: Optional[str] = None
+    stats: bool = False
+    ignore_eos: bool = False
+
+
+# ---- input -----------------------------------------------------------------------------------------------------
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """Strict UTF-8 with an error that names the byte offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source} is not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+
+
+def read_prompt(argument: Optional[str], file: Optional[str], stdin: Any = None) -> str:
+    """The prompt from the argument, ``-f FILE``, or stdin when it is not a terminal (stdin first, as ``llm``)."""
+    parts: list[str] = []
+    stdin = sys.stdin if stdin is None else stdin
+    if file is not None:
+        try:
+            data = Path(file).read_bytes() if file != "-" else stdin.buffer.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read prompt file {file}: {exc.strerror or exc}") from None
+        parts.append(decode_utf8(data, f"prompt file {file}"))
+    elif stdin is not None and not stdin.isatty():
+        data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode()
+        if data:
+            parts.append(decode_utf8(data, "stdin"))
+    if argument is not None:
+        parts.append(argument)
+    prompt = "\n".join(part for part in parts if part)
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty: give it as an argument, with -f FILE, or on stdin")
+    return prompt
+
+
+# ---- device ----------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """``auto|cpu|cuda|cuda:N`` and ``auto|float32|bfloat16|float16`` → concrete names, or a clear error."""
+    import torch
+
+    name = device.strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        pass
+    elif name == "cuda" or name.startswith("cuda:"):
+        index = name.partition(":")[2]
+        if index and not index.isdigit():
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: no CUDA device is available (use --device cpu)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0…)")
+    else:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dtype == "auto":
+        if name.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    return name, dtype
+
+
+def eos_ids(lm: Any) -> list[int]:
+    """EOS ids from the generation config and the tokenizer (Gemma ends turns with a second one)."""
+    ids: set[int] = set()
+    for value in (getattr(lm.model.generation_config, "eos_token_id", None), lm.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+# ---- generate --------------------------------------------------------------------------------------------------
+
+
+def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
+    """Load the model, decode, render. Returns the summary record."""
+    import torch
+
+    from llmsample import models
+    from llmsample.decode import DecodeState, beam_search, sample_loop
+    from llmsample.detok import IncrementalDetokenizer, StopMatcher
+    from llmsample.sampling import Sampler
+
+    cfg = opts.sampling
+    for name, why in cfg.inactive_settings():
+        renderer.warn(f"{name}={getattr(cfg, name)} has no effect: {why}")
+    if cfg.num_beams > 1 and opts.num_samples > cfg.num_beams:
+        raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
+                          f"got {opts.num_samples}")
+    device, dtype = resolve_device(opts.device, opts.dtype)
+    seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**31)
+
+    started = time.perf_counter()
+    with renderer.err.status("loading the model…", spinner="dots") as status:
+        lm = models.load(opts.model, device=device, dtype=dtype, device_map=opts.device_map,
+                         report=lambda message: status.update(message))
+    load_s = time.perf_counter() - started
+    tokenizer = lm.tokenizer
+    prompt_ids = tokenizer(opts.prompt, return_tensors="pt").input_ids.to(lm.device)
+    if prompt_ids.shape[1] == 0:
+        raise ConfigError("the prompt has no tokens")
+
+    sampler = Sampler(cfg)
+    stop_ids = [] if opts.ignore_eos else eos_ids(lm)
+    records = [events.SampleRecord(i) for i in range(opts.num_samples)]
+    stops = [StopMatcher(opts.stop) for _ in records]
+    detoks = [IncrementalDetokenizer(tokenizer, prompt_ids[0].tolist()) for _ in records]
+    state = DecodeState(opts.num_samples)
+    stats: dict[str, Any] = {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None}
+    interrupted: Optional[tuple[str, ExitCode]] = None
+
+    previous_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous_term = None
+    decode_start = time.perf_counter()
+    try:
+        if cfg.num_beams > 1:
+            renderer.start(opts.num_samples, streaming=False)
+            hypotheses = beam_search(lm.model, prompt_ids, sampler, opts.max_new_tokens, stop_ids,
+                                     num_return_sequences=opts.num_samples)
+            stats["first_token_s"] = time.perf_counter() - decode_start
+            for record, hyp in zip(records, hypotheses):
+                text = tokenizer.decode(hyp.token_ids, skip_special_tokens=True)
+                emitted, stopped = StopMatcher(opts.stop).feed(text)
+                record.text = emitted if stopped else text
+                record.token_ids = hyp.token_ids
+                record.finish_reason = "stop" if stopped else hyp.finish_reason
+                record.score = hyp.score
+        else:
+            renderer.start(opts.num_samples, streaming=opts.num_samples == 1)
+            generator = torch.Generator(device=lm.device).manual_seed(seed)
+            batch_ids = prompt_ids.expand(opts.num_samples, -1)
+            loop = sample_loop(lm.model, batch_ids, sampler, opts.max_new_tokens, stop_ids,
+                               generator=generator, state=state)
+            for step in loop:
+                if stats["first_token_s"] is None:
+                    stats["first_token_s"] = time.perf_counter() - decode_start
+                for row in step.active.nonzero().flatten().tolist():
+                    record = records[row]
+                    token_id = int(step.token_ids[row])
+                    record.token_ids.append(token_id)
+                    record.raw_probs.append(float(step.raw_prob[row]))
+                    record.probs.append(float(step.prob[row]))
+                    record.temperatures.append(step.temperature)
+                    emitted, stopped = stops[row].feed(detoks[row].add(token_id))
+                    record.text += emitted
+                    renderer.token(row, step.index, token_id, emitted, record.raw_probs[-1],
+                                   record.probs[-1], step.temperature)
+                    if stopped:
+                        state.finish(row, "stop")
+    except KeyboardInterrupt:
+        interrupted = ("interrupted", ExitCode.INTERRUPTED)
+    except _Terminated:
+        interrupted = ("terminated", ExitCode.TERMINATED)
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+    decode_s = time.perf_counter() - decode_start
+
+    for row, record in enumerate(records):
+        if cfg.num_beams == 1:
+            reason = state.finish_reasons[row]
+            if reason != "stop":
+                tail, stopped = stops[row].feed(detoks[row].flush())
+                tail += "" if stopped else stops[row].flush()
+                record.text += tail
+                renderer.tail(row, tail)
+                reason = "stop" if stopped else reason
+            record.finish_reason = reason or (interrupted[0] if interrupted else "length")
+        renderer.sample_done(record)
+
+    new_tokens = sum(len(r.token_ids) for r in records)
+    stats.update(decode_s=decode_s, new_tokens=new_tokens,
+                 tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0)
+    settings = cfg.to_dict() | {"max_new_tokens": opts.max_new_tokens, "stop": opts.stop,
+                                "num_samples": opts.num_samples, "chain": sampler.describe()}
+    summary = events.summary(opts.prompt, records, settings, {
+        "seed": seed, "model": lm.name, "device": device, "dtype": dtype,
+        "finish_reason": records[0].finish_reason, "stats": stats,
+    })
+    renderer.finish(summary)
+    if opts.stats:
+        renderer.note(format_stats(stats))
+    if interrupted:
+        raise Interrupted(interrupted[0], interrupted[1])
+    return summary
+
+
+def quiet_broken_pipe() -> None:
+    """After the reader closed stdout: point it at /dev/null so the final flush at exit stays silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
