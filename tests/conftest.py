@@ -17,6 +17,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_model  # noqa: E402
 
 
+@pytest.fixture
+def cli(capsys):
+    """Run ``llmsample`` in-process with piped (empty unless given) stdin: ``code, out, err = cli(*args)``."""
+    import io
+
+    from llmsample.cli import main
+
+    def run(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+        saved = sys.stdin
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+        try:
+            code = main(list(args))
+        finally:
+            sys.stdin = saved
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -14,20 +13,8 @@ import time
 import pytest
 import torch
 
-from llmsample.cli import main
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def run_cli(capsys, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-    saved = sys.stdin
-    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")  # piped, not a terminal
-    try:
-        code = main(list(args))
-    finally:
-        sys.stdin = saved
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def spawn(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -41,9 +28,9 @@ def tiny(tiny_model_dir):
     return ["--model", str(tiny_model_dir), "--device", "cpu"]
 
 
-def test_greedy_text_equals_transformers_generate(capsys, tiny, tiny_lm):
+def test_greedy_text_equals_transformers_generate(cli, tiny, tiny_lm):
     model, tok = tiny_lm
-    code, out, err = run_cli(capsys, "The quick", *tiny, "--greedy", "--max-new-tokens", "12", "--format", "json")
+    code, out, err = cli("The quick", *tiny, "--greedy", "--max-new-tokens", "12", "--format", "json")
     assert code == 0, err
     result = json.loads(out)
     ids = tok("The quick", return_tensors="pt").input_ids
@@ -57,11 +44,11 @@ def test_greedy_text_equals_transformers_generate(capsys, tiny, tiny_lm):
     assert eos not in got[:-1]
 
 
-def test_seeded_run_repeats_and_json_carries_the_run(capsys, tiny):
+def test_seeded_run_repeats_and_json_carries_the_run(cli, tiny):
     args = ["今天天气", *tiny, "--temperature", "1.3", "--top-k", "40", "--seed", "11", "--format", "json",
             "--max-new-tokens", "20"]
-    first = json.loads(run_cli(capsys, *args)[1])
-    second = json.loads(run_cli(capsys, *args)[1])
+    first = json.loads(cli(*args)[1])
+    second = json.loads(cli(*args)[1])
     assert first["samples"] == second["samples"]
     assert first["schema"] == 1 and first["seed"] == 11 and first["device"] == "cpu"
     assert first["prompt"] == "今天天气"
@@ -71,8 +58,8 @@ def test_seeded_run_repeats_and_json_carries_the_run(capsys, tiny):
     assert all(0 < p <= 1 for p in sample["probs"])
 
 
-def test_jsonl_streams_one_event_per_token_then_a_summary(capsys, tiny):
-    code, out, _ = run_cli(capsys, "The quick", *tiny, "--seed", "3", "--format", "jsonl", "--max-new-tokens", "8",
+def test_jsonl_streams_one_event_per_token_then_a_summary(cli, tiny):
+    code, out, _ = cli("The quick", *tiny, "--seed", "3", "--format", "jsonl", "--max-new-tokens", "8",
                            "-n", "3")
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
@@ -85,20 +72,20 @@ def test_jsonl_streams_one_event_per_token_then_a_summary(capsys, tiny):
         assert "".join(t["text"] for t in mine) == sample["text"]
 
 
-def test_stop_string_is_not_printed(capsys, tiny):
-    _, out, _ = run_cli(capsys, "The quick", *tiny, "--greedy", "--max-new-tokens", "30", "--format", "json")
+def test_stop_string_is_not_printed(cli, tiny):
+    _, out, _ = cli("The quick", *tiny, "--greedy", "--max-new-tokens", "30", "--format", "json")
     full = json.loads(out)["text"]
     assert len(full) > 6
     stop = full[3:5]
-    _, out, _ = run_cli(capsys, "The quick", *tiny, "--greedy", "--max-new-tokens", "30", "--format", "json",
+    _, out, _ = cli("The quick", *tiny, "--greedy", "--max-new-tokens", "30", "--format", "json",
                         "--stop", stop)
     result = json.loads(out)
     assert result["text"] == full[: full.index(stop)]
     assert result["finish_reason"] == "stop"
 
 
-def test_beam_search_returns_n_hypotheses_with_scores(capsys, tiny):
-    code, out, err = run_cli(capsys, "The quick", *tiny, "--num-beams", "3", "-n", "2", "--format", "json",
+def test_beam_search_returns_n_hypotheses_with_scores(cli, tiny):
+    code, out, err = cli("The quick", *tiny, "--num-beams", "3", "-n", "2", "--format", "json",
                              "--max-new-tokens", "10")
     assert code == 0, err
     result = json.loads(out)
@@ -107,8 +94,8 @@ def test_beam_search_returns_n_hypotheses_with_scores(capsys, tiny):
     assert result["settings"]["chain"] == "logits -> beam(3)"
 
 
-def test_length_penalty_without_beams_warns(capsys, tiny):
-    code, _, err = run_cli(capsys, "The quick", *tiny, "--length-penalty", "0.9", "--max-new-tokens", "3")
+def test_length_penalty_without_beams_warns(cli, tiny):
+    code, _, err = cli("The quick", *tiny, "--length-penalty", "0.9", "--max-new-tokens", "3")
     assert code == 0
     assert "warning: length_penalty=0.9 has no effect: applies to beam search only" in err
 
@@ -135,25 +122,25 @@ def test_length_penalty_without_beams_warns(capsys, tiny):
         (["--early-stopping", "soon"], "--early-stopping must be true, false or never, got 'soon'"),
     ],
 )
-def test_bad_flags_exit_2_with_one_line(capsys, tiny, args, message):
-    code, out, err = run_cli(capsys, "hello", *tiny, *args)
+def test_bad_flags_exit_2_with_one_line(cli, tiny, args, message):
+    code, out, err = cli("hello", *tiny, *args)
     assert code == 2
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("llmsample: error: ")
     assert message in err
 
 
-def test_empty_prompt_and_missing_file(capsys, tiny, tmp_path):
-    code, _, err = run_cli(capsys, "   ", *tiny)
+def test_empty_prompt_and_missing_file(cli, tiny, tmp_path):
+    code, _, err = cli("   ", *tiny)
     assert code == 2 and "the prompt is empty" in err
-    code, _, err = run_cli(capsys, "-f", str(tmp_path / "missing.txt"), *tiny)
+    code, _, err = cli("-f", str(tmp_path / "missing.txt"), *tiny)
     assert code == 2 and "cannot read prompt file" in err
 
 
-def test_invalid_utf8_prompt_file_names_the_offset(capsys, tiny, tmp_path):
+def test_invalid_utf8_prompt_file_names_the_offset(cli, tiny, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes("今天".encode() + b"\xff rest")
-    code, _, err = run_cli(capsys, "-f", str(bad), *tiny)
+    code, _, err = cli("-f", str(bad), *tiny)
     assert code == 2 and "byte 0xff at offset 6" in err
 
 
@@ -164,26 +151,26 @@ def test_invalid_utf8_prompt_file_names_the_offset(capsys, tiny, tmp_path):
         ("missing.gguf", "model file not found: missing.gguf"),
     ],
 )
-def test_unloadable_models_exit_3(capsys, model, message):
-    code, out, err = run_cli(capsys, "hello", "--model", model, "--device", "cpu")
+def test_unloadable_models_exit_3(cli, model, message):
+    code, out, err = cli("hello", "--model", model, "--device", "cpu")
     assert code == 3 and out == "" and message in err
 
 
-def test_folder_that_is_not_a_model_exits_3(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "hello", "--model", str(tmp_path), "--device", "cpu")
+def test_folder_that_is_not_a_model_exits_3(cli, tmp_path):
+    code, _, err = cli("hello", "--model", str(tmp_path), "--device", "cpu")
     assert code == 3 and "is a folder but not a model" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_without_a_gpu_exits_3(capsys, tiny_model_dir):
-    code, _, err = run_cli(capsys, "hello", "--model", str(tiny_model_dir), "--device", "cuda")
+def test_cuda_without_a_gpu_exits_3(cli, tiny_model_dir):
+    code, _, err = cli("hello", "--model", str(tiny_model_dir), "--device", "cuda")
     assert code == 3 and "no CUDA device is available" in err
 
 
-def test_default_command_and_help(capsys):
-    code, out, _ = run_cli(capsys, "--help")
+def test_default_command_and_help(cli):
+    code, out, _ = cli("--help")
     assert code == 0 and "generate" in out
-    code, out, _ = run_cli(capsys, "--version")
+    code, out, _ = cli("--version")
     assert code == 0 and out.startswith("llmsample ")
 
 

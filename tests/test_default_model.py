@@ -1,0 +1,49 @@
+"""End to end on the real default model (Gemma 3 270M from the packaged GGUF). Slow: converts once, then loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from llmsample import models
+
+    return models.load(device="cpu", dtype="float32")
+
+
+def cli_json(cli, *args: str) -> dict:
+    code, out, err = cli(*args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_greedy_equals_transformers_generate_token_for_token(cli, gemma):
+    prompt = "The history of the printing press"
+    result = cli_json(cli, prompt, "--greedy", "--max-new-tokens", "24", "--format", "json", "--device", "cpu")
+    ids = gemma.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = gemma.model.generate(ids, do_sample=False, max_new_tokens=24)[0, ids.shape[1]:].tolist()
+    assert result["samples"][0]["token_ids"] == expected[: len(result["samples"][0]["token_ids"])]
+    assert result["model"] == "gemma-3-270m"
+
+
+def test_seeded_chinese_run_repeats_and_streams_whole_characters(cli):
+    args = ["今天天气非常", "--temperature", "0.7", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "24",
+            "--format", "jsonl", "--device", "cpu"]
+    code, first, err = cli(*args)
+    assert code == 0, err
+    second = cli(*args)[1]
+    events = [json.loads(line) for line in first.splitlines()]
+    again = [json.loads(line) for line in second.splitlines()]
+    assert events[:-1] == again[:-1] and events[-1]["samples"] == again[-1]["samples"]  # all but the timings
+    pieces = [e["text"] for e in events if e["type"] == "token"]
+    assert not any("\ufffd" in p or "▁" in p for p in pieces)
+    text = events[-1]["text"]
+    assert "".join(pieces) == text and any("\u4e00" <= ch <= "\u9fff" for ch in text)

@@ -1,0 +1,57 @@
+"""Incremental detokenisation streams UTF-8 text correctly, including Chinese split across byte-level tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmsample.detok import IncrementalDetokenizer, StopMatcher
+
+TEXTS = [
+    "明天会下雨吗？公园里的花开了。",
+    "Hello world! Mixed 中文 and English, emoji 🎉 too.",
+    "  leading spaces and\nnew lines\n\n",
+]
+
+
+def stream(tokenizer, prompt: str, text: str) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, tokenizer(prompt).input_ids)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return [detok.add(i) for i in ids] + [detok.flush()]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_level_pieces_are_whole_characters(tiny_lm, text):
+    _, tok = tiny_lm
+    pieces = stream(tok, "The quick", text)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)  # never half a multibyte character
+    if any(ord(ch) > 0x2E80 for ch in text):
+        assert "" in pieces[:-1]  # some character really was split across tokens and held back
+
+
+def test_incomplete_character_at_the_end_is_flushed_as_replacement(tiny_lm):
+    _, tok = tiny_lm
+    detok = IncrementalDetokenizer(tok, [])
+    first_byte_token = tok.convert_tokens_to_ids(tok.tokenize("天")[0])
+    assert detok.add(first_byte_token) == ""
+    assert detok.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    "stops, chunks, expected, stopped",
+    [
+        (["END"], ["abc E", "N", "D more"], ["abc ", "", ""], True),
+        (["END"], ["abc E", "N", "X"], ["abc ", "", "ENX"], False),
+        (["\n\n", "。"], ["第一句", "。第二"], ["第一句", ""], True),
+        ([], ["a", "b"], ["a", "b"], False),
+    ],
+)
+def test_stop_matcher_holds_back_possible_prefixes(stops, chunks, expected, stopped):
+    matcher = StopMatcher(stops)
+    out, hit = [], False
+    for chunk in chunks:
+        text, hit = matcher.feed(chunk)
+        out.append(text)
+        if hit:
+            break
+    assert out == expected and hit == stopped
