@@ -223,3 +223,14 @@ def test_signal_mid_generation_keeps_valid_json(tiny, sig, code, reason):
     assert summary["type"] == "summary" and summary["finish_reason"] == reason
     assert len(summary["samples"][0]["token_ids"]) == len(lines) - 1
     assert "Traceback" not in err and f"llmsample: error: {reason}" in err
+
+
+def test_unreachable_hub_fails_fast_with_advice(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    code, out, err = cli("hello", "--model", "someone/some-model", "--device", "cpu")
+    assert code == 3 and out == ""
+    assert "cannot reach the Hugging Face hub (127.0.0.1)" in err and "--model PATH" in err
+    assert time.perf_counter() - start < 20

