@@ -27,8 +27,6 @@ class Step:
     raw_prob: torch.Tensor  # model softmax at T=1
     active: torch.Tensor  # bool: rows still generating (a finished row's token is padding)
     temperature: float
-    logits: Optional[torch.Tensor] = None  # [batch, vocab] raw logits, when asked for (candidate tables)
-    history: Optional[torch.Tensor] = None  # [batch, length] ids the step was conditioned on, when asked for
 
 
 @dataclass
@@ -65,7 +63,6 @@ def sample_loop(
     generator: Optional[torch.Generator] = None,
     state: Optional[DecodeState] = None,
     schedule: Optional[TemperatureSchedule] = None,
-    keep_logits: bool = False,
 ) -> Iterator[Step]:
     """Greedy or sampled decoding of ``input_ids`` (``[batch, prompt_len]``, one row per sample).
 
@@ -100,8 +97,6 @@ def sample_loop(
             raw_prob=choice.raw_prob.cpu(),
             active=active.cpu(),
             temperature=temperature,
-            logits=logits if keep_logits else None,
-            history=sequence if keep_logits else None,
         )
         for row in (active & torch.isin(tokens, eos)).nonzero().flatten().tolist():
             state.finish(row, "eos")

@@ -162,5 +162,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         parts.append(
             f"{stats['new_tokens']} tokens in {stats['decode_s']:.2f} s ({stats['tokens_per_s']:.1f} tok/s)"
         )
+    if stats.get("finish_reason"):
+        parts.append(f"finish: {stats['finish_reason']}")
     parts.append(f"{stats.get('device')} {stats.get('dtype')}")
     return " · ".join(parts)

@@ -226,7 +226,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
         renderer.sample_done(record)
 
     new_tokens = sum(len(r.token_ids) for r in records)
-    stats.update(decode_s=decode_s, new_tokens=new_tokens,
+    stats.update(decode_s=decode_s, new_tokens=new_tokens, finish_reason=records[0].finish_reason,
                  tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0)
     settings = cfg.to_dict() | {"max_new_tokens": opts.max_new_tokens, "stop": opts.stop,
                                 "num_samples": opts.num_samples, "chain": sampler.describe()}
