@@ -59,3 +59,15 @@ def test_a_gguf_file_loads_and_matches_the_converted_cache(cli, gemma, tmp_path)
     from_cache = cli_json(cli, prompt, "--greedy", "--max-new-tokens", "8", "--format", "json", "--device", "cpu")
     assert from_gguf["samples"][0]["token_ids"] == from_cache["samples"][0]["token_ids"]
     assert from_gguf["model"] == packaged.MODEL_NAME
+
+
+BUILTIN_PRESETS = ["balanced", "beam", "creative", "dialogue", "greedy", "longform", "poetry", "qa", "technical"]
+
+
+@pytest.mark.parametrize("preset", BUILTIN_PRESETS)
+def test_every_builtin_preset_generates_text(cli, preset):
+    result = cli_json(cli, "The history of the printing press", "--preset", preset, "--max-new-tokens", "12",
+                      "--seed", "5", "--format", "json", "--device", "cpu", "--ignore-eos")
+    sample = result["samples"][0]
+    assert sample["token_ids"] and result["text"].strip()
+    assert result["settings"]["chain"].startswith("logits")

@@ -18,7 +18,6 @@ except ImportError:  # pragma: no cover
     _vendored_click = click.exceptions
 
 from llmsample import __version__
-from llmsample.config import SamplingConfig
 from llmsample.errors import ConfigError, ExitCode, LlmsampleError
 
 USAGE_ERRORS = (click.exceptions.UsageError, _vendored_click.UsageError)
@@ -70,18 +69,18 @@ def main_options(
     """
 
 
-def _sampling_config(values: dict, explicit_sample: Optional[bool]) -> SamplingConfig:
-    """Built-in CLI defaults (sampling on, nothing truncated) overridden by the flags that were given."""
-    given = {name: value for name, value in values.items() if value is not None}
+def command_line_layer(sampling: dict, generation: dict, explicit_sample: Optional[bool]) -> dict:
+    """The flags that were given, as the top layer of the settings (the others come from defaults and presets)."""
+    given_sampling = {name: value for name, value in sampling.items() if value is not None}
     if explicit_sample is not None:
-        given["do_sample"] = explicit_sample
-    elif given.get("num_beams", 1) > 1:
-        given["do_sample"] = False  # beams imply deterministic search unless --sample asks otherwise
-    else:
-        given.setdefault("do_sample", True)
-    if given.get("num_beams", 1) > 1 and given.get("do_sample"):
-        raise ConfigError("--num-beams cannot be combined with --sample: beam search is deterministic")
-    return SamplingConfig(**given)
+        given_sampling["do_sample"] = explicit_sample
+        if explicit_sample and given_sampling.get("num_beams", 1) > 1:
+            raise ConfigError("--num-beams cannot be combined with --sample: beam search is deterministic")
+    elif given_sampling.get("num_beams", 1) > 1:
+        given_sampling["do_sample"] = False  # beams imply deterministic search
+    layer: dict = {"sampling": given_sampling,
+                   "generation": {name: value for name, value in generation.items() if value is not None}}
+    return layer
 
 
 @app.command()
@@ -119,15 +118,18 @@ def generate(
                                                  rich_help_panel=SAMPLING)] = None,
     sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Draw from the distribution, or take the argmax [default: --sample].",
                                                    show_default=False, rich_help_panel=SAMPLING)] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.", rich_help_panel=GENERATION)] = 128,
+    preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="A preset name or TOML file (see 'llmsample presets list').",
+                                                  rich_help_panel=GENERATION)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many new tokens [default: 128].",
+                                                          rich_help_panel=GENERATION)] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this text (repeatable; not printed).",
                                                       rich_help_panel=GENERATION)] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence tokens "
                                              "(fixed-length runs, benchmarks).", rich_help_panel=GENERATION)] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, model, device and settings → same text).",
                                                 rich_help_panel=GENERATION)] = None,
-    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch.",
-                                             rich_help_panel=GENERATION)] = 1,
+    num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch [default: 1].",
+                                                       rich_help_panel=GENERATION)] = None,
     model: Annotated[Optional[str], typer.Option("-m", "--model", help="HF model id, local folder or .gguf file [default: packaged Gemma 3 270M].",
                                                  rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)] = "auto",
@@ -139,6 +141,8 @@ def generate(
                                                   rich_help_panel=OUTPUT)] = Format.text,
     no_color: Annotated[bool, typer.Option("--no-color", help="Never colour the output (NO_COLOR is honoured too).",
                                            rich_help_panel=OUTPUT)] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Print the resolved settings, where each came from, and the chain (stderr).",
+                                          rich_help_panel=OUTPUT)] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print load time, time to first token and tokens/s to stderr.",
                                         rich_help_panel=OUTPUT)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", rich_help_panel=OUTPUT)] = False,
@@ -153,14 +157,8 @@ def generate(
 
       llmsample "The capital of France is" --num-beams 4 -n 2
     """
-    from llmsample import render, run
+    from llmsample import presets, render, run
 
-    if num_samples < 1:
-        raise ConfigError(f"--num-samples must be an integer >= 1, got {num_samples}")
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens}")
-    if stop and any(s == "" for s in stop):
-        raise ConfigError("--stop must not be empty")
     if early_stopping is not None:
         key = early_stopping.strip().lower()
         if key not in ("true", "false", "never"):
@@ -168,24 +166,112 @@ def generate(
         early_stopping_value: object = {"true": True, "false": False}.get(key, "never")
     else:
         early_stopping_value = None
-    sampling = _sampling_config(
+    layer = command_line_layer(
         dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
              repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
              presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
              length_penalty=length_penalty, early_stopping=early_stopping_value, order=order),
+        dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples),
         sample,
     )
+    settings = presets.resolve_settings(preset, layer)
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
     renderer = render.make_renderer(output_format.value, out, err)
-    options = run.GenerateOptions(prompt=text, sampling=sampling, max_new_tokens=max_new_tokens,
-                                  stop=list(stop or []), seed=seed, num_samples=num_samples, model=model,
-                                  device=device, dtype=dtype, device_map=device_map, stats=stats,
-                                  ignore_eos=ignore_eos)
+    if explain:
+        err.print(render.settings_table(settings, title="settings"))
+        err.print(f"chain: {settings.sampling.describe_chain()}")
+    options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype,
+                                  device_map=device_map, stats=stats, ignore_eos=ignore_eos)
     try:
         run.generate(options, renderer)
     except BrokenPipeError:
         raise PipeClosed("stdout was closed") from None  # before click turns it into a silent exit 1
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------
+
+presets_app = typer.Typer(help="List, show, compare and create sampling presets.", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+
+
+@presets_app.command("list")
+def presets_list() -> None:
+    """List the presets: name, where it comes from, and what it is for."""
+    from rich.table import Table
+
+    from llmsample import presets, render
+
+    out, _ = render.make_consoles()
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("name", "source", "description"):
+        table.add_column(column, overflow="fold")
+    for name, preset in sorted(presets.available().items()):
+        source = preset.origin + (" (overrides built-in)" if preset.overrides_builtin else "")
+        table.add_row(name, source, presets.description(name))
+    out.print(table)
+
+
+@presets_app.command("show")
+def presets_show(
+    name: Annotated[str, typer.Argument(help="A preset name or TOML file.")],
+    output_format: Annotated[Format, typer.Option("--format", help="text or json.")] = Format.text,
+) -> None:
+    """Show a preset's resolved settings, where each value came from, and the chain."""
+    import json
+
+    from llmsample import presets, render
+
+    settings = presets.resolve_settings(name)
+    out, _ = render.make_consoles()
+    if output_format == Format.text:
+        preset = presets.find(name)
+        out.print(f"{preset.name} ({preset.origin}, {preset.path})")
+        description = presets.description(name)
+        if description:
+            out.print(description)
+        out.print(render.settings_table(settings))
+        out.print(f"chain: {settings.sampling.describe_chain()}")
+    else:
+        out.file.write(json.dumps(render.settings_dict(settings), ensure_ascii=False) + "\n")
+
+
+@presets_app.command("diff")
+def presets_diff(
+    first: Annotated[str, typer.Argument(help="A preset name or file.")],
+    second: Annotated[str, typer.Argument(help="Another preset name or file.")],
+) -> None:
+    """The settings where two presets differ."""
+    from rich.table import Table
+
+    from llmsample import presets, render
+
+    a, b = presets.resolve_settings(first), presets.resolve_settings(second)
+    out, _ = render.make_consoles()
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("setting", first, second):
+        table.add_column(column, overflow="fold")
+    b_rows = {key: value for key, value, _ in b.rows()}
+    differ = [(key, value, b_rows[key]) for key, value, _ in a.rows() if value != b_rows[key]]
+    for key, left, right in differ:
+        table.add_row(key, render._shown(left), render._shown(right))
+    if differ:
+        out.print(table)
+    else:
+        out.print(f"{first} and {second} resolve to the same settings")
+
+
+@presets_app.command("new")
+def presets_new(
+    name: Annotated[str, typer.Argument(help="The new preset's name.")],
+    base: Annotated[Optional[str], typer.Option("--from", help="Start from this preset's values.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing user preset.")] = False,
+) -> None:
+    """Write a commented preset file to the user preset folder."""
+    from llmsample import presets
+
+    path = presets.write_new(name, base, force)
+    typer.echo(str(path))
 
 
 # ---- entry point -----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 from llmsample.errors import ConfigError
 
@@ -259,6 +259,14 @@ class SamplingConfig:
                 notes.append(("early_stopping", "applies to beam search only (num_beams > 1)"))
         return notes
 
+    def describe_chain(self) -> str:
+        """The chain in order, e.g. ``logits -> penalties -> top_k -> top_p -> temperature -> dist``."""
+        if self.num_beams > 1:
+            selector = f"beam({self.num_beams})"
+        else:
+            selector = "greedy" if self.greedy else "dist"
+        return " -> ".join(("logits", *self.active_stages(), selector))
+
     def replace(self, **changes: Any) -> "SamplingConfig":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
@@ -271,3 +279,159 @@ class SamplingConfig:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(SamplingConfig))
+
+
+# ---- generation settings, schedule, and the one resolve ---------------------------------------------------------
+
+GENERATION_FIELDS = ("max_new_tokens", "stop", "seed", "num_samples")
+SCHEDULE_FIELDS = ("from_token", "temperature")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What to generate, apart from how each token is chosen."""
+
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = None  # None = a fresh random seed, reported with the output
+    num_samples: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_new_tokens", _integer("max_new_tokens", self.max_new_tokens, 1))
+        object.__setattr__(self, "num_samples", _integer("num_samples", self.num_samples, 1))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _integer("seed", self.seed, 0))
+        stop = self.stop
+        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+            raise ConfigError(f"stop must be a list of strings, got {stop!r}")
+        if any(s == "" for s in stop):
+            raise ConfigError("stop must not contain an empty string")
+        object.__setattr__(self, "stop", tuple(stop))
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """From generated token ``from_token`` on (0 = the first), sample with ``temperature``."""
+
+    from_token: int
+    temperature: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "from_token", _integer("from_token", self.from_token, 0))
+        object.__setattr__(
+            self, "temperature", _in_range("temperature", self.temperature, 0, math.inf, False, True)
+        )
+
+
+def temperature_at(schedule: tuple[ScheduleEntry, ...], index: int) -> Optional[float]:
+    """The scheduled temperature for generated token ``index``, or None before the first entry.
+
+    >>> temperature_at((ScheduleEntry(0, 1.0), ScheduleEntry(64, 0.6)), 63), temperature_at((ScheduleEntry(0, 1.0), ScheduleEntry(64, 0.6)), 64)
+    (1.0, 0.6)
+    """
+    value = None
+    for entry in schedule:
+        if entry.from_token <= index:
+            value = entry.temperature
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, resolved, with where each value came from."""
+
+    sampling: SamplingConfig
+    generation: GenerationSettings
+    schedule: tuple[ScheduleEntry, ...]
+    sources: dict[str, str]  # "sampling.top_p" → "default" | "preset NAME (PATH)" | "command line"
+
+    def inactive(self) -> list[tuple[str, str]]:
+        """``[(key, why)]`` for settings that are set but have no effect."""
+        notes = [(f"sampling.{name}", why) for name, why in self.sampling.inactive_settings()]
+        if self.schedule and (not self.sampling.do_sample or self.sampling.num_beams > 1):
+            notes.append(("schedule", "a temperature schedule has no effect without sampling"))
+        elif self.schedule and "temperature" not in self.sampling.order:
+            notes.append(("schedule", "the stage 'temperature' is not in order"))
+        return notes
+
+    def rows(self) -> list[tuple[str, object, str]]:
+        """``(key, value, source)`` for every setting, in a stable order."""
+        out: list[tuple[str, object, str]] = []
+        for name in FIELD_NAMES:
+            value = getattr(self.sampling, name)
+            out.append((f"sampling.{name}", list(value) if name == "order" else value, self.sources[f"sampling.{name}"]))
+        for name in GENERATION_FIELDS:
+            value = getattr(self.generation, name)
+            out.append((f"generation.{name}", list(value) if name == "stop" else value,
+                        self.sources[f"generation.{name}"]))
+        out.append(("schedule", [(e.from_token, e.temperature) for e in self.schedule], self.sources["schedule"]))
+        return out
+
+
+Layer = tuple[str, dict]  # (source label, {"sampling": {...}, "generation": {...}, "schedule": [...]})
+
+
+COMMAND_LINE = "command line"
+
+
+def _check_each(source: str, table: str, values: dict, build: Any) -> None:
+    """Validate each key on its own so the message names the layer and the key (the flag, on the command line)."""
+    for key, value in values.items():
+        try:
+            build(**{key: value})
+        except ConfigError as exc:
+            message = str(exc)
+            if source == COMMAND_LINE:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(flag + message[len(key):] if message.startswith(key) else message) from None
+            raise ConfigError(f"{source}: {table}.{message}") from None
+
+
+def resolve(layers: Iterable[Layer]) -> Settings:
+    """Merge layers, lowest precedence first (defaults ← preset chain ← command line), into validated settings.
+
+    >>> s = resolve([("default", {"sampling": {"do_sample": True}}), (COMMAND_LINE, {"sampling": {"top_p": 0.9}})])
+    >>> s.sampling.top_p, s.sources["sampling.top_p"], s.sources["sampling.top_k"]
+    (0.9, 'command line', 'default')
+    """
+    sampling: dict[str, Any] = {}
+    generation: dict[str, Any] = {}
+    schedule: list[ScheduleEntry] = []
+    sources = {f"sampling.{n}": "default" for n in FIELD_NAMES}
+    sources.update({f"generation.{n}": "default" for n in GENERATION_FIELDS})
+    sources["schedule"] = "default"
+    last_mode_source = "default"
+    for source, layer in layers:
+        layer_sampling = dict(layer.get("sampling", {}))
+        layer_generation = dict(layer.get("generation", {}))
+        _check_each(source, "sampling", layer_sampling, SamplingConfig)
+        _check_each(source, "generation", layer_generation, GenerationSettings)
+        for key, value in layer_sampling.items():
+            sampling[key] = value
+            sources[f"sampling.{key}"] = source
+            if key in ("num_beams", "do_sample"):
+                last_mode_source = source
+        for key, value in layer_generation.items():
+            generation[key] = value
+            sources[f"generation.{key}"] = source
+        if "schedule" in layer:
+            entries = []
+            for i, entry in enumerate(layer["schedule"]):
+                try:
+                    entries.append(ScheduleEntry(**entry))
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}: schedule[{i}].{exc}") from None
+            starts = [e.from_token for e in entries]
+            if len(set(starts)) != len(starts):
+                raise ConfigError(f"{source}: schedule has two entries with the same from_token")
+            schedule = sorted(entries, key=lambda e: e.from_token)
+            sources["schedule"] = source
+        elif "temperature" in layer_sampling and schedule:
+            # A later layer that sets the temperature outright replaces a schedule from below it.
+            schedule = []
+            sources["schedule"] = source
+    try:
+        cfg = SamplingConfig(**sampling)
+    except ConfigError as exc:
+        raise ConfigError(str(exc) if last_mode_source == COMMAND_LINE else f"{last_mode_source}: {exc}") from None
+    return Settings(cfg, GenerationSettings(**generation), tuple(schedule), sources)

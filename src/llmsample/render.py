@@ -10,6 +10,7 @@ import sys
 from typing import Any, Optional, TextIO
 
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from llmsample import events
@@ -166,3 +167,43 @@ def format_stats(stats: dict[str, Any]) -> str:
         parts.append(f"finish: {stats['finish_reason']}")
     parts.append(f"{stats.get('device')} {stats.get('dtype')}")
     return " · ".join(parts)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], tuple):
+        return ", ".join(f"{a}→{b:g}" for a, b in value)  # schedule: from token → temperature
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "—"
+        if all(isinstance(v, str) and v.isidentifier() for v in value):
+            return ",".join(value)  # stage names
+        return ", ".join(json.dumps(v, ensure_ascii=False) for v in value)
+    if value is None:
+        return "—"
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value)
+
+
+def settings_table(settings: Any, title: Optional[str] = None) -> Table:
+    """The resolved settings, where each came from, and which have no effect."""
+    inactive = dict(settings.inactive())
+    table = Table(title=title, show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("setting")
+    table.add_column("value", overflow="fold")
+    table.add_column("from", overflow="fold")
+    for key, value, source in settings.rows():
+        note = inactive.get(key)
+        style = "dim" if source == "default" and note is None else None
+        value_text = Text(_shown(value), style="strike dim" if note else style)
+        from_text = Text(source, style=style)
+        if note:
+            from_text += Text(f"  inactive: {note}", style="yellow")
+        table.add_row(Text(key.removeprefix("sampling."), style=style), value_text, from_text)
+    return table
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """JSON-ready: every setting with its value, source and (when it has no effect) why."""
+    inactive = dict(settings.inactive())
+    out = {key: {"value": value, "from": source, **({"inactive": inactive[key]} if key in inactive else {})}
+           for key, value, source in settings.rows()}
+    return {"settings": out, "chain": settings.sampling.describe_chain()}

@@ -7,12 +7,12 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from llmsample import events
-from llmsample.config import SamplingConfig
+from llmsample.config import Settings, temperature_at
 from llmsample.errors import ConfigError, ExitCode, LlmsampleError, ModelError
 from llmsample.render import Renderer, format_stats
 
@@ -32,11 +32,7 @@ class _Terminated(Exception):
 @dataclass
 class GenerateOptions:
     prompt: str
-    sampling: SamplingConfig
-    max_new_tokens: int = 128
-    stop: list[str] = field(default_factory=list)
-    seed: Optional[int] = None
-    num_samples: int = 1
+    settings: Settings
     model: Optional[str] = None
     device: str = "auto"
     dtype: str = "auto"
@@ -131,14 +127,18 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
     from llmsample.sampling import Sampler
 
-    cfg = opts.sampling
-    for name, why in cfg.inactive_settings():
-        renderer.warn(f"{name}={getattr(cfg, name)} has no effect: {why}")
-    if cfg.num_beams > 1 and opts.num_samples > cfg.num_beams:
+    cfg = opts.settings.sampling
+    gen = opts.settings.generation
+    values = {key: value for key, value, _ in opts.settings.rows()}
+    for key, why in opts.settings.inactive():
+        renderer.warn(f"{key.split('.')[-1]}={values[key]} has no effect: {why}")
+    if cfg.num_beams > 1 and gen.num_samples > cfg.num_beams:
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
-                          f"got {opts.num_samples}")
+                          f"got {gen.num_samples}")
     device, dtype = resolve_device(opts.device, opts.dtype)
-    seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**31)
+    seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
+    stops_text = list(gen.stop)
+    schedule = opts.settings.schedule
 
     started = time.perf_counter()
     with renderer.err.status("loading the model…", spinner="dots") as status:
@@ -152,10 +152,10 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
 
     sampler = Sampler(cfg)
     stop_ids = [] if opts.ignore_eos else eos_ids(lm)
-    records = [events.SampleRecord(i) for i in range(opts.num_samples)]
-    stops = [StopMatcher(opts.stop) for _ in records]
+    records = [events.SampleRecord(i) for i in range(gen.num_samples)]
+    stops = [StopMatcher(stops_text) for _ in records]
     detoks = [IncrementalDetokenizer(tokenizer, prompt_ids[0].tolist()) for _ in records]
-    state = DecodeState(opts.num_samples)
+    state = DecodeState(gen.num_samples)
     stats: dict[str, Any] = {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None}
     interrupted: Optional[tuple[str, ExitCode]] = None
 
@@ -171,23 +171,24 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     decode_start = time.perf_counter()
     try:
         if cfg.num_beams > 1:
-            renderer.start(opts.num_samples, streaming=False)
-            hypotheses = beam_search(lm.model, prompt_ids, sampler, opts.max_new_tokens, stop_ids,
-                                     num_return_sequences=opts.num_samples)
+            renderer.start(gen.num_samples, streaming=False)
+            hypotheses = beam_search(lm.model, prompt_ids, sampler, gen.max_new_tokens, stop_ids,
+                                     num_return_sequences=gen.num_samples)
             stats["first_token_s"] = time.perf_counter() - decode_start
             for record, hyp in zip(records, hypotheses):
                 text = tokenizer.decode(hyp.token_ids, skip_special_tokens=True)
-                emitted, stopped = StopMatcher(opts.stop).feed(text)
+                emitted, stopped = StopMatcher(stops_text).feed(text)
                 record.text = emitted if stopped else text
                 record.token_ids = hyp.token_ids
                 record.finish_reason = "stop" if stopped else hyp.finish_reason
                 record.score = hyp.score
         else:
-            renderer.start(opts.num_samples, streaming=opts.num_samples == 1)
+            renderer.start(gen.num_samples, streaming=gen.num_samples == 1)
             generator = torch.Generator(device=lm.device).manual_seed(seed)
-            batch_ids = prompt_ids.expand(opts.num_samples, -1)
-            loop = sample_loop(lm.model, batch_ids, sampler, opts.max_new_tokens, stop_ids,
-                               generator=generator, state=state)
+            batch_ids = prompt_ids.expand(gen.num_samples, -1)
+            loop = sample_loop(lm.model, batch_ids, sampler, gen.max_new_tokens, stop_ids,
+                               generator=generator, state=state,
+                               schedule=(lambda i: temperature_at(schedule, i)) if schedule else None)
             for step in loop:
                 if stats["first_token_s"] is None:
                     stats["first_token_s"] = time.perf_counter() - decode_start
@@ -228,8 +229,9 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     new_tokens = sum(len(r.token_ids) for r in records)
     stats.update(decode_s=decode_s, new_tokens=new_tokens, finish_reason=records[0].finish_reason,
                  tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0)
-    settings = cfg.to_dict() | {"max_new_tokens": opts.max_new_tokens, "stop": opts.stop,
-                                "num_samples": opts.num_samples, "chain": sampler.describe()}
+    settings = cfg.to_dict() | {"max_new_tokens": gen.max_new_tokens, "stop": stops_text,
+                                "num_samples": gen.num_samples, "chain": sampler.describe(),
+                                "schedule": [[e.from_token, e.temperature] for e in schedule]}
     summary = events.summary(opts.prompt, records, settings, {
         "seed": seed, "model": lm.name, "device": device, "dtype": dtype,
         "finish_reason": records[0].finish_reason, "stats": stats,

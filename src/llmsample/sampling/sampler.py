@@ -98,10 +98,7 @@ class Sampler:
 
     def describe(self) -> str:
         """The chain in order, e.g. ``logits -> penalties -> top_k -> top_p -> temperature -> dist``."""
-        selector = "greedy" if self.config.greedy and self.config.num_beams == 1 else "dist"
-        if self.config.num_beams > 1:
-            selector = f"beam({self.config.num_beams})"
-        return " -> ".join(("logits", *self.stage_names, selector))
+        return self.config.describe_chain()
 
     def candidates(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0) -> Candidates:
         """Run the chain; the survivors come back compacted when a stage bounded them."""
