@@ -13,7 +13,8 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(folder: Path, seed: int = 0, vocab_extra: int = 200, init: float = 0.3) -> Path:
+def build_tiny_model(folder: Path, seed: int = 0, vocab_extra: int = 200, init: float = 0.3,
+                     context: int = 100_000) -> Path:
     """A 2-layer Llama with a byte-level BPE tokenizer (multi-byte characters split across tokens)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,7 +42,7 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_extra: int = 200, init: 
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         initializer_range=init,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,

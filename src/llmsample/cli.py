@@ -45,6 +45,13 @@ MODEL = "Model"
 OUTPUT = "Output"
 
 
+class DType(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class Format(str, enum.Enum):
     text = "text"
     json = "json"
@@ -124,6 +131,8 @@ def generate(
                                                           rich_help_panel=GENERATION)] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this text (repeatable; not printed).",
                                                       rich_help_panel=GENERATION)] = None,
+    truncate: Annotated[bool, typer.Option("--truncate", help="Drop the start of a prompt longer than the model's context "
+                                           "(with a warning) instead of refusing it.", rich_help_panel=GENERATION)] = False,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence tokens "
                                              "(fixed-length runs, benchmarks).", rich_help_panel=GENERATION)] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, model, device and settings → same text).",
@@ -133,8 +142,8 @@ def generate(
     model: Annotated[Optional[str], typer.Option("-m", "--model", help="HF model id, local folder or .gguf file [default: packaged Gemma 3 270M].",
                                                  rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).",
-                                       rich_help_panel=MODEL)] = "auto",
+    dtype: Annotated[DType, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA where supported.",
+                                         rich_help_panel=MODEL)] = DType.auto,
     device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a large model with accelerate.",
                                                       rich_help_panel=MODEL)] = None,
     output_format: Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (one event per token).",
@@ -181,8 +190,8 @@ def generate(
     if explain:
         err.print(render.settings_table(settings, title="settings"))
         err.print(f"chain: {settings.sampling.describe_chain()}")
-    options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype,
-                                  device_map=device_map, stats=stats, ignore_eos=ignore_eos)
+    options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
+                                  device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate)
     try:
         run.generate(options, renderer)
     except BrokenPipeError:

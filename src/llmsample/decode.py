@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from llmsample.errors import SamplingError
 from llmsample.sampling import Sampler
 from llmsample.sampling.beam import BeamSearch, Hypothesis
 
@@ -87,7 +88,10 @@ def sample_loop(
                 if scheduled not in samplers:
                     samplers[scheduled] = Sampler(sampler.config.replace(temperature=scheduled))
                 step_sampler = samplers[scheduled]
-        choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len)
+        try:
+            choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len)
+        except SamplingError as exc:
+            raise SamplingError(f"{exc}, at generated token {index + 1}") from None
         active = torch.tensor([reason is None for reason in state.finish_reasons], device=sequence.device)
         tokens = torch.where(active, choice.token_ids, torch.full_like(choice.token_ids, pad))
         yield Step(
@@ -130,7 +134,10 @@ def beam_search(
     sequences = input_ids.expand(num_beams, -1).contiguous()  # [beams, prompt_len]
     logits, past = _forward(model, sequences, None)
     while True:
-        order, tokens = search.step(sequences, logits)
+        try:
+            order, tokens = search.step(sequences, logits)
+        except SamplingError as exc:
+            raise SamplingError(f"{exc}, at generated token {sequences.shape[1] - prompt_len + 1}") from None
         if search.done:
             break
         sequences = torch.cat((sequences[order], tokens[:, None]), dim=1)

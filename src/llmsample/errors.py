@@ -32,6 +32,12 @@ class ModelError(LlmsampleError):
     exit_code = ExitCode.MODEL
 
 
+class OutOfMemory(LlmsampleError):
+    """The device ran out of memory."""
+
+    exit_code = ExitCode.MODEL
+
+
 class SamplingError(LlmsampleError, ValueError):
     """The logits cannot be sampled from (NaN or +inf, or no finite value in a row)."""
 

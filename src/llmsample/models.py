@@ -202,6 +202,32 @@ def load(
     except ModelError:
         raise
     except Exception as exc:  # transformers raises many types here; each becomes one clear line
+        if "gguf_file" in kwargs:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"{model} is not a readable GGUF file (truncated or corrupt?): {first}") from exc
         raise _explain_load_failure(str(model), exc) from exc
     lm.eval()
+    check_vocab(tokenizer, lm, str(model or DEFAULT_MODEL))
     return LoadedModel(lm, tokenizer, name, lm.device, dtype)
+
+
+def check_vocab(tokenizer: Any, model: Any, name: str) -> None:
+    """A tokenizer whose ids run past the model's embeddings would crash mid-run: refuse it at load time."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelError(
+            f"the tokenizer of {name} has {len(tokenizer)} tokens but the model only {rows} embeddings: "
+            "they do not belong together"
+        )
+
+
+def context_length(model: Any) -> Optional[int]:
+    """The longest sequence the model was built for, if its config says."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from llmsample import events
 from llmsample.config import Settings, temperature_at
-from llmsample.errors import ConfigError, ExitCode, LlmsampleError, ModelError
+from llmsample.errors import ConfigError, ExitCode, LlmsampleError, ModelError, OutOfMemory, SamplingError
 from llmsample.render import Renderer, format_stats
 
 
@@ -39,6 +39,7 @@ class GenerateOptions:
     device_map: Optional[str] = None
     stats: bool = False
     ignore_eos: bool = False
+    truncate: bool = False
 
 
 # ---- input -----------------------------------------------------------------------------------------------------
@@ -104,6 +105,28 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     return name, dtype
 
 
+def fit_context(prompt_ids: Any, max_new_tokens: int, context: Optional[int], truncate: bool,
+                renderer: Renderer) -> tuple[Any, int]:
+    """Refuse (or, with ``--truncate``, left-truncate) a prompt longer than the context; cap the new tokens."""
+    if context is None:
+        return prompt_ids, max_new_tokens
+    length = prompt_ids.shape[1]
+    if length >= context:
+        if not truncate:
+            raise ConfigError(f"the prompt has {length} tokens, the model's context is {context}: shorten it, or "
+                              "pass --truncate to drop its start")
+        keep = max(1, context - min(max_new_tokens, context // 2))  # leave room to generate
+        renderer.warn(f"the prompt has {length} tokens, the model's context is {context}: "
+                      f"kept its last {keep} tokens (--truncate)")
+        prompt_ids = prompt_ids[:, length - keep:]
+        length = keep
+    if length + max_new_tokens > context:
+        renderer.warn(f"only {context - length} new tokens fit in the model's context of {context}: "
+                      f"generation stops there")
+        max_new_tokens = context - length
+    return prompt_ids, max_new_tokens
+
+
 def eos_ids(lm: Any) -> list[int]:
     """EOS ids from the generation config and the tokenizer (Gemma ends turns with a second one)."""
     ids: set[int] = set()
@@ -141,14 +164,19 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     schedule = opts.settings.schedule
 
     started = time.perf_counter()
-    with renderer.err.status("loading the model…", spinner="dots") as status:
-        lm = models.load(opts.model, device=device, dtype=dtype, device_map=opts.device_map,
-                         report=lambda message: status.update(message))
+    try:
+        with renderer.err.status("loading the model…", spinner="dots") as status:
+            lm = models.load(opts.model, device=device, dtype=dtype, device_map=opts.device_map,
+                             report=lambda message: status.update(message))
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory(device) from None
     load_s = time.perf_counter() - started
     tokenizer = lm.tokenizer
     prompt_ids = tokenizer(opts.prompt, return_tensors="pt").input_ids.to(lm.device)
     if prompt_ids.shape[1] == 0:
         raise ConfigError("the prompt has no tokens")
+    prompt_ids, max_new_tokens = fit_context(prompt_ids, gen.max_new_tokens, models.context_length(lm.model),
+                                             opts.truncate, renderer)
 
     sampler = Sampler(cfg)
     stop_ids = [] if opts.ignore_eos else eos_ids(lm)
@@ -158,6 +186,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     state = DecodeState(gen.num_samples)
     stats: dict[str, Any] = {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None}
     interrupted: Optional[tuple[str, ExitCode]] = None
+    failure: Optional[LlmsampleError] = None
 
     previous_term = signal.getsignal(signal.SIGTERM)
 
@@ -172,7 +201,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     try:
         if cfg.num_beams > 1:
             renderer.start(gen.num_samples, streaming=False)
-            hypotheses = beam_search(lm.model, prompt_ids, sampler, gen.max_new_tokens, stop_ids,
+            hypotheses = beam_search(lm.model, prompt_ids, sampler, max_new_tokens, stop_ids,
                                      num_return_sequences=gen.num_samples)
             stats["first_token_s"] = time.perf_counter() - decode_start
             for record, hyp in zip(records, hypotheses):
@@ -186,7 +215,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
             renderer.start(gen.num_samples, streaming=gen.num_samples == 1)
             generator = torch.Generator(device=lm.device).manual_seed(seed)
             batch_ids = prompt_ids.expand(gen.num_samples, -1)
-            loop = sample_loop(lm.model, batch_ids, sampler, gen.max_new_tokens, stop_ids,
+            loop = sample_loop(lm.model, batch_ids, sampler, max_new_tokens, stop_ids,
                                generator=generator, state=state,
                                schedule=(lambda i: temperature_at(schedule, i)) if schedule else None)
             for step in loop:
@@ -209,6 +238,10 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
         interrupted = ("interrupted", ExitCode.INTERRUPTED)
     except _Terminated:
         interrupted = ("terminated", ExitCode.TERMINATED)
+    except SamplingError as exc:
+        failure = exc
+    except torch.cuda.OutOfMemoryError:
+        failure = out_of_memory(device)
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
@@ -223,13 +256,15 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
                 record.text += tail
                 renderer.tail(row, tail)
                 reason = "stop" if stopped else reason
-            record.finish_reason = reason or (interrupted[0] if interrupted else "length")
+            record.finish_reason = reason or (interrupted[0] if interrupted else "error" if failure else "length")
+        elif failure or interrupted:
+            record.finish_reason = "error" if failure else interrupted[0]
         renderer.sample_done(record)
 
     new_tokens = sum(len(r.token_ids) for r in records)
     stats.update(decode_s=decode_s, new_tokens=new_tokens, finish_reason=records[0].finish_reason,
                  tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0)
-    settings = cfg.to_dict() | {"max_new_tokens": gen.max_new_tokens, "stop": stops_text,
+    settings = cfg.to_dict() | {"max_new_tokens": max_new_tokens, "stop": stops_text,
                                 "num_samples": gen.num_samples, "chain": sampler.describe(),
                                 "schedule": [[e.from_token, e.temperature] for e in schedule]}
     summary = events.summary(opts.prompt, records, settings, {
@@ -239,9 +274,16 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     renderer.finish(summary)
     if opts.stats:
         renderer.note(format_stats(stats))
+    if failure:
+        raise failure
     if interrupted:
         raise Interrupted(interrupted[0], interrupted[1])
     return summary
+
+
+def out_of_memory(device: str) -> OutOfMemory:
+    return OutOfMemory(f"{device} ran out of memory: try --dtype bfloat16 or float16, fewer samples (-n) or beams, "
+                       "a shorter --max-new-tokens, or a smaller model")
 
 
 def quiet_broken_pipe() -> None:
