@@ -302,7 +302,7 @@ class GenerationSettings:
         if self.seed is not None:
             object.__setattr__(self, "seed", _integer("seed", self.seed, 0))
         stop = self.stop
-        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise ConfigError(f"stop must be a list of strings, got {stop!r}")
         if any(s == "" for s in stop):
             raise ConfigError("stop must not contain an empty string")

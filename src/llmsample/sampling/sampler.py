@@ -103,9 +103,10 @@ class Sampler:
     def candidates(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0) -> Candidates:
         """Run the chain; the survivors come back compacted when a stage bounded them."""
         history, c = self._start(input_ids, logits, prompt_len)
+        raw = c
         for stage in self._stages:
             c = stage(c, history)
-        return c
+        return _keep_best_if_emptied(c, raw)
 
     def process(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0) -> torch.Tensor:
         """``[batch, vocab]`` processed logits, −inf where a stage removed the token."""
@@ -198,6 +199,22 @@ class Sampler:
         if self.check_finite:
             stages.check_logits(logits)
         return History(input_ids, prompt_len), Candidates.from_logits(logits)
+
+
+def _keep_best_if_emptied(c: Candidates, raw: Candidates) -> Candidates:
+    """The documented fallback: a row the chain left without any token keeps its best raw token.
+
+    no_repeat_ngram already does this for its bans; this catches the rest (a penalty that overflowed every
+    logit of a row to −inf).
+    """
+    emptied = torch.isneginf(c.logits.amax(-1))
+    if not bool(emptied.any()):
+        return c
+    dense = c.dense().clone()
+    rows = emptied.nonzero().flatten()
+    best = raw.logits[rows].argmax(-1)
+    dense[rows, best] = 0.0
+    return Candidates.from_logits(dense)
 
 
 def draw(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -96,6 +96,15 @@ def keep_from(c: Candidates, threshold: torch.Tensor) -> Candidates:
 # ---- penalties -------------------------------------------------------------------------------------------------
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _repetition(values: torch.Tensor, r: float) -> torch.Tensor:
+    """ℓ>0 → ℓ/r, else ℓ·r; a finite logit stays finite (a penalty below 1 could overflow a huge one)."""
+    out = torch.where(values > 0, values / r, values * r)
+    return torch.where(torch.isfinite(values), out.clamp(-FLOAT32_MAX, FLOAT32_MAX), out)
+
+
 def penalties(
     c: Candidates,
     history: History,
@@ -121,13 +130,11 @@ def penalties(
             # Touch only the history's columns: a spare column absorbs ids past the vocab.
             padded = torch.nn.functional.pad(logits, (0, 1))
             ids = history.input_ids.clamp(max=vocab)
-            seen = padded.gather(1, ids)
-            seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+            seen = _repetition(padded.gather(1, ids), repetition_penalty)
             logits = padded.scatter(1, ids, seen)[:, :vocab]
         else:
             present = _table(history.input_ids, vocab, counts=False).gather(1, c.ids)
-            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-            logits = torch.where(present, penalised, logits)
+            logits = torch.where(present, _repetition(logits, repetition_penalty), logits)
     generated = history.generated
     if (frequency_penalty != 0.0 or presence_penalty != 0.0) and generated.shape[1] > 0:
         counts = _table(generated, vocab, counts=True)
@@ -280,7 +287,11 @@ def temperature(c: Candidates, t: float) -> Candidates:
         return c
     if t == 0.0:
         return c.take(c.logits.argmax(-1, keepdim=True))
-    return c.with_logits(c.logits / t)
+    # ℓ/T overflows only for absurd logits (|ℓ| near float32's limit at small T); only there is the row shifted
+    # by its maximum first, which leaves its softmax unchanged. Everywhere else the values are exactly ℓ/T.
+    row_max = c.logits.amax(-1, keepdim=True)
+    shift = torch.where(torch.isinf(row_max / t) & torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return c.with_logits(torch.sub(c.logits, shift).div_(t))  # one new tensor, divided in place
 
 
 def check_logits(logits: torch.Tensor) -> None:
