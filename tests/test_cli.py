@@ -198,15 +198,16 @@ def test_force_color_colours_tokens_and_no_color_wins(tiny):
     assert ANSI.sub("", coloured.stdout) == plain.stdout == flag.stdout
 
 
-def test_closed_pipe_ends_quietly(tiny):
+@pytest.mark.parametrize("head_args, fmt", [(["-c", "20"], "text"), (["-n", "1"], "jsonl")])
+def test_closed_pipe_ends_quietly(tiny, head_args, fmt):
     command = [sys.executable, "-m", "llmsample", "The quick", *tiny, "--max-new-tokens", "3000", "--seed", "2",
-               "--ignore-eos"]
+               "--ignore-eos", "--format", fmt]
     producer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    head = subprocess.run(["head", "-c", "20"], stdin=producer.stdout, capture_output=True, timeout=120)
+    head = subprocess.run(["head", *head_args], stdin=producer.stdout, capture_output=True, timeout=120)
     producer.stdout.close()
     err = producer.stderr.read().decode()
     assert producer.wait(timeout=120) == 0
-    assert len(head.stdout) <= 20
+    assert head.stdout and (len(head.stdout) <= 20 if fmt == "text" else head.stdout.count(b"\n") == 1)
     assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err
 
 

@@ -102,6 +102,8 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         else:
             dtype = "float32"
+    elif dtype == "bfloat16" and name.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ModelError(f"--dtype bfloat16: {torch.cuda.get_device_name(name)} cannot run it (use float16)")
     return name, dtype
 
 
