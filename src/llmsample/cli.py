@@ -150,6 +150,9 @@ def generate(
                                                   rich_help_panel=OUTPUT)] = Format.text,
     no_color: Annotated[bool, typer.Option("--no-color", help="Never colour the output (NO_COLOR is honoured too).",
                                            rich_help_panel=OUTPUT)] = False,
+    candidates: Annotated[int, typer.Option("--candidates", metavar="N", help="After each token, a table of the top N "
+                                            "candidates: raw probability, after each stage, final, what cut them (stderr; "
+                                            "in every jsonl token event).", rich_help_panel=OUTPUT)] = 0,
     explain: Annotated[bool, typer.Option("--explain", help="Print the resolved settings, where each came from, and the chain (stderr).",
                                           rich_help_panel=OUTPUT)] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print load time, time to first token and tokens/s to stderr.",
@@ -168,6 +171,8 @@ def generate(
     """
     from llmsample import presets, render, run
 
+    if not 0 <= candidates <= 1000:
+        raise ConfigError(f"--candidates must be an integer in [0, 1000], got {candidates}")
     if early_stopping is not None:
         key = early_stopping.strip().lower()
         if key not in ("true", "false", "never"):
@@ -191,7 +196,8 @@ def generate(
         err.print(render.settings_table(settings, title="settings"))
         err.print(f"chain: {settings.sampling.describe_chain()}")
     options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
-                                  device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate)
+                                  device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
+                                  candidates=candidates)
     try:
         run.generate(options, renderer)
     except BrokenPipeError:

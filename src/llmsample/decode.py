@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from llmsample.errors import SamplingError
-from llmsample.sampling import Sampler
+from llmsample.sampling import Sampler, StepTrace
 from llmsample.sampling.beam import BeamSearch, Hypothesis
 
 # Given the number of tokens generated so far, the temperature for the next one (None = the config's own).
@@ -28,6 +28,8 @@ class Step:
     raw_prob: torch.Tensor  # model softmax at T=1
     active: torch.Tensor  # bool: rows still generating (a finished row's token is padding)
     temperature: float
+    entropy: torch.Tensor  # nats, of each row's processed distribution
+    trace: Optional[StepTrace] = None  # what each stage did to the top candidates, when asked for
 
 
 @dataclass
@@ -64,6 +66,7 @@ def sample_loop(
     generator: Optional[torch.Generator] = None,
     state: Optional[DecodeState] = None,
     schedule: Optional[TemperatureSchedule] = None,
+    trace_top_n: int = 0,
 ) -> Iterator[Step]:
     """Greedy or sampled decoding of ``input_ids`` (``[batch, prompt_len]``, one row per sample).
 
@@ -92,6 +95,7 @@ def sample_loop(
             choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len)
         except SamplingError as exc:
             raise SamplingError(f"{exc}, at generated token {index + 1}") from None
+        trace = step_sampler.trace(sequence, logits, trace_top_n, prompt_len=prompt_len) if trace_top_n else None
         active = torch.tensor([reason is None for reason in state.finish_reasons], device=sequence.device)
         tokens = torch.where(active, choice.token_ids, torch.full_like(choice.token_ids, pad))
         yield Step(
@@ -101,6 +105,8 @@ def sample_loop(
             raw_prob=choice.raw_prob.cpu(),
             active=active.cpu(),
             temperature=temperature,
+            entropy=choice.entropy.cpu(),
+            trace=trace,
         )
         for row in (active & torch.isin(tokens, eos)).nonzero().flatten().tolist():
             state.finish(row, "eos")
@@ -122,18 +128,25 @@ def beam_search(
     max_new_tokens: int,
     eos_token_ids: Sequence[int] = (),
     num_return_sequences: int = 1,
-    on_step: Optional[Callable[[BeamSearch, torch.Tensor], None]] = None,
+    trace_top_n: int = 0,
+    on_trace: Optional[Callable[[int, StepTrace, torch.Tensor, int], None]] = None,
 ) -> list[Hypothesis]:
     """Beam search from one prompt (``[1, prompt_len]``); returns the best hypotheses, best first.
 
-    ``on_step(search, sequences)`` is called after each step with the running beams (for progress or tables).
+    With ``trace_top_n``, ``on_trace(step, trace, running_scores, generated_length)`` gets the candidates of every
+    running beam before each step (for the candidate tables).
     """
     num_beams = sampler.config.num_beams
     prompt_len = input_ids.shape[1]
     search = BeamSearch(sampler, prompt_len, max_new_tokens, eos_token_ids, num_return_sequences)
     sequences = input_ids.expand(num_beams, -1).contiguous()  # [beams, prompt_len]
     logits, past = _forward(model, sequences, None)
+    step = 0
     while True:
+        if trace_top_n and on_trace is not None:
+            trace = sampler.trace(sequences, logits, trace_top_n, prompt_len=prompt_len)
+            on_trace(step, trace, search.running_scores.clone(), sequences.shape[1] - prompt_len)
+        step += 1
         try:
             order, tokens = search.step(sequences, logits)
         except SamplingError as exc:
@@ -142,7 +155,5 @@ def beam_search(
             break
         sequences = torch.cat((sequences[order], tokens[:, None]), dim=1)
         past.reorder_cache(order)
-        if on_step is not None:
-            on_step(search, sequences)
         logits, past = _forward(model, tokens[:, None], past)
     return search.results()

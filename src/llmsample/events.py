@@ -18,6 +18,8 @@ class SampleRecord:
     raw_probs: list[float] = field(default_factory=list)  # model softmax at T=1
     probs: list[float] = field(default_factory=list)  # after the chain
     temperatures: list[float] = field(default_factory=list)  # the temperature used at each step
+    entropies: list[float] = field(default_factory=list)  # nats, of the processed distribution at each step
+    candidates: list[dict] = field(default_factory=list)  # per step, with --candidates
     finish_reason: Optional[str] = None  # eos | length | stop | interrupted | terminated
     score: Optional[float] = None  # beam search: length-normalised score
 
@@ -29,8 +31,11 @@ class SampleRecord:
             "raw_probs": [round(p, 6) for p in self.raw_probs],
             "probs": [round(p, 6) for p in self.probs],
             "temperatures": self.temperatures,
+            "entropies": [round(h, 6) for h in self.entropies],
             "finish_reason": self.finish_reason,
         }
+        if self.candidates:
+            out["candidates"] = self.candidates
         if self.score is not None:
             out["score"] = self.score
         return out

@@ -59,6 +59,9 @@ class Renderer:
     def tail(self, sample: int, text: str) -> None:
         """Text held back until the end (an incomplete character, a partial stop string that never completed)."""
 
+    def beam_step(self, step: int, beams: list[dict[str, Any]]) -> None:
+        """The candidates of every running beam before a beam-search step (``--candidates``)."""
+
     def sample_done(self, record: events.SampleRecord) -> None: ...
 
     def finish(self, summary: dict[str, Any]) -> None: ...
@@ -100,6 +103,19 @@ class TextRenderer(Renderer):
     def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None) -> None:
         if self.streaming:
             self._write(text, style_for(prob))
+        if candidates is not None:
+            if self.streaming and self.out.is_terminal and self.err.is_terminal:  # keep text and tables apart
+                self.out.file.write("\n")
+                self.out.file.flush()
+                self.ended_with_newline = True
+            title = f"step {index + 1}" + (f" · sample {sample + 1}" if not self.streaming else "")
+            self.err.print(candidate_table(candidates, f"{title} · chose {token_label(text or '', 24)}"))
+
+    def beam_step(self, step: int, beams: list[dict[str, Any]]) -> None:
+        for beam in beams:
+            title = (f"step {step + 1} · beam {beam['beam'] + 1} · score {beam['score']:.3f}"
+                     f" (normalised {beam['normalised']:.3f})")
+            self.err.print(candidate_table(beam["candidates"], title))
 
     def tail(self, sample: int, text: str) -> None:
         if self.streaming:
@@ -124,6 +140,59 @@ class TextRenderer(Renderer):
             self._write("\n")
 
 
+STAGE_HEADERS = {
+    "penalties": "pen",
+    "no_repeat_ngram": "ngram",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "typical_p": "typ",
+    "temperature": "T",
+}
+
+
+def token_label(text: str, limit: int = 12) -> str:
+    """A token made visible: quoted, whitespace and control characters escaped, long ones shortened."""
+    shown = json.dumps(text, ensure_ascii=False)
+    return shown if len(shown) <= limit else shown[: limit - 2] + "…\""
+
+
+def _pct(p: float) -> str:
+    return "0" if p == 0 else f"{100 * p:.1f}" if p >= 0.001 else "<.1"
+
+
+def candidate_table(candidates: dict[str, Any], title: str) -> Table:
+    """One step's top candidates: raw probability, after each active stage, final, status, the chosen one.
+
+    Probabilities in percent; columns only for the stages that ran, so it fits 80 columns.
+    """
+    table = Table(title=title, title_justify="left", title_style="bold", show_edge=False, pad_edge=False,
+                  box=None, header_style="dim", padding=(0, 1))
+    table.add_column("", width=1)
+    table.add_column("token", max_width=14, no_wrap=True)
+    table.add_column("raw%", justify="right")
+    shown_stages = candidates["stages"][:-1]  # the last stage's column would repeat the final one
+    for stage in shown_stages:
+        table.add_column(STAGE_HEADERS.get(stage, stage) + "%", justify="right")
+    table.add_column("final%", justify="right")
+    table.add_column("status", no_wrap=True)
+    for row in candidates["candidates"]:
+        chosen = row.get("chosen", False)
+        removed = row["removed_by"]
+        status = Text(f"cut by {removed}", style="red") if removed else Text("kept", style="green")
+        cells = [Text("▶" if chosen else "", style="bold"), token_label(row["token"]), _pct(row["raw_prob"])]
+        cells += [_pct(p) for p in row["stage_probs"][: len(shown_stages)]]
+        cells += [Text(_pct(row["final_prob"]), style=style_for(row["final_prob"])), status]
+        table.add_row(*cells, style="bold" if chosen else None)
+    chain = " → ".join(STAGE_HEADERS.get(s, s) for s in candidates["stages"]) or "no stages"
+    kept = "→".join(str(k) for k in candidates["kept"])
+    table.caption = f"{chain}" + (f" (kept {kept})" if kept else "") + (
+        f" · outside the table: {100 * candidates['raw_mass_outside']:.1f}% raw")
+    table.caption_justify = "left"
+    table.caption_style = "dim"
+    return table
+
+
 class JsonRenderer(Renderer):
     """One JSON object for the whole run."""
 
@@ -141,6 +210,9 @@ class JsonlRenderer(Renderer):
 
     def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None) -> None:
         self._line(events.token_event(sample, index, token_id, text, raw_prob, prob, temperature, candidates))
+
+    def beam_step(self, step: int, beams: list[dict[str, Any]]) -> None:
+        self._line({"type": "beam_step", "schema": events.SCHEMA_VERSION, "step": step, "beams": beams})
 
     def finish(self, summary: dict[str, Any]) -> None:
         self._line(summary)

@@ -40,6 +40,7 @@ class GenerateOptions:
     stats: bool = False
     ignore_eos: bool = False
     truncate: bool = False
+    candidates: int = 0  # top-n candidate tables per step (0 = none)
 
 
 # ---- input -----------------------------------------------------------------------------------------------------
@@ -105,6 +106,15 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     elif dtype == "bfloat16" and name.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ModelError(f"--dtype bfloat16: {torch.cuda.get_device_name(name)} cannot run it (use float16)")
     return name, dtype
+
+
+def candidates_dict(trace: Any, row: int, tokenizer: Any, chosen: Optional[int]) -> dict[str, Any]:
+    """One row of a ``StepTrace`` as JSON-ready data with the token texts and the chosen one marked."""
+    data = trace.to_dict(row)
+    for candidate in data["candidates"]:
+        candidate["token"] = tokenizer.decode([candidate["token_id"]])
+        candidate["chosen"] = candidate["token_id"] == chosen
+    return data
 
 
 def fit_context(prompt_ids: Any, max_new_tokens: int, context: Optional[int], truncate: bool,
@@ -203,8 +213,18 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     try:
         if cfg.num_beams > 1:
             renderer.start(gen.num_samples, streaming=False)
+            def on_trace(step: int, trace: Any, scores: Any, length: int) -> None:
+                beams = [
+                    {"beam": b, "score": float(scores[b]),
+                     "normalised": float(scores[b]) / (length ** cfg.length_penalty) if length else float(scores[b]),
+                     "candidates": candidates_dict(trace, b, tokenizer, None)}
+                    for b in range(len(scores)) if float(scores[b]) > -1e8  # beams not started yet
+                ]
+                renderer.beam_step(step, beams)
+
             hypotheses = beam_search(lm.model, prompt_ids, sampler, max_new_tokens, stop_ids,
-                                     num_return_sequences=gen.num_samples)
+                                     num_return_sequences=gen.num_samples, trace_top_n=opts.candidates,
+                                     on_trace=on_trace)
             stats["first_token_s"] = time.perf_counter() - decode_start
             for record, hyp in zip(records, hypotheses):
                 text = tokenizer.decode(hyp.token_ids, skip_special_tokens=True)
@@ -219,7 +239,8 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
             batch_ids = prompt_ids.expand(gen.num_samples, -1)
             loop = sample_loop(lm.model, batch_ids, sampler, max_new_tokens, stop_ids,
                                generator=generator, state=state,
-                               schedule=(lambda i: temperature_at(schedule, i)) if schedule else None)
+                               schedule=(lambda i: temperature_at(schedule, i)) if schedule else None,
+                               trace_top_n=opts.candidates)
             for step in loop:
                 if stats["first_token_s"] is None:
                     stats["first_token_s"] = time.perf_counter() - decode_start
@@ -230,10 +251,14 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
                     record.raw_probs.append(float(step.raw_prob[row]))
                     record.probs.append(float(step.prob[row]))
                     record.temperatures.append(step.temperature)
+                    record.entropies.append(float(step.entropy[row]))
+                    table = candidates_dict(step.trace, row, tokenizer, token_id) if step.trace else None
+                    if table is not None:
+                        record.candidates.append(table)
                     emitted, stopped = stops[row].feed(detoks[row].add(token_id))
                     record.text += emitted
                     renderer.token(row, step.index, token_id, emitted, record.raw_probs[-1],
-                                   record.probs[-1], step.temperature)
+                                   record.probs[-1], step.temperature, table)
                     if stopped:
                         state.finish(row, "stop")
     except KeyboardInterrupt:

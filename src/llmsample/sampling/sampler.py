@@ -39,6 +39,7 @@ class Choice:
     token_ids: torch.Tensor  # long
     prob: torch.Tensor  # probability under the processed distribution (1.0 for greedy's pick at T=0)
     raw_prob: torch.Tensor  # model softmax at T=1, before any stage
+    entropy: torch.Tensor  # nats, of the processed distribution
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,13 @@ class Sampler:
         """Pick the next tokens and report their processed and raw probabilities (what the decode loop needs)."""
         c = self.candidates(input_ids, logits, prompt_len)
         columns = self._select_columns(c, generator)
-        log_total = torch.logsumexp(c.logits, dim=-1)
-        prob = torch.exp(c.logits.gather(1, columns.unsqueeze(1)).squeeze(1) - log_total)
+        log_probs = torch.log_softmax(c.logits, dim=-1)
+        prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
+        entropy = -(log_probs.exp() * log_probs).nansum(-1)
         token_ids = c.to_vocab(columns)
         raw = logits.float()
         raw_prob = torch.exp(raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - torch.logsumexp(raw, dim=-1))
-        return Choice(token_ids, prob, raw_prob)
+        return Choice(token_ids, prob, raw_prob, entropy)
 
     def select(self, c: Candidates, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Turn processed candidates into ``[batch]`` token ids."""
