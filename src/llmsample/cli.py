@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover
     _vendored_click = click.exceptions
 
 from llmsample import __version__
+from llmsample import presets
 from llmsample.errors import ConfigError, ExitCode, LlmsampleError
 
 USAGE_ERRORS = (click.exceptions.UsageError, _vendored_click.UsageError)
@@ -204,6 +205,127 @@ def generate(
         raise PipeClosed("stdout was closed") from None  # before click turns it into a silent exit 1
 
 
+# ---- the lab: inspect and sweep -------------------------------------------------------------------------------
+
+LAB = "Settings to compare (repeat a flag for several)"
+
+
+@app.command()
+def inspect(
+    prompt: Annotated[str, typer.Argument(help="The prompt whose next token is inspected.")],
+    preset: Annotated[Optional[list[str]], typer.Option("-p", "--preset", help="A preset (repeatable).", rich_help_panel=LAB)] = None,
+    temperature: Annotated[Optional[list[float]], typer.Option(help="Temperature (repeatable).", rich_help_panel=LAB)] = None,
+    top_k: Annotated[Optional[list[int]], typer.Option(help="top_k (repeatable).", rich_help_panel=LAB)] = None,
+    top_p: Annotated[Optional[list[float]], typer.Option(help="top_p (repeatable).", rich_help_panel=LAB)] = None,
+    min_p: Annotated[Optional[list[float]], typer.Option(help="min_p (repeatable).", rich_help_panel=LAB)] = None,
+    typical_p: Annotated[Optional[list[float]], typer.Option(help="typical_p (repeatable).", rich_help_panel=LAB)] = None,
+    repetition_penalty: Annotated[Optional[list[float]], typer.Option(help="Repetition penalty (repeatable).", rich_help_panel=LAB)] = None,
+    order: Annotated[Optional[list[str]], typer.Option(help="Stage order (repeatable).", rich_help_panel=LAB)] = None,
+    steps: Annotated[int, typer.Option(help="Follow this many greedy steps [1, 64].")] = 1,
+    top: Annotated[int, typer.Option(help="Show the top N probabilities [1, 100].")] = 20,
+    plot: Annotated[Optional[str], typer.Option(help="Also draw seed 002's figure to FILE.png (needs llmsample[plot]).")] = None,
+    output_format: Annotated[Format, typer.Option("--format", help="text or json.")] = Format.text,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", help="As for generate.", rich_help_panel=MODEL)] = None,
+    device: Annotated[str, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = "auto",
+    dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
+) -> None:
+    """The next-token distribution after PROMPT under one or more settings, side by side.
+
+    Examples:
+
+      llmsample inspect "今天天气非常" --temperature 0.9 --temperature 0.1
+
+      llmsample inspect "The capital of France is" --preset technical --preset poetry --steps 3
+    """
+    import json
+
+    from llmsample import lab, plots, render, run
+
+    if not 1 <= steps <= 64:
+        raise ConfigError(f"--steps must be an integer in [1, 64], got {steps}")
+    if not 1 <= top <= 100:
+        raise ConfigError(f"--top must be an integer in [1, 100], got {top}")
+    if output_format == Format.jsonl:
+        raise ConfigError("--format for inspect is text or json, got 'jsonl'")
+    chosen = lab.variants(preset or [], dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                             typical_p=typical_p, repetition_penalty=repetition_penalty, order=order))
+    out, err = render.make_consoles()
+    lm, _ = run.load_model(model, device, dtype.value, None, err)
+    result = lab.inspect_steps(lm, prompt, chosen, steps, top)
+    if plot:
+        plots.inspect_plot(result, plot)
+        err.print(f"wrote {plot}")
+    if output_format == Format.json:
+        out.file.write(json.dumps({"schema": 1, **result}, ensure_ascii=False) + "\n")
+    else:
+        for block in render.inspect_view(result):
+            out.print(block)
+
+
+class SweepFormat(str, enum.Enum):
+    text = "text"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def sweep(
+    prompt: Annotated[str, typer.Argument(help="The prompt every grid point continues.")],
+    grid: Annotated[list[str], typer.Option(help="NAME=V1,V2,… (repeatable: the grid is their product).")],
+    samples: Annotated[int, typer.Option(help="Samples per grid point, decoded as one batch.")] = 8,
+    seed: Annotated[int, typer.Option(help="The same seed at every grid point.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 48,
+    preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="Settings the grid starts from.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Also draw each metric against the parameter to FILE.png.")] = None,
+    output_format: Annotated[SweepFormat, typer.Option("--format", help="text, csv or json.")] = SweepFormat.text,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", help="As for generate.", rich_help_panel=MODEL)] = None,
+    device: Annotated[str, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = "auto",
+    dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
+) -> None:
+    """Seed 003's experiment: generate over a grid of settings and measure diversity at each point.
+
+    Example:
+
+      llmsample sweep "Write about the sea." --grid top_p=0.1,0.3,0.5,0.7,0.9 --samples 8 --seed 1
+    """
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from llmsample import lab, plots, render, run
+
+    if samples < 1:
+        raise ConfigError(f"--samples must be an integer >= 1, got {samples}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be an integer >= 0, got {seed}")
+    parsed = lab.parse_grid(grid)
+    points = lab.grid_points(parsed)
+    for point in points:  # every point must be valid before anything is loaded
+        presets.resolve_settings(preset, {"sampling": point})
+    out, err = render.make_consoles()
+    lm, _ = run.load_model(model, device, dtype.value, None, err)
+    progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=err, transient=True)
+    with progress:
+        task = progress.add_task("sweep", total=len(points) * max_new_tokens)
+        rows = lab.sweep(lm, prompt, preset, {}, parsed, samples, seed, max_new_tokens, run.eos_ids(lm),
+                         on_step=lambda: progress.advance(task))
+    if plot:
+        plots.sweep_plot(rows, parsed, plot)
+        err.print(f"wrote {plot}")
+    if output_format == SweepFormat.json:
+        out.file.write(json.dumps({"schema": 1, "prompt": prompt, "grid": parsed, "samples": samples, "seed": seed,
+                                   "max_new_tokens": max_new_tokens, "points": rows}, ensure_ascii=False) + "\n")
+    elif output_format == SweepFormat.csv:
+        out.file.write(render.sweep_csv(rows, parsed))
+    else:
+        out.print(render.sweep_table(rows, parsed))
+
+
 # ---- presets ---------------------------------------------------------------------------------------------------
 
 presets_app = typer.Typer(help="List, show, compare and create sampling presets.", no_args_is_help=True)
@@ -283,8 +405,6 @@ def presets_new(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing user preset.")] = False,
 ) -> None:
     """Write a commented preset file to the user preset folder."""
-    from llmsample import presets
-
     path = presets.write_new(name, base, force)
     typer.echo(str(path))
 

@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Any, Optional, TextIO
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -279,3 +280,82 @@ def settings_dict(settings: Any) -> dict[str, Any]:
     out = {key: {"value": value, "from": source, **({"inactive": inactive[key]} if key in inactive else {})}
            for key, value, source in settings.rows()}
     return {"settings": out, "chain": settings.sampling.describe_chain()}
+
+
+BAR_WIDTH = 12
+
+
+def _bar(prob: float, width: int = BAR_WIDTH) -> str:
+    eighths = round(prob * width * 8)
+    full, part = divmod(eighths, 8)
+    return ("█" * full + ("▏▎▍▌▋▊▉"[part - 1] if part else "")).ljust(width)
+
+
+def inspect_view(result: dict[str, Any]) -> list[Any]:
+    """Seed 002's figure in the terminal: per step, the top probabilities of each setting as bars, side by side."""
+    from rich.columns import Columns
+    from rich.panel import Panel
+
+    out: list[Any] = []
+    for step in result["steps"]:
+        context = json.dumps(step["context"], ensure_ascii=False) if step["context"] else "the prompt"
+        out.append(Text(f"step {step['index'] + 1}: next token after {context}", style="bold"))
+        panels = []
+        for variant in step["variants"]:
+            body = Text()
+            for item in variant["top"]:
+                label = token_label(item["token"], 10)
+                body.append(label + " " * max(1, 11 - cell_len(label)))  # CJK characters are two cells wide
+                body.append(_bar(item["prob"]), style=style_for(item["prob"]))
+                body.append(f" {_pct(item['prob']):>5}%\n")
+            body.append(f"entropy {variant['entropy']:.2f} nats · kept {variant['kept']}", style="dim")
+            if variant["order_sensitive"]:
+                o = variant["order_sensitive"]
+                body.append(f"\n⚑ order matters: T last keeps {o['temperature_last']}, T first "
+                            f"{o['temperature_first']}", style="yellow")
+            panels.append(Panel(body, title=variant["label"], title_align="left", width=36, padding=(0, 1)))
+        out.append(Columns(panels))
+        if step["differences"]:
+            lines = [f"{token_label(d['token'], 12)} kept by {', '.join(d['kept_by']) or 'none'}"
+                     for d in step["differences"]]
+            extra = step["differing_count"] - len(step["differences"])
+            out.append(Text("kept sets differ: " + "; ".join(lines) + (f"; and {extra} more" if extra > 0 else ""),
+                            style="dim"))
+        elif len(step["variants"]) > 1:
+            out.append(Text("all settings keep the same candidates", style="dim"))
+    return out
+
+
+SWEEP_COLUMNS = [("distinct_1", "dist-1", "{:.3f}"), ("distinct_2", "dist-2", "{:.3f}"),
+                 ("repeated_3gram_rate", "rep-3", "{:.3f}"), ("mean_entropy", "H", "{:.2f}"),
+                 ("perplexity", "ppl", "{:.1f}"), ("mean_length", "len", "{:.1f}")]
+
+
+def sweep_table(rows: list[dict[str, Any]], grid: dict[str, list]) -> Table:
+    table = Table(show_edge=False, pad_edge=False, header_style="bold", caption_justify="left", caption_style="dim")
+    for name in grid:
+        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
+    for _, header, _ in SWEEP_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True, min_width=max(5, len(header)))
+    table.add_column("first sample", overflow="ellipsis", no_wrap=True, ratio=1, min_width=8)
+    for row in rows:
+        table.add_row(*[str(row["point"][n]) for n in grid], *[fmt.format(row[key]) for key, _, fmt in SWEEP_COLUMNS],
+                      json.dumps(row["sample"], ensure_ascii=False))
+    table.caption = ("dist-n: distinct n-grams / all n-grams over the samples · rep-3: repeated 3-gram rate · "
+                     "H: mean entropy of the final distributions (nats) · ppl: perplexity of the chosen tokens "
+                     "under the model · len: mean tokens")
+    return table
+
+
+def sweep_csv(rows: list[dict[str, Any]], grid: dict[str, list]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    keys = [key for key, _, _ in SWEEP_COLUMNS] + ["mean_logprob"]
+    writer.writerow([*grid, *keys, "chain", "sample"])
+    for row in rows:
+        writer.writerow([*(row["point"][n] for n in grid), *(f"{row[k]:.6g}" for k in keys), row["chain"],
+                         row["sample"]])
+    return buffer.getvalue()

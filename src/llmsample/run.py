@@ -153,6 +153,23 @@ def eos_ids(lm: Any) -> list[int]:
 # ---- generate --------------------------------------------------------------------------------------------------
 
 
+def load_model(model: Optional[str], device: str, dtype: str, device_map: Optional[str], err: Any) -> tuple[Any, float]:
+    """Resolve the device, load with a status line on stderr; returns the model and the seconds it took."""
+    import torch
+
+    from llmsample import models
+
+    device, dtype = resolve_device(device, dtype)
+    started = time.perf_counter()
+    try:
+        with err.status("loading the model…", spinner="dots") as status:
+            lm = models.load(model, device=device, dtype=dtype, device_map=device_map,
+                             report=lambda message: status.update(message))
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory(device) from None
+    return lm, time.perf_counter() - started
+
+
 def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     """Load the model, decode, render. Returns the summary record."""
     import torch
@@ -170,19 +187,11 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     if cfg.num_beams > 1 and gen.num_samples > cfg.num_beams:
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
                           f"got {gen.num_samples}")
-    device, dtype = resolve_device(opts.device, opts.dtype)
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
     stops_text = list(gen.stop)
     schedule = opts.settings.schedule
-
-    started = time.perf_counter()
-    try:
-        with renderer.err.status("loading the model…", spinner="dots") as status:
-            lm = models.load(opts.model, device=device, dtype=dtype, device_map=opts.device_map,
-                             report=lambda message: status.update(message))
-    except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(device) from None
-    load_s = time.perf_counter() - started
+    lm, load_s = load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err)
+    device, dtype = str(lm.device), lm.dtype
     tokenizer = lm.tokenizer
     prompt_ids = tokenizer(opts.prompt, return_tensors="pt").input_ids.to(lm.device)
     if prompt_ids.shape[1] == 0:

@@ -1,0 +1,74 @@
+"""PNG figures with matplotlib (the optional extra ``llmsample[plot]``), imported only when a plot is asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmsample.errors import ConfigError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install 'llmsample[plot]'") from None
+    return plt
+
+
+def _save(fig: Any, path: str) -> None:
+    try:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+
+
+def inspect_plot(result: dict[str, Any], path: str) -> None:
+    """Seed 002's figure: the sorted top probabilities of the next token under each setting."""
+    plt = _pyplot()
+    steps = result["steps"]
+    fig, axes = plt.subplots(len(steps), 1, figsize=(8, 3.2 * len(steps)), squeeze=False)
+    for ax, step in zip(axes[:, 0], steps):
+        for variant in step["variants"]:
+            probs = [t["prob"] for t in variant["top"]]
+            ax.plot(range(1, len(probs) + 1), probs, marker="o", markersize=3,
+                    label=f"{variant['label']} (H={variant['entropy']:.2f}, kept {variant['kept']})")
+        ax.set_xlabel("rank")
+        ax.set_ylabel("probability")
+        context = (result["prompt"] + step["context"])[-50:]
+        ax.set_title(f"next token after …{context!r}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+SWEEP_METRICS = [("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
+                 ("repeated_3gram_rate", "repeated 3-gram rate"), ("mean_entropy", "mean entropy (nats)"),
+                 ("perplexity", "perplexity of chosen tokens"), ("mean_length", "mean length (tokens)")]
+
+
+def sweep_plot(rows: list[dict[str, Any]], grid: dict[str, list], path: str) -> None:
+    """Each metric against the first grid parameter, one line per combination of the others."""
+    plt = _pyplot()
+    names = list(grid)
+    x_name, others = names[0], names[1:]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row["point"][n] for n in others), []).append(row)
+    for ax, (key, title) in zip(axes.flat, SWEEP_METRICS):
+        for group, members in groups.items():
+            label = ", ".join(f"{n}={v}" for n, v in zip(others, group)) or None
+            ax.plot([m["point"][x_name] for m in members], [m[key] for m in members], marker="o", label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(x_name)
+        ax.grid(alpha=0.3)
+        if others:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
