@@ -19,6 +19,25 @@ def _pyplot():
     return plt
 
 
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "AR PL UMing CN")
+
+
+def _cjk_font() -> Any:
+    """A font that can draw Chinese, if this machine has one."""
+    from matplotlib import font_manager
+
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in names), None)
+
+
+def _label(text: str, cjk: bool) -> str:
+    """Text for a figure: as is when a CJK font is there (or not needed), else escaped rather than drawn as boxes."""
+    if cjk or all(ord(ch) < 0x2E80 for ch in text):
+        return text
+    return text.encode("ascii", "backslashreplace").decode()
+
+
 def _save(fig: Any, path: str) -> None:
     try:
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -29,19 +48,27 @@ def _save(fig: Any, path: str) -> None:
 def inspect_plot(result: dict[str, Any], path: str) -> None:
     """Seed 002's figure: the sorted top probabilities of the next token under each setting."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    font = _cjk_font()
+    if font:
+        plt.rcParams["font.sans-serif"] = [font, *plt.rcParams["font.sans-serif"]]
     steps = result["steps"]
     fig, axes = plt.subplots(len(steps), 1, figsize=(8, 3.2 * len(steps)), squeeze=False)
     for ax, step in zip(axes[:, 0], steps):
         for variant in step["variants"]:
             probs = [t["prob"] for t in variant["top"]]
             ax.plot(range(1, len(probs) + 1), probs, marker="o", markersize=3,
-                    label=f"{variant['label']} (H={variant['entropy']:.2f}, kept {variant['kept']})")
+                    label=_label(f"{variant['label']} (H={variant['entropy']:.2f}, kept {variant['kept']})",
+                                 bool(font)))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("rank")
         ax.set_ylabel("probability")
         context = (result["prompt"] + step["context"])[-50:]
-        ax.set_title(f"next token after …{context!r}", fontsize=9)
+        ax.set_title(_label(f"next token after ...{context!r}", bool(font)), fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
 
