@@ -6,6 +6,7 @@ torch and transformers are imported only inside the commands that need them, so 
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -140,7 +141,8 @@ def generate(
                                                 rich_help_panel=GENERATION)] = None,
     num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch [default: 1].",
                                                        rich_help_panel=GENERATION)] = None,
-    model: Annotated[Optional[str], typer.Option("-m", "--model", help="HF model id, local folder or .gguf file [default: packaged Gemma 3 270M].",
+    model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL", show_envvar=True,
+                                                 help="HF model id, local folder or .gguf file [default: packaged Gemma 3 270M].",
                                                  rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)] = "auto",
     dtype: Annotated[DType, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA where supported.",
@@ -225,7 +227,8 @@ def inspect(
     top: Annotated[int, typer.Option(help="Show the top N probabilities [1, 100].")] = 20,
     plot: Annotated[Optional[str], typer.Option(help="Also draw seed 002's figure to FILE.png (needs llmsample[plot]).")] = None,
     output_format: Annotated[Format, typer.Option("--format", help="text or json.")] = Format.text,
-    model: Annotated[Optional[str], typer.Option("-m", "--model", help="As for generate.", rich_help_panel=MODEL)] = None,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL", help="As for generate.",
+                                                 rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = "auto",
     dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
@@ -279,7 +282,8 @@ def sweep(
     preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="Settings the grid starts from.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Also draw each metric against the parameter to FILE.png.")] = None,
     output_format: Annotated[SweepFormat, typer.Option("--format", help="text, csv or json.")] = SweepFormat.text,
-    model: Annotated[Optional[str], typer.Option("-m", "--model", help="As for generate.", rich_help_panel=MODEL)] = None,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL", help="As for generate.",
+                                                 rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = "auto",
     dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
@@ -417,6 +421,8 @@ TOP_LEVEL = {"--help", "-h", "--version", "--install-completion", "--show-comple
 def _with_default_command(argv: list[str]) -> list[str]:
     """``llmsample "prompt"`` means ``llmsample generate "prompt"``."""
     commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    if os.environ.get("_LLMSAMPLE_COMPLETE"):  # the shell is asking for completions: leave argv alone
+        return argv
     if argv and (argv[0] in commands or argv[0] in TOP_LEVEL):
         return argv
     if not argv and sys.stdin.isatty():
