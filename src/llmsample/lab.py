@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from llmsample import metrics, presets
-from llmsample.config import COMMAND_LINE, FIELD_NAMES, Settings
+from llmsample.config import FIELD_NAMES, Settings
 from llmsample.errors import ConfigError
 
 # ---- settings variants ----------------------------------------------------------------------------------------

@@ -170,17 +170,32 @@ def load_model(model: Optional[str], device: str, dtype: str, device_map: Option
     return lm, time.perf_counter() - started
 
 
+@dataclass
+class _Decoding:
+    """What one run's decode loop fills in, shared by the sampling and beam paths."""
+
+    lm: Any
+    prompt_ids: Any
+    sampler: Any
+    max_new_tokens: int
+    stop_ids: list[int]
+    stops_text: list[str]
+    records: list[events.SampleRecord]
+    renderer: Renderer
+    candidates: int
+    stats: dict[str, Any]
+    stops: list[Any]  # one StopMatcher per sample
+    detoks: list[Any]  # one IncrementalDetokenizer per sample
+
+
 def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     """Load the model, decode, render. Returns the summary record."""
-    import torch
-
     from llmsample import models
-    from llmsample.decode import DecodeState, beam_search, sample_loop
+    from llmsample.decode import DecodeState
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
     from llmsample.sampling import Sampler
 
-    cfg = opts.settings.sampling
-    gen = opts.settings.generation
+    cfg, gen = opts.settings.sampling, opts.settings.generation
     values = {key: value for key, value, _ in opts.settings.rows()}
     for key, why in opts.settings.inactive():
         renderer.warn(f"{key.split('.')[-1]}={values[key]} has no effect: {why}")
@@ -188,133 +203,159 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
                           f"got {gen.num_samples}")
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
-    stops_text = list(gen.stop)
-    schedule = opts.settings.schedule
     lm, load_s = load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err)
     device, dtype = str(lm.device), lm.dtype
-    tokenizer = lm.tokenizer
-    prompt_ids = tokenizer(opts.prompt, return_tensors="pt").input_ids.to(lm.device)
+    prompt_ids = lm.tokenizer(opts.prompt, return_tensors="pt").input_ids.to(lm.device)
     if prompt_ids.shape[1] == 0:
         raise ConfigError("the prompt has no tokens")
     prompt_ids, max_new_tokens = fit_context(prompt_ids, gen.max_new_tokens, models.context_length(lm.model),
                                              opts.truncate, renderer)
-
-    sampler = Sampler(cfg)
-    stop_ids = [] if opts.ignore_eos else eos_ids(lm)
-    records = [events.SampleRecord(i) for i in range(gen.num_samples)]
-    stops = [StopMatcher(stops_text) for _ in records]
-    detoks = [IncrementalDetokenizer(tokenizer, prompt_ids[0].tolist()) for _ in records]
+    samples = range(gen.num_samples)
+    run = _Decoding(lm, prompt_ids, Sampler(cfg), max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
+                    list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
+                    {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None},
+                    stops=[StopMatcher(gen.stop) for _ in samples],
+                    detoks=[IncrementalDetokenizer(lm.tokenizer, prompt_ids[0].tolist()) for _ in samples])
     state = DecodeState(gen.num_samples)
-    stats: dict[str, Any] = {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None}
-    interrupted: Optional[tuple[str, ExitCode]] = None
-    failure: Optional[LlmsampleError] = None
 
-    previous_term = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum, frame):
-        raise _Terminated()
-
-    try:
-        signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        previous_term = None
     decode_start = time.perf_counter()
-    try:
-        if cfg.num_beams > 1:
-            renderer.start(gen.num_samples, streaming=False)
-            def on_trace(step: int, trace: Any, scores: Any, length: int) -> None:
-                beams = [
-                    {"beam": b, "score": float(scores[b]),
-                     "normalised": float(scores[b]) / (length ** cfg.length_penalty) if length else float(scores[b]),
-                     "candidates": candidates_dict(trace, b, tokenizer, None)}
-                    for b in range(len(scores)) if float(scores[b]) > -1e8  # beams not started yet
-                ]
-                renderer.beam_step(step, beams)
-
-            hypotheses = beam_search(lm.model, prompt_ids, sampler, max_new_tokens, stop_ids,
-                                     num_return_sequences=gen.num_samples, trace_top_n=opts.candidates,
-                                     on_trace=on_trace)
-            stats["first_token_s"] = time.perf_counter() - decode_start
-            for record, hyp in zip(records, hypotheses):
-                text = tokenizer.decode(hyp.token_ids, skip_special_tokens=True)
-                emitted, stopped = StopMatcher(stops_text).feed(text)
-                record.text = emitted if stopped else text
-                record.token_ids = hyp.token_ids
-                record.finish_reason = "stop" if stopped else hyp.finish_reason
-                record.score = hyp.score
-        else:
-            renderer.start(gen.num_samples, streaming=gen.num_samples == 1)
-            generator = torch.Generator(device=lm.device).manual_seed(seed)
-            batch_ids = prompt_ids.expand(gen.num_samples, -1)
-            loop = sample_loop(lm.model, batch_ids, sampler, max_new_tokens, stop_ids,
-                               generator=generator, state=state,
-                               schedule=(lambda i: temperature_at(schedule, i)) if schedule else None,
-                               trace_top_n=opts.candidates)
-            for step in loop:
-                if stats["first_token_s"] is None:
-                    stats["first_token_s"] = time.perf_counter() - decode_start
-                for row in step.active.nonzero().flatten().tolist():
-                    record = records[row]
-                    token_id = int(step.token_ids[row])
-                    record.token_ids.append(token_id)
-                    record.raw_probs.append(float(step.raw_prob[row]))
-                    record.probs.append(float(step.prob[row]))
-                    record.temperatures.append(step.temperature)
-                    record.entropies.append(float(step.entropy[row]))
-                    table = candidates_dict(step.trace, row, tokenizer, token_id) if step.trace else None
-                    if table is not None:
-                        record.candidates.append(table)
-                    emitted, stopped = stops[row].feed(detoks[row].add(token_id))
-                    record.text += emitted
-                    renderer.token(row, step.index, token_id, emitted, record.raw_probs[-1],
-                                   record.probs[-1], step.temperature, table)
-                    if stopped:
-                        state.finish(row, "stop")
-    except KeyboardInterrupt:
-        interrupted = ("interrupted", ExitCode.INTERRUPTED)
-    except _Terminated:
-        interrupted = ("terminated", ExitCode.TERMINATED)
-    except SamplingError as exc:
-        failure = exc
-    except torch.cuda.OutOfMemoryError:
-        failure = out_of_memory(device)
-    finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+    if cfg.num_beams > 1:
+        interrupted, failure = _until_stopped(lambda: _decode_beams(run, decode_start), device)
+    else:
+        interrupted, failure = _until_stopped(
+            lambda: _decode_samples(run, state, seed, opts.settings.schedule, decode_start), device)
     decode_s = time.perf_counter() - decode_start
+    _finish_records(run, state, cfg.num_beams > 1, "error" if failure else interrupted[0] if interrupted else None)
 
-    for row, record in enumerate(records):
-        if cfg.num_beams == 1:
-            reason = state.finish_reasons[row]
-            if reason != "stop":
-                tail, stopped = stops[row].feed(detoks[row].flush())
-                tail += "" if stopped else stops[row].flush()
-                record.text += tail
-                renderer.tail(row, tail)
-                reason = "stop" if stopped else reason
-            record.finish_reason = reason or (interrupted[0] if interrupted else "error" if failure else "length")
-        elif failure or interrupted:
-            record.finish_reason = "error" if failure else interrupted[0]
-        renderer.sample_done(record)
-
-    new_tokens = sum(len(r.token_ids) for r in records)
-    stats.update(decode_s=decode_s, new_tokens=new_tokens, finish_reason=records[0].finish_reason,
-                 tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0)
-    settings = cfg.to_dict() | {"max_new_tokens": max_new_tokens, "stop": stops_text,
-                                "num_samples": gen.num_samples, "chain": sampler.describe(),
-                                "schedule": [[e.from_token, e.temperature] for e in schedule]}
-    summary = events.summary(opts.prompt, records, settings, {
+    new_tokens = sum(len(r.token_ids) for r in run.records)
+    run.stats.update(decode_s=decode_s, new_tokens=new_tokens, finish_reason=run.records[0].finish_reason,
+                     tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0)
+    settings = cfg.to_dict() | {"max_new_tokens": max_new_tokens, "stop": run.stops_text,
+                                "num_samples": gen.num_samples, "chain": run.sampler.describe(),
+                                "schedule": [[e.from_token, e.temperature] for e in opts.settings.schedule]}
+    summary = events.summary(opts.prompt, run.records, settings, {
         "seed": seed, "model": lm.name, "device": device, "dtype": dtype,
-        "finish_reason": records[0].finish_reason, "stats": stats,
+        "finish_reason": run.records[0].finish_reason, "stats": run.stats,
     })
     renderer.finish(summary)
     if opts.stats:
-        renderer.note(format_stats(stats))
+        renderer.note(format_stats(run.stats))
     if failure:
         raise failure
     if interrupted:
         raise Interrupted(interrupted[0], interrupted[1])
     return summary
+
+
+def _until_stopped(decode: Any, device: str) -> tuple[Optional[tuple[str, ExitCode]], Optional[LlmsampleError]]:
+    """Run the decode loop; Ctrl-C, SIGTERM, unusable logits and out-of-memory end it but keep what it made."""
+    import torch
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: SIGTERM keeps its default
+        previous = None
+    try:
+        decode()
+        return None, None
+    except KeyboardInterrupt:
+        return ("interrupted", ExitCode.INTERRUPTED), None
+    except _Terminated:
+        return ("terminated", ExitCode.TERMINATED), None
+    except SamplingError as exc:
+        return None, exc
+    except torch.cuda.OutOfMemoryError:
+        return None, out_of_memory(device)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode_start: float) -> None:
+    """Sampled or greedy decoding of all samples as one batch, streaming each token to the renderer."""
+    import torch
+
+    from llmsample.decode import sample_loop
+
+    tokenizer = run.lm.tokenizer
+    samples = len(run.records)
+    run.renderer.start(samples, streaming=samples == 1)
+    generator = torch.Generator(device=run.lm.device).manual_seed(seed)
+    loop = sample_loop(run.lm.model, run.prompt_ids.expand(samples, -1), run.sampler, run.max_new_tokens,
+                       run.stop_ids, generator=generator, state=state,
+                       schedule=(lambda i: temperature_at(schedule, i)) if schedule else None,
+                       trace_top_n=run.candidates)
+    for step in loop:
+        if run.stats["first_token_s"] is None:
+            run.stats["first_token_s"] = time.perf_counter() - decode_start
+        for row in step.active.nonzero().flatten().tolist():
+            record = run.records[row]
+            token_id = int(step.token_ids[row])
+            record.token_ids.append(token_id)
+            record.raw_probs.append(float(step.raw_prob[row]))
+            record.probs.append(float(step.prob[row]))
+            record.temperatures.append(step.temperature)
+            record.entropies.append(float(step.entropy[row]))
+            table = candidates_dict(step.trace, row, tokenizer, token_id) if step.trace else None
+            if table is not None:
+                record.candidates.append(table)
+            emitted, stopped = run.stops[row].feed(run.detoks[row].add(token_id))
+            record.text += emitted
+            run.renderer.token(row, step.index, token_id, emitted, record.raw_probs[-1], record.probs[-1],
+                               step.temperature, table)
+            if stopped:
+                state.finish(row, "stop")
+
+
+def _decode_beams(run: _Decoding, decode_start: float) -> None:
+    """Beam search; the hypotheses become the records (no streaming: the best beam is known only at the end)."""
+    from llmsample.decode import beam_search
+    from llmsample.detok import StopMatcher
+
+    tokenizer = run.lm.tokenizer
+    length_penalty = run.sampler.config.length_penalty
+    run.renderer.start(len(run.records), streaming=False)
+
+    def on_trace(step: int, trace: Any, scores: Any, length: int) -> None:
+        beams = [
+            {"beam": b, "score": float(scores[b]),
+             "normalised": float(scores[b]) / (length**length_penalty) if length else float(scores[b]),
+             "candidates": candidates_dict(trace, b, tokenizer, None)}
+            for b in range(len(scores)) if float(scores[b]) > -1e8  # beams not started yet
+        ]
+        run.renderer.beam_step(step, beams)
+
+    hypotheses = beam_search(run.lm.model, run.prompt_ids, run.sampler, run.max_new_tokens, run.stop_ids,
+                             num_return_sequences=len(run.records), trace_top_n=run.candidates, on_trace=on_trace)
+    run.stats["first_token_s"] = time.perf_counter() - decode_start
+    for record, hyp in zip(run.records, hypotheses):
+        text = tokenizer.decode(hyp.token_ids, skip_special_tokens=True)
+        emitted, stopped = StopMatcher(run.stops_text).feed(text)
+        record.text = emitted if stopped else text
+        record.token_ids = hyp.token_ids
+        record.finish_reason = "stop" if stopped else hyp.finish_reason
+        record.score = hyp.score
+
+
+def _finish_records(run: _Decoding, state: Any, beams: bool, cut_short: Optional[str]) -> None:
+    """Flush held-back text, settle every sample's finish reason, and hand each to the renderer."""
+    for row, record in enumerate(run.records):
+        if beams:
+            if cut_short:
+                record.finish_reason = cut_short
+        else:
+            reason = state.finish_reasons[row]
+            if reason != "stop":
+                tail, stopped = run.stops[row].feed(run.detoks[row].flush())
+                tail += "" if stopped else run.stops[row].flush()
+                record.text += tail
+                run.renderer.tail(row, tail)
+                reason = "stop" if stopped else reason
+            record.finish_reason = reason or cut_short or "length"
+        run.renderer.sample_done(record)
 
 
 def out_of_memory(device: str) -> OutOfMemory:
