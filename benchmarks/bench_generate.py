@@ -26,7 +26,7 @@ SETTINGS = {
 }
 
 
-def decode_speeds(tokens: int, repeats: int, batch: int, device: str) -> list[dict]:
+def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tuple[str, ...] = ()) -> list[dict]:
     import torch
 
     from llmsample.config import SamplingConfig
@@ -64,6 +64,8 @@ def decode_speeds(tokens: int, repeats: int, batch: int, device: str) -> list[di
     rows = []
     ours(SETTINGS["greedy"])  # warm up
     for name, settings in SETTINGS.items():
+        if only and name not in only:
+            continue
         row = {"setting": name, "batch": batch}
         for label, fn in (("llmsample", ours), ("transformers", theirs), ("bare_loop", bare)):
             times = []
@@ -123,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = decode_speeds(args.tokens, args.repeats, 1, args.device)
-    rows += decode_speeds(args.tokens, args.repeats, 8, args.device)
+    rows += decode_speeds(args.tokens, args.repeats, 8, args.device, only=("T0.7+top_k50+top_p0.9",))
     figures = process_figures(max(3, args.repeats))
     if args.json:
         print(json.dumps({"decode": rows, **figures}))

@@ -238,3 +238,10 @@ def test_unreachable_hub_fails_fast_with_advice(cli, monkeypatch, tmp_path):
     assert code == 3 and out == ""
     assert "cannot reach the Hugging Face hub (127.0.0.1)" in err and "--model PATH" in err
     assert time.perf_counter() - start < 20
+
+
+def test_device_map_auto_hands_placement_to_accelerate(cli, tiny_model_dir):
+    code, out, err = cli("The quick", "--model", str(tiny_model_dir), "--device", "cpu", "--device-map", "auto",
+                         "--greedy", "--max-new-tokens", "4", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["samples"][0]["token_ids"]
