@@ -13,9 +13,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gemma():
+    """The reference: transformers' own model and tokenizer (the command runs llmsample's engine)."""
     from llmsample import models
 
-    return models.load(device="cpu", dtype="float32")
+    return models.load(device="cpu", dtype="float32", engine="transformers")
 
 
 def cli_json(cli, *args: str) -> dict:
@@ -31,7 +32,7 @@ def test_greedy_equals_transformers_generate_token_for_token(cli, gemma):
     with torch.no_grad():
         expected = gemma.model.generate(ids, do_sample=False, max_new_tokens=24)[0, ids.shape[1]:].tolist()
     assert result["samples"][0]["token_ids"] == expected[: len(result["samples"][0]["token_ids"])]
-    assert result["model"] == "gemma-3-270m"
+    assert result["model"] == "gemma-3-270m" and result["stats"]["engine"] == "llmsample"
 
 
 def test_seeded_chinese_run_repeats_and_streams_whole_characters(cli):

@@ -17,22 +17,10 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_extra: int = 200, init: 
                      context: int = 100_000) -> Path:
     """A 2-layer Llama with a byte-level BPE tokenizer (multi-byte characters split across tokens)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=256 + vocab_extra,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(folder)
+    fast = _tiny_tokenizer(folder, vocab_extra)
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -51,5 +39,57 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_extra: int = 200, init: 
     )
     config.vocab_size = len(fast)
     model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    return folder
+
+
+def _tiny_tokenizer(folder: Path, vocab_extra: int = 200):
+    """A byte-level BPE tokenizer trained on CORPUS, saved in ``folder`` (multi-byte characters split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + vocab_extra,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_gemma3_config(vocab: int = 300, **overrides):
+    """A 3-layer Gemma 3 text config: two sliding-window layers (window 4) and one full-attention layer."""
+    from transformers import Gemma3TextConfig
+
+    settings = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                    max_position_embeddings=4096, query_pre_attn_scalar=16, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0)
+    settings.update(overrides)
+    return Gemma3TextConfig(**settings)
+
+
+def build_tiny_gemma3(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random Gemma 3 (``Gemma3ForCausalLM``, weights as transformers initialises them, then perturbed so
+    the norms are not all ones) with the byte-level tokenizer, saved as a model folder."""
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fast = _tiny_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = tiny_gemma3_config(vocab=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                                pad_token_id=fast.pad_token_id, **overrides)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
     model.save_pretrained(folder)
     return folder

@@ -41,6 +41,8 @@ class GenerateOptions:
     ignore_eos: bool = False
     truncate: bool = False
     candidates: int = 0  # top-n candidate tables per step (0 = none)
+    engine: str = "auto"
+    quantize: Optional[str] = None
 
 
 # ---- input -----------------------------------------------------------------------------------------------------
@@ -153,7 +155,8 @@ def eos_ids(lm: Any) -> list[int]:
 # ---- generate --------------------------------------------------------------------------------------------------
 
 
-def load_model(model: Optional[str], device: str, dtype: str, device_map: Optional[str], err: Any) -> tuple[Any, float]:
+def load_model(model: Optional[str], device: str, dtype: str, device_map: Optional[str], err: Any,
+               engine: str = "auto", quantize: Optional[str] = None) -> tuple[Any, float]:
     """Resolve the device, load with a status line on stderr; returns the model and the seconds it took."""
     import torch
 
@@ -164,7 +167,7 @@ def load_model(model: Optional[str], device: str, dtype: str, device_map: Option
     try:
         with err.status("loading the model…", spinner="dots") as status:
             lm = models.load(model, device=device, dtype=dtype, device_map=device_map,
-                             report=lambda message: status.update(message))
+                             report=lambda message: status.update(message), engine=engine, quantize=quantize)
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(device) from None
     return lm, time.perf_counter() - started
@@ -203,7 +206,8 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
                           f"got {gen.num_samples}")
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
-    lm, load_s = load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err)
+    lm, load_s = load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err, opts.engine,
+                            opts.quantize)
     device, dtype = str(lm.device), lm.dtype
     prompt_ids = lm.tokenizer(opts.prompt, return_tensors="pt").input_ids.to(lm.device)
     if prompt_ids.shape[1] == 0:
@@ -213,7 +217,8 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     samples = range(gen.num_samples)
     run = _Decoding(lm, prompt_ids, Sampler(cfg), max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
-                    {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None},
+                    {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None,
+                     "engine": lm.engine, "quantize": lm.quantize},
                     stops=[StopMatcher(gen.stop) for _ in samples],
                     detoks=[IncrementalDetokenizer(lm.tokenizer, prompt_ids[0].tolist()) for _ in samples])
     state = DecodeState(gen.num_samples)
@@ -229,7 +234,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
 
     new_tokens = sum(len(r.token_ids) for r in run.records)
     run.stats.update(decode_s=decode_s, new_tokens=new_tokens, finish_reason=run.records[0].finish_reason,
-                     tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0)
+                     tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0, **peak_memory(device))
     settings = cfg.to_dict() | {"max_new_tokens": max_new_tokens, "stop": run.stops_text,
                                 "num_samples": gen.num_samples, "chain": run.sampler.describe(),
                                 "schedule": [[e.from_token, e.temperature] for e in opts.settings.schedule]}
@@ -356,6 +361,18 @@ def _finish_records(run: _Decoding, state: Any, beams: bool, cut_short: Optional
                 reason = "stop" if stopped else reason
             record.finish_reason = reason or cut_short or "length"
         run.renderer.sample_done(record)
+
+
+def peak_memory(device: str) -> dict[str, float]:
+    """Peak resident memory of this process (MiB), and of the CUDA allocator when on a GPU."""
+    import resource
+
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.startswith("cuda"):
+        import torch
+
+        peak["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
 
 
 def out_of_memory(device: str) -> OutOfMemory:

@@ -1,0 +1,389 @@
+"""A pure-torch Gemma 3 text decoder: the default model's forward without transformers' generic machinery.
+
+It computes what ``transformers``' ``Gemma3ForCausalLM`` computes (same weights, same names, same operations in
+the same dtypes; the tests compare logits), with three differences that make it start and run faster here:
+
+- no transformers import (about 2 s of start-up on two cores);
+- its own KV cache, grown in blocks, with ``reorder_cache`` for beam search;
+- the output projection reads the tied embedding in the layout that multiplies fastest for the batch: on this CPU
+  a ``[hidden, vocab]`` copy makes batch 1 and 2 about 1.8x faster than ``[vocab, hidden]`` (MKL's matrix-vector
+  path is slow), while batch 3 and up prefer the original. The loader provides the transposed copy when it can.
+
+Only the forward of the last position is projected to logits (``logits`` is ``[batch, 1, vocab]``): decoding
+needs nothing else, and it saves a full-vocabulary matmul per prompt token.
+
+Configurations this module does not implement (soft-capping, other RoPE types, bidirectional attention, …) raise
+``Unsupported`` from ``Gemma3Config.from_dict``; the loader then falls back to transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_BLOCK = 256  # KV cache capacity grows in steps of this many positions
+TRANSPOSED_HEAD_MAX_BATCH = 2  # measured: [hidden, vocab] is faster up to here, [vocab, hidden] from 3 rows on
+
+
+class Unsupported(ValueError):
+    """The config asks for something this implementation does not compute."""
+
+
+@dataclass(frozen=True)
+class Gemma3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    query_pre_attn_scalar: float
+    sliding_window: int
+    sliding: tuple[bool, ...]  # per layer: sliding-window attention (else full)
+    rope_theta_full: float
+    rope_theta_sliding: float
+    rope_factor_full: float  # linear RoPE scaling (1 = none)
+    rope_factor_sliding: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    eos_token_id: Any = None
+    bos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Gemma3Config":
+        """Read a ``gemma3_text`` config.json (the transformers 4.5x and 5.x spellings); ``Unsupported`` otherwise."""
+        if raw.get("model_type") != "gemma3_text":
+            raise Unsupported(f"model_type {raw.get('model_type')!r} is not gemma3_text")
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if raw.get(key) is not None:
+                raise Unsupported(f"{key} is set")
+        if raw.get("use_bidirectional_attention"):
+            raise Unsupported("bidirectional attention")
+        if raw.get("attention_bias"):
+            raise Unsupported("attention bias")
+        if raw.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise Unsupported(f"activation {raw.get('hidden_activation')!r}")
+        layers = int(raw["num_hidden_layers"])
+        types = raw.get("layer_types")
+        if types is None:
+            pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
+            types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+        if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
+            raise Unsupported("layer_types")
+        full = _rope(raw, "full_attention", raw.get("rope_theta", 1_000_000.0), raw.get("rope_scaling"))
+        sliding = _rope(raw, "sliding_attention", raw.get("rope_local_base_freq", 10_000.0), None)
+        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        kv_heads = int(raw.get("num_key_value_heads", heads))
+        if heads % kv_heads:
+            raise Unsupported("attention heads not a multiple of key-value heads")
+        return cls(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar", 256)),
+            sliding_window=int(raw.get("sliding_window") or 4096),
+            sliding=tuple(kind == "sliding_attention" for kind in types),
+            rope_theta_full=full[0],
+            rope_theta_sliding=sliding[0],
+            rope_factor_full=full[1],
+            rope_factor_sliding=sliding[1],
+            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            eos_token_id=raw.get("eos_token_id"),
+            bos_token_id=raw.get("bos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+        )
+
+
+def _rope(raw: dict[str, Any], layer_type: str, theta: float, scaling: Optional[dict]) -> tuple[float, float]:
+    params = (raw.get("rope_parameters") or {}).get(layer_type) if "rope_parameters" in raw else None
+    if params is None:
+        params = dict(scaling or {}, rope_theta=theta)
+        params.setdefault("rope_type", params.get("type", "default"))
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        return float(params["rope_theta"]), 1.0
+    if kind == "linear":
+        return float(params["rope_theta"]), float(params["factor"])
+    raise Unsupported(f"RoPE type {kind!r}")
+
+
+class GenerationDefaults:
+    """What decode code reads from ``model.generation_config``."""
+
+    def __init__(self, eos_token_id: Any):
+        self.eos_token_id = eos_token_id
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [batch, 1, vocab]: the last position only
+    past_key_values: "KVCache"
+
+
+class KVCache:
+    """Keys and values of every layer in preallocated ``[batch, kv_heads, capacity, head_dim]`` buffers."""
+
+    def __init__(self, layers: int):
+        self.keys: list[Optional[torch.Tensor]] = [None] * layers
+        self.values: list[Optional[torch.Tensor]] = [None] * layers
+        self.length = 0  # positions stored (the same in every layer once a forward has finished)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``[batch, kv_heads, new, head_dim]`` after the first ``self.length``; return all stored so far."""
+        end = self.length + key.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or keys.shape[2] < end:
+            capacity = -(-end // CACHE_BLOCK) * CACHE_BLOCK
+            grown_k = key.new_empty(key.shape[0], key.shape[1], capacity, key.shape[3])
+            grown_v = value.new_empty(grown_k.shape)
+            if keys is not None:
+                grown_k[:, :, : self.length] = keys[:, :, : self.length]
+                grown_v[:, :, : self.length] = values[:, :, : self.length]
+            self.keys[layer], self.values[layer] = keys, values = grown_k, grown_v
+        keys[:, :, self.length : end] = key
+        values[:, :, self.length : end] = value
+        return keys[:, :, :end], values[:, :, :end]
+
+    def reorder_cache(self, order: torch.Tensor) -> None:
+        """Beam search: row ``i`` continues from row ``order[i]``."""
+        for layer, keys in enumerate(self.keys):
+            if keys is not None:
+                self.keys[layer] = keys.index_select(0, order.to(keys.device))
+                self.values[layer] = self.values[layer].index_select(0, order.to(keys.device))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As transformers: normalise in float32 and scale by (1 + w) before casting back.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Gemma3Config, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.window = config.sliding_window if config.sliding[layer] else None
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
+        batch, new, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, new, self.heads, self.head_dim).transpose(1, 2))
+        k = self.k_norm(self.k_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2))
+        v = self.v_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        start = cache.length
+        keys, values = cache.append(self.layer, k, v)
+        total = keys.shape[2]
+        # Query heads that share a key-value head become extra query rows of it: [batch, kv_heads, group*new, dim].
+        group = self.heads // self.kv_heads
+        q = q.reshape(batch, self.kv_heads, group * new, self.head_dim)
+        if new == 1:
+            if self.window is not None and total > self.window:
+                keys, values = keys[:, :, total - self.window :], values[:, :, total - self.window :]
+            mask = None
+        else:
+            query_pos = torch.arange(start, start + new, device=x.device)[:, None]
+            key_pos = torch.arange(total, device=x.device)[None, :]
+            mask = key_pos <= query_pos
+            if self.window is not None:
+                mask = mask & (key_pos > query_pos - self.window)
+            mask = mask.repeat(group, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        out = out.reshape(batch, self.heads, new, self.head_dim).transpose(1, 2).reshape(batch, new, -1)
+        return self.o_proj(out)
+
+
+def _inv_freqs(config: Gemma3Config, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE inverse frequencies (float32) of full and sliding layers, as transformers computes them."""
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float, device="cpu") / config.head_dim
+    full = 1.0 / (config.rope_theta_full ** exponents) / config.rope_factor_full
+    sliding = 1.0 / (config.rope_theta_sliding ** exponents) / config.rope_factor_sliding
+    return full.to(device), sliding.to(device)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Gemma3Config, layer: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Embedding(nn.Module):
+    """The token embedding, also the output projection when tied; optionally held transposed as well."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = vocab, hidden
+        self.weight = nn.Parameter(torch.empty(vocab, hidden), requires_grad=False)
+        self.weight_t: Optional[torch.Tensor] = None  # [hidden, vocab], the same values
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Called like a transformers causal LM: ``model(input_ids=, past_key_values=, use_cache=True)``.
+
+    >>> cfg = Gemma3Config.from_dict({"model_type": "gemma3_text", "vocab_size": 16, "hidden_size": 8,
+    ...     "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+    ...     "head_dim": 4, "sliding_window": 2})
+    >>> model = Gemma3ForCausalLM(cfg)
+    >>> out = model(input_ids=torch.tensor([[1, 2, 3]]))
+    >>> tuple(out.logits.shape), out.past_key_values.get_seq_length()
+    ((1, 1, 16), 3)
+    """
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.config = config
+        self.generation_config = GenerationDefaults(config.eos_token_id)
+        self.model = Gemma3Model(config)
+        self.lm_head: Optional[nn.Linear] = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.engine = "llmsample"
+        self.inv_freq_full, self.inv_freq_sliding = _inv_freqs(config, "cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def get_input_embeddings(self) -> Embedding:
+        return self.model.embed_tokens
+
+    def _rope(self, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[:, None].float() * inv_freq[None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[rows, hidden]`` to logits ``[rows, vocab]``."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        embed = self.model.embed_tokens
+        if embed.weight_t is not None and hidden.shape[0] <= TRANSPOSED_HEAD_MAX_BATCH:
+            return hidden @ embed.weight_t
+        return F.linear(hidden, embed.weight)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = True,
+                **_: Any) -> ForwardOutput:
+        cache = past_key_values if past_key_values is not None else KVCache(self.config.num_hidden_layers)
+        batch, new = input_ids.shape
+        embed = self.model.embed_tokens
+        # As transformers: the scale is a float32 tensor cast to the weights' dtype before the multiply.
+        scale = torch.tensor(self.config.hidden_size ** 0.5).to(embed.weight.dtype)
+        x = embed(input_ids) * scale
+        positions = torch.arange(cache.length, cache.length + new, device=input_ids.device)
+        rope = {True: self._rope(self.inv_freq_sliding, positions, x.dtype),
+                False: self._rope(self.inv_freq_full, positions, x.dtype)}
+        for layer, sliding in zip(self.model.layers, self.config.sliding):
+            x = layer(x, rope[sliding], cache)
+        cache.length += new
+        x = self.model.norm(x[:, -1, :])
+        return ForwardOutput(logits=self.project(x)[:, None, :], past_key_values=cache)
+
+
+def is_supported(raw_config: dict[str, Any]) -> bool:
+    try:
+        Gemma3Config.from_dict(raw_config)
+    except (Unsupported, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def load_native(state_dict: dict[str, torch.Tensor], config: Gemma3Config, dtype: torch.dtype,
+                device: str = "cpu", embed_t: Optional[torch.Tensor] = None) -> Gemma3ForCausalLM:
+    """Build the model around ``state_dict`` (tensors taken as they are when dtype and device already match).
+
+    ``embed_t`` is the embedding transposed (``[hidden, vocab]``); on the CPU it is made here when not given.
+    """
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(config)
+    weights = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state_dict.items()
+               if name != "lm_head.weight" or not config.tie_word_embeddings}
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if missing or unexpected:
+        raise Unsupported(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.inv_freq_full, model.inv_freq_sliding = _inv_freqs(config, device)
+    embed = model.model.embed_tokens
+    if config.tie_word_embeddings and torch.device(device).type == "cpu":
+        embed.weight_t = embed_t.to(dtype) if embed_t is not None else transpose_blocked(embed.weight.data)
+    return model.eval()
+
+
+def transpose_blocked(matrix: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """``matrix.t().contiguous()`` in row blocks: about 4x faster on a large matrix (cache-friendly)."""
+    out = matrix.new_empty(matrix.shape[1], matrix.shape[0])
+    for start in range(0, matrix.shape[0], rows):
+        out[:, start : start + rows].copy_(matrix[start : start + rows].t())
+    return out

@@ -1,0 +1,231 @@
+"""llmsample's own Gemma 3 forward (gemma3.py) against transformers' Gemma3ForCausalLM, int8, and the loader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_model import build_tiny_gemma3, tiny_gemma3_config
+
+from llmsample import gemma3, models, quantize
+from llmsample.errors import ConfigError
+
+
+def hf_and_native(dtype=torch.float32, seed=0, **overrides):
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(seed)
+    hf_config = tiny_gemma3_config(**overrides)
+    hf = Gemma3ForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for parameter in hf.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)  # norms and weights away from their initial values
+    hf = hf.to(dtype)
+    native = gemma3.load_native(hf.state_dict(), gemma3.Gemma3Config.from_dict(hf_config.to_dict()), dtype)
+    return hf, native
+
+
+def close(ours, theirs, tol):
+    assert ours.shape == theirs.shape
+    assert (ours.float() - theirs.float()).abs().max().item() <= tol * max(1.0, theirs.float().abs().max().item())
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": False},
+    {"num_key_value_heads": 1},
+    {"rope_parameters": {"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+])
+def test_prefill_and_decode_logits_equal_transformers(overrides):
+    hf, native = hf_and_native(**overrides)
+    ids = torch.randint(3, hf.config.vocab_size, (3, 11))  # longer than the sliding window (4), batch 3
+    with torch.inference_mode():
+        theirs, ours = hf(input_ids=ids, use_cache=True), native(input_ids=ids)
+        close(ours.logits[:, -1], theirs.logits[:, -1], 1e-5)
+        hf_cache, cache = theirs.past_key_values, ours.past_key_values
+        token = theirs.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(8):  # decode steps past the window, so the sliding layers drop old keys
+            theirs = hf(input_ids=token, past_key_values=hf_cache, use_cache=True)
+            ours = native(input_ids=token, past_key_values=cache)
+            close(ours.logits[:, -1], theirs.logits[:, -1], 1e-5)
+            token = theirs.logits[:, -1].argmax(-1, keepdim=True)
+    assert cache.get_seq_length() == 11 + 8
+
+
+def test_a_prompt_fed_in_pieces_equals_one_prefill():
+    _, native = hf_and_native()
+    ids = torch.randint(3, 300, (2, 13))
+    whole = native(input_ids=ids).logits
+    first = native(input_ids=ids[:, :6])
+    pieces = native(input_ids=ids[:, 6:], past_key_values=first.past_key_values).logits
+    close(pieces, whole, 1e-5)
+
+
+def test_beam_reorder_follows_the_rows_like_transformers():
+    hf, native = hf_and_native()
+    ids = torch.randint(3, hf.config.vocab_size, (3, 7))
+    order = torch.tensor([2, 2, 0])
+    with torch.inference_mode():
+        theirs, ours = hf(input_ids=ids, use_cache=True), native(input_ids=ids)
+        theirs.past_key_values.reorder_cache(order)
+        ours.past_key_values.reorder_cache(order)
+        token = torch.tensor([[5], [6], [7]])
+        after_theirs = hf(input_ids=token, past_key_values=theirs.past_key_values, use_cache=True).logits
+        after_ours = native(input_ids=token, past_key_values=ours.past_key_values).logits
+    close(after_ours[:, -1], after_theirs[:, -1], 1e-5)
+
+
+def test_bfloat16_matches_transformers_in_bfloat16():
+    hf, native = hf_and_native(dtype=torch.bfloat16)
+    ids = torch.randint(3, hf.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        theirs, ours = hf(input_ids=ids).logits[:, -1], native(input_ids=ids).logits[:, -1]
+    assert ours.dtype == torch.bfloat16
+    close(ours, theirs, 2e-2)
+
+
+def test_the_transposed_output_projection_gives_the_same_logits():
+    _, native = hf_and_native()
+    embed = native.get_input_embeddings()
+    assert embed.weight_t is not None and torch.equal(embed.weight_t, embed.weight.t())
+    hidden = torch.randn(5, embed.embedding_dim)
+    for rows in (1, 2, 5):  # 1 and 2 rows use the transposed copy, more rows the original
+        close(native.project(hidden[:rows]), hidden[:rows] @ embed.weight.t(), 1e-6)
+
+
+def test_the_old_config_spelling_reads_the_same():
+    new = gemma3.Gemma3Config.from_dict(tiny_gemma3_config().to_dict())
+    old = gemma3.Gemma3Config.from_dict({
+        "model_type": "gemma3_text", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "sliding_window": 4, "sliding_window_pattern": 3, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+        "query_pre_attn_scalar": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    assert old == new
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"model_type": "llama"}, "gemma3_text"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "yarn"),
+    ({"hidden_activation": "silu"}, "activation"),
+])
+def test_configs_it_does_not_compute_are_refused(change, reason):
+    raw = tiny_gemma3_config().to_dict() | change
+    with pytest.raises(gemma3.Unsupported, match=reason):
+        gemma3.Gemma3Config.from_dict(raw)
+
+
+# ---- int8 -------------------------------------------------------------------------------------------------------
+
+
+def test_quantize_weight_round_trips_within_half_a_step():
+    weight = torch.randn(64, 48) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different scales
+    int8, scales = quantize.quantize_weight(weight)
+    assert int8.dtype == torch.int8 and scales.shape == (64,)
+    assert ((int8.float() * scales[:, None] - weight).abs() <= scales[:, None] * 0.5001).all()  # 0.5 at the clamped edge
+
+
+def test_int8_model_stays_close_to_float32_and_its_saved_state_reloads_identically():
+    hf, native = hf_and_native(hidden_size=64, intermediate_size=128)
+    ids = torch.randint(3, hf.config.vocab_size, (2, 9))
+    reference = torch.log_softmax(native(input_ids=ids).logits[:, -1], -1)
+    state_dict = hf.state_dict()
+    config = gemma3.Gemma3Config.from_dict(hf.config.to_dict())
+    int8 = quantize.quantize_int8(gemma3.load_native(state_dict, config, torch.float32))
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.modules())
+    assert int8.lm_head is not None and int8.get_input_embeddings().weight_t is None
+    logprobs = torch.log_softmax(int8(input_ids=ids).logits[:, -1], -1)
+    # Close in distribution (KL in nats) and the same favourite token.
+    kl = (reference.exp() * (reference - logprobs)).sum(-1)
+    assert kl.max().item() < 0.05
+    assert torch.equal(logprobs.argmax(-1), reference.argmax(-1))
+    saved = quantize.int8_state(int8)
+    reloaded = quantize.from_int8_state(gemma3.load_native(state_dict, config, torch.float32), saved)
+    assert torch.equal(reloaded(input_ids=ids).logits, int8(input_ids=ids).logits)
+
+
+# ---- the loader and the command ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory):
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+def test_auto_engine_runs_a_gemma3_folder_natively_and_matches_transformers(tiny_gemma_dir):
+    ours = models.load(str(tiny_gemma_dir), engine="auto")
+    theirs = models.load(str(tiny_gemma_dir), engine="transformers")
+    assert ours.engine == "llmsample" and theirs.engine == "transformers"
+    assert isinstance(ours.model, gemma3.Gemma3ForCausalLM)
+    ids = ours.tokenizer("今天天气非常好", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        close(ours.model(input_ids=ids).logits[:, -1], theirs.model(input_ids=ids).logits[:, -1], 1e-5)
+
+
+def test_cli_greedy_is_the_same_on_both_engines(cli, tiny_gemma_dir):
+    def run(*extra):
+        code, out, err = cli("The quick brown fox", "--model", str(tiny_gemma_dir), "--greedy", "--max-new-tokens",
+                             "12", "--ignore-eos", "--format", "json", "--stats", *extra)
+        assert code == 0, err
+        return json.loads(out)
+
+    native, reference = run(), run("--engine", "transformers")
+    assert native["samples"][0]["token_ids"] == reference["samples"][0]["token_ids"]
+    assert native["stats"]["engine"] == "llmsample" and reference["stats"]["engine"] == "transformers"
+    assert native["stats"]["peak_rss_mib"] > 0
+    beams = run("--num-beams", "3", "-n", "2")
+    assert len(beams["samples"]) == 2
+    assert beams["samples"][0]["token_ids"] == run("--num-beams", "3", "-n", "2", "--engine",
+                                                   "transformers")["samples"][0]["token_ids"]
+
+
+def test_cli_quantize_int8_generates_and_reports_it(cli, tiny_gemma_dir):
+    code, out, err = cli("The quick brown fox", "--model", str(tiny_gemma_dir), "--quantize", "int8", "--greedy",
+                         "--max-new-tokens", "6", "--ignore-eos", "--format", "json", "--stats")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["samples"][0]["token_ids"]) == 6
+    assert result["stats"]["quantize"] == "int8"
+    assert "llmsample engine, int8" in err
+    assert not (tiny_gemma_dir / models.INT8_FILE).exists()  # only llmsample's own cache is written to
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int8", "--engine", "transformers"], "needs the llmsample engine"),
+    (["--quantize", "int8", "--dtype", "bfloat16"], "computes in float32"),
+    (["--quantize", "int8", "--device-map", "auto"], "CPU only"),
+    (["--engine", "llmsample", "--device-map", "auto"], "--device-map"),
+    (["--engine", "fast"], "'fast' is not one of"),
+])
+def test_engine_and_quantize_misuse_is_one_clear_line(cli, tiny_gemma_dir, args, message):
+    code, out, err = cli("Hi", "--model", str(tiny_gemma_dir), *args)
+    assert code == 2 and out == "" and message in err and "Traceback" not in err
+
+
+def test_the_llmsample_engine_refuses_a_model_it_does_not_implement(cli, tiny_model_dir):
+    code, out, err = cli("Hi", "--model", str(tiny_model_dir), "--engine", "llmsample")
+    assert code == 3 and "the llmsample engine cannot run" in err and "llama" in err
+    code, out, err = cli("Hi", "--model", str(tiny_model_dir), "--quantize", "int8")
+    assert code == 3 and "needed by --quantize" in err
+    lm = models.load(str(tiny_model_dir))  # auto: transformers runs it
+    assert lm.engine == "transformers"
+
+
+def test_int8_weights_are_cached_in_llmsamples_own_cache(tmp_path, monkeypatch, tiny_gemma_dir):
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = models.cache_root() / "some-model"
+    shutil.copytree(tiny_gemma_dir, folder)
+    first = models.load(str(folder), quantize="int8")
+    assert (folder / models.INT8_FILE).is_file()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no partial file left
+    second = models.load(str(folder), quantize="int8")
+    ids = torch.tensor([[1, 5, 9, 14]])
+    assert torch.equal(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits)
+    with pytest.raises(ConfigError, match="CPU only"):
+        models.load(str(folder), device="cuda", quantize="int8")
