@@ -1,5 +1,12 @@
-"""End-to-end generation on the default model: llmsample's decode loop against transformers' ``generate`` and a bare
-forward loop (the model's own limit), side by side in one process; start-up and peak memory in fresh processes.
+"""End-to-end generation on the default model, side by side in one process:
+
+- llmsample: its decode loop on its own Gemma 3 forward (the engine the command uses), fp32 and ``--quantize int8``;
+- transformers: ``generate`` on transformers' model with the same settings;
+- bare loop: argmax over llmsample's forward with nothing else (the model's own limit here).
+
+Then, in fresh processes, the time from command start to the first token and the peak memory (max RSS) of the
+command (fp32 and int8) and of a plain transformers script; and the perplexity of fp32 and int8 on a fixed English
+and a fixed Chinese text.
 
     python benchmarks/bench_generate.py                  # CPU, 128 new tokens
     python benchmarks/bench_generate.py --tokens 64 --repeats 1
@@ -26,7 +33,35 @@ SETTINGS = {
 }
 
 
-def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tuple[str, ...] = ()) -> list[dict]:
+# Fixed texts for perplexity (written for this benchmark).
+TEXT_EN = (
+    "The printing press changed how ideas travelled. Before it, a book was copied by hand, one page at a time, and "
+    "a library of a few hundred volumes was a treasure. Within fifty years of the first printed Bible, presses were "
+    "working in more than two hundred European towns, and millions of books had been made. Prices fell, more people "
+    "learned to read, and scholars could compare the same text in distant cities. Newspapers, pamphlets and "
+    "scientific journals followed, and with them new arguments about who should be allowed to print what."
+)
+TEXT_ZH = (
+    "印刷术改变了知识传播的方式。在它出现之前，书籍只能靠人手一页一页地抄写，一座藏有几百卷书的图书馆就是珍贵的财富。"
+    "活字印刷普及以后，书籍的价格大大降低，识字的人越来越多，不同城市的学者也能阅读同一部著作并互相讨论。"
+    "报纸、小册子和学术期刊随之出现，人们也开始争论谁有权利印刷什么内容。今天，我们在屏幕上阅读文字，"
+    "但这场变革的影响仍然随处可见。"
+)
+
+
+def perplexity(model, tokenizer, text: str) -> float:
+    """exp(mean negative log-likelihood) of ``text`` under ``model`` (teacher forcing, one forward)."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        logits = model(input_ids=ids, logits_to_keep=0).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+    return float(torch.exp(nll))
+
+
+def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tuple[str, ...] = (),
+                  int8: bool = False) -> list[dict]:
     import torch
 
     from llmsample.config import SamplingConfig
@@ -34,15 +69,17 @@ def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tupl
     from llmsample.models import load
     from llmsample.sampling import Sampler
 
-    lm = load(device=device)
+    lm = load(device=device)  # llmsample's engine
+    reference = load(device=device, engine="transformers")
+    quantized = load(device="cpu", quantize="int8") if int8 else None
     model, tok = lm.model, lm.tokenizer
     ids = tok(PROMPT, return_tensors="pt").input_ids.to(lm.device)
     batch_ids = ids.expand(batch, -1)
 
-    def ours(settings: dict) -> None:
+    def ours(settings: dict, on=model) -> None:
         cfg = SamplingConfig(**settings)
         g = torch.Generator(device=lm.device).manual_seed(0)
-        for _ in sample_loop(model, batch_ids, Sampler(cfg), tokens, [], generator=g):
+        for _ in sample_loop(on, batch_ids, Sampler(cfg), tokens, [], generator=g):
             pass
 
     def theirs(settings: dict) -> None:
@@ -50,8 +87,8 @@ def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tupl
         if hf.get("do_sample"):
             hf.setdefault("top_k", 0)  # transformers would add top_k=50 on its own
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, num_return_sequences=batch,
-                           pad_token_id=tok.pad_token_id, **hf)
+            reference.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, num_return_sequences=batch,
+                                     pad_token_id=tok.pad_token_id, **hf)
 
     def bare(_: dict) -> None:
         with torch.inference_mode():
@@ -61,13 +98,16 @@ def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tupl
                 out = model(input_ids=nxt, past_key_values=past, use_cache=True)
                 past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
+    contenders = [("llmsample", ours), ("transformers", theirs), ("bare_loop", bare)]
+    if quantized is not None:
+        contenders.append(("llmsample_int8", lambda settings: ours(settings, quantized.model)))
     rows = []
-    ours(SETTINGS["greedy"])  # warm up
-    for name, settings in SETTINGS.items():
-        if only and name not in only:
-            continue
+    chosen = {name: settings for name, settings in SETTINGS.items() if not only or name in only}
+    for _, fn in contenders:
+        fn(next(iter(chosen.values())))  # warm up
+    for name, settings in chosen.items():
         row = {"setting": name, "batch": batch}
-        for label, fn in (("llmsample", ours), ("transformers", theirs), ("bare_loop", bare)):
+        for label, fn in contenders:
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -76,11 +116,23 @@ def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tupl
             row[label] = tokens * batch / statistics.median(times)  # tokens/s, all samples together
         row["vs_transformers"] = row["llmsample"] / row["transformers"]
         row["vs_bare_loop"] = row["llmsample"] / row["bare_loop"]
+        print(json.dumps(row), file=sys.stderr, flush=True)  # progress
         rows.append(row)
     return rows
 
 
-START_OURS = "llmsample {prompt!r} --greedy --max-new-tokens 1 --device cpu --format json"
+def perplexities() -> dict:
+    from llmsample.models import load
+
+    models = {"float32": load(device="cpu"), "int8": load(device="cpu", quantize="int8")}
+    result = {name: {"en": perplexity(lm.model, lm.tokenizer, TEXT_EN), "zh": perplexity(lm.model, lm.tokenizer, TEXT_ZH)}
+              for name, lm in models.items()}
+    result["int8_vs_float32"] = {lang: result["int8"][lang] / result["float32"][lang] for lang in ("en", "zh")}
+    return result
+
+
+START_OURS = [sys.executable, "-m", "llmsample", PROMPT, "--greedy", "--max-new-tokens", "1", "--device", "cpu",
+              "--format", "json"]
 START_PLAIN = textwrap.dedent("""
     import time, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,15 +156,17 @@ def process_figures(repeats: int) -> dict:
         out = subprocess.run(wrapped, capture_output=True, text=True, check=True).stdout.split()
         return float(out[0]), float(out[1]) / 1024  # seconds, MiB
 
-    ours_argv = ["bash", "-c", START_OURS.format(prompt=PROMPT)]
-    plain_argv = [sys.executable, "-c", START_PLAIN.format(prompt=PROMPT)]
-    run(ours_argv)  # the first run may convert the default model
-    ours = [run(ours_argv) for _ in range(repeats)]
-    plain = [run(plain_argv) for _ in range(repeats)]
+    commands = {
+        "llmsample": START_OURS,
+        "llmsample_int8": [*START_OURS, "--quantize", "int8"],
+        "transformers_script": [sys.executable, "-c", START_PLAIN.format(prompt=PROMPT)],
+    }
+    for name in ("llmsample", "llmsample_int8"):
+        run(commands[name])  # the first run may convert the default model or quantize it
+    results = {name: [run(argv) for _ in range(repeats)] for name, argv in commands.items()}
     return {
-        "start_to_first_token_s": {"llmsample": statistics.median(t for t, _ in ours),
-                                   "transformers_script": statistics.median(t for t, _ in plain)},
-        "peak_rss_mib": {"llmsample": max(m for _, m in ours), "transformers_script": max(m for _, m in plain)},
+        "start_to_first_token_s": {name: statistics.median(t for t, _ in runs) for name, runs in results.items()},
+        "peak_rss_mib": {name: max(m for _, m in runs) for name, runs in results.items()},
     }
 
 
@@ -124,22 +178,32 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    rows = decode_speeds(args.tokens, args.repeats, 1, args.device)
-    rows += decode_speeds(args.tokens, args.repeats, 8, args.device, only=("T0.7+top_k50+top_p0.9",))
-    figures = process_figures(max(3, args.repeats))
+    cpu = args.device == "cpu"
+    rows = decode_speeds(args.tokens, args.repeats, 1, args.device, int8=cpu)
+    rows += decode_speeds(args.tokens, args.repeats, 8, args.device, only=("T0.7+top_k50+top_p0.9",), int8=cpu)
+    figures = process_figures(max(3, args.repeats)) if cpu else {}
+    quality = perplexities() if cpu else {}
     if args.json:
-        print(json.dumps({"decode": rows, **figures}))
+        print(json.dumps({"decode": rows, **figures, "perplexity": quality}))
         return
     print(f"{args.tokens} new tokens, prompt {PROMPT!r}, device {args.device}; tokens/s over all samples")
-    print(f"{'setting':24} {'batch':>5} {'llmsample':>10} {'generate':>9} {'bare loop':>10} {'vs gen':>7} {'vs bare':>8}")
+    print(f"{'setting':24} {'batch':>5} {'llmsample':>10} {'generate':>9} {'bare loop':>10} {'vs gen':>7} "
+          f"{'vs bare':>8} {'int8':>7}")
     for r in rows:
         print(f"{r['setting']:24} {r['batch']:>5} {r['llmsample']:10.1f} {r['transformers']:9.1f} "
-              f"{r['bare_loop']:10.1f} {r['vs_transformers']:7.2f} {r['vs_bare_loop']:8.2f}")
-    s = figures["start_to_first_token_s"]
-    m = figures["peak_rss_mib"]
-    print(f"start to first token: llmsample {s['llmsample']:.2f} s, transformers script "
-          f"{s['transformers_script']:.2f} s (ratio {s['llmsample'] / s['transformers_script']:.2f})")
-    print(f"peak memory: llmsample {m['llmsample']:.0f} MiB, transformers script {m['transformers_script']:.0f} MiB")
+              f"{r['bare_loop']:10.1f} {r['vs_transformers']:7.2f} {r['vs_bare_loop']:8.2f} "
+              f"{r.get('llmsample_int8', float('nan')):7.1f}")
+    if figures:
+        s, m = figures["start_to_first_token_s"], figures["peak_rss_mib"]
+        print(f"start to first token: llmsample {s['llmsample']:.2f} s (int8 {s['llmsample_int8']:.2f} s), "
+              f"transformers script {s['transformers_script']:.2f} s "
+              f"(ratio {s['llmsample'] / s['transformers_script']:.2f})")
+        print(f"peak memory: llmsample {m['llmsample']:.0f} MiB (int8 {m['llmsample_int8']:.0f} MiB), "
+              f"transformers script {m['transformers_script']:.0f} MiB")
+    if quality:
+        for lang, label in (("en", "English"), ("zh", "Chinese")):
+            print(f"perplexity, {label} text: float32 {quality['float32'][lang]:.3f}, int8 {quality['int8'][lang]:.3f} "
+                  f"({(quality['int8_vs_float32'][lang] - 1) * 100:+.2f}%)")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,20 @@ def test_cli_greedy_on_cuda_equals_generate_on_cuda(cli, tiny_model_dir, tiny_lm
         expected = gpu_model.generate(ids, do_sample=False, max_new_tokens=16, pad_token_id=0)[0, ids.shape[1]:]
     got = result["samples"][0]["token_ids"]
     assert got == expected.tolist()[: len(got)]
+
+
+def test_llmsample_gemma3_engine_on_cuda_matches_transformers_on_cuda(tmp_path):
+    from tiny_model import build_tiny_gemma3
+
+    from llmsample import models
+
+    folder = build_tiny_gemma3(tmp_path / "gemma")
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 5e-2)):
+        ours = models.load(str(folder), device="cuda", dtype=dtype)
+        theirs = models.load(str(folder), device="cuda", dtype=dtype, engine="transformers")
+        assert ours.engine == "llmsample" and ours.model.device.type == "cuda"
+        ids = ours.tokenizer("The quick brown fox jumps", return_tensors="pt").input_ids.cuda()
+        with torch.inference_mode():
+            a = ours.model(input_ids=ids).logits[:, -1].float()
+            b = theirs.model(input_ids=ids).logits[:, -1].float()
+        assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())

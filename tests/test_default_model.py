@@ -72,3 +72,52 @@ def test_every_builtin_preset_generates_text(cli, preset):
     sample = result["samples"][0]
     assert sample["token_ids"] and result["text"].strip()
     assert result["settings"]["chain"].startswith("logits")
+
+
+def test_the_default_model_runs_without_importing_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from llmsample.cli import main; "
+            "code = main(['The capital of France is', '--greedy', '--max-new-tokens', '3', '--device', 'cpu']); "
+            "sys.exit(code or (7 if 'transformers' in sys.modules else 0))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, (result.returncode, result.stderr[-500:])
+    assert result.stdout.strip()
+
+
+def test_the_native_tokenizer_equals_transformers_tokenizer(gemma):
+    from llmsample.tokenizer import FastTokenizer
+
+    ours = FastTokenizer.from_folder(models_dir())
+    theirs = gemma.tokenizer
+    texts = ["The capital of France is", "今天天气非常好，我们去公园散步吧。", "<start_of_turn>user\nhi<end_of_turn>",
+             "emoji 🙂🚀 and  two  spaces\n\ttab", "", "Ünïcödé – “quotes” … ½"]
+    for text in texts:
+        ids = ours(text).input_ids
+        assert ids.tolist() == theirs(text, return_tensors="pt").input_ids.tolist(), text
+        for skip in (True, False):
+            assert ours.decode(ids[0], skip_special_tokens=skip) == theirs.decode(ids[0], skip_special_tokens=skip)
+    assert len(ours) == len(theirs)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours, name) == getattr(theirs, name)
+
+
+def models_dir():
+    from llmsample import models
+
+    return models.default_model_dir()
+
+
+def test_int8_keeps_the_default_models_perplexity_and_greedy_start(cli):
+    from llmsample import models
+
+    text = "The printing press changed how ideas travelled. Before it, a book was copied by hand, one page at a time."
+    scores = {}
+    for quantize in (None, "int8"):
+        lm = models.load(device="cpu", quantize=quantize)
+        ids = lm.tokenizer(text).input_ids
+        with torch.inference_mode():
+            logits = lm.model(input_ids=ids, logits_to_keep=0).logits[0, :-1]
+        scores[quantize] = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
+    assert abs(scores["int8"] / scores[None] - 1) < 0.03, scores

@@ -229,3 +229,11 @@ def test_int8_weights_are_cached_in_llmsamples_own_cache(tmp_path, monkeypatch, 
     assert torch.equal(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits)
     with pytest.raises(ConfigError, match="CPU only"):
         models.load(str(folder), device="cuda", quantize="int8")
+
+
+def test_logits_of_every_position_on_request():
+    hf, native = hf_and_native()
+    ids = torch.randint(3, hf.config.vocab_size, (2, 10))
+    with torch.inference_mode():
+        close(native(input_ids=ids, logits_to_keep=0).logits, hf(input_ids=ids).logits, 1e-5)
+        close(native(input_ids=ids, logits_to_keep=3).logits, hf(input_ids=ids).logits[:, -3:], 1e-5)

@@ -230,14 +230,15 @@ def test_greedy_preset_with_sampling_flags_warns(cli, tiny_model_dir):
     assert code == 0 and "warning: top_p=0.5 has no effect: no effect with greedy decoding" in err
 
 
-def test_presets_list_does_not_import_torch(tmp_path):
+@pytest.mark.parametrize("argv", [["presets", "list"], ["--help"], ["generate", "--help"], ["presets", "show", "poetry"]])
+def test_help_and_presets_do_not_import_torch(argv):
     import subprocess
     import sys
 
-    code = ("import sys; from llmsample.cli import main; main(['presets', 'list']); "
+    code = (f"import sys; from llmsample.cli import main; main({argv!r}); "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, "presets list imported torch"
+    assert result.returncode == 0, f"{' '.join(argv)} imported torch"
 
 
 @pytest.mark.slow

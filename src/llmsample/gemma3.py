@@ -9,8 +9,8 @@ the same dtypes; the tests compare logits), with three differences that make it 
   a ``[hidden, vocab]`` copy makes batch 1 and 2 about 1.8x faster than ``[vocab, hidden]`` (MKL's matrix-vector
   path is slow), while batch 3 and up prefer the original. The loader provides the transposed copy when it can.
 
-Only the forward of the last position is projected to logits (``logits`` is ``[batch, 1, vocab]``): decoding
-needs nothing else, and it saves a full-vocabulary matmul per prompt token.
+By default only the last position is projected to logits (``logits`` is ``[batch, 1, vocab]``): decoding needs
+nothing else, and it saves a full-vocabulary matmul per prompt token.
 
 Configurations this module does not implement (soft-capping, other RoPE types, bidirectional attention, …) raise
 ``Unsupported`` from ``Gemma3Config.from_dict``; the loader then falls back to transformers.
@@ -129,7 +129,7 @@ class GenerationDefaults:
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # [batch, 1, vocab]: the last position only
+    logits: torch.Tensor  # [batch, kept positions, vocab]
     past_key_values: "KVCache"
 
 
@@ -336,7 +336,8 @@ class Gemma3ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = True,
-                **_: Any) -> ForwardOutput:
+                logits_to_keep: int = 1, **_: Any) -> ForwardOutput:
+        """Logits of the last ``logits_to_keep`` positions (0 = all, as in transformers; perplexity needs them)."""
         cache = past_key_values if past_key_values is not None else KVCache(self.config.num_hidden_layers)
         batch, new = input_ids.shape
         embed = self.model.embed_tokens
@@ -349,8 +350,10 @@ class Gemma3ForCausalLM(nn.Module):
         for layer, sliding in zip(self.model.layers, self.config.sliding):
             x = layer(x, rope[sliding], cache)
         cache.length += new
-        x = self.model.norm(x[:, -1, :])
-        return ForwardOutput(logits=self.project(x)[:, None, :], past_key_values=cache)
+        kept = x[:, -logits_to_keep:, :] if logits_to_keep else x
+        hidden = self.model.norm(kept).reshape(-1, x.shape[-1])
+        logits = self.project(hidden).view(batch, kept.shape[1], -1)
+        return ForwardOutput(logits=logits, past_key_values=cache)
 
 
 def is_supported(raw_config: dict[str, Any]) -> bool:
@@ -362,10 +365,12 @@ def is_supported(raw_config: dict[str, Any]) -> bool:
 
 
 def load_native(state_dict: dict[str, torch.Tensor], config: Gemma3Config, dtype: torch.dtype,
-                device: str = "cpu", embed_t: Optional[torch.Tensor] = None) -> Gemma3ForCausalLM:
+                device: str = "cpu", embed_t: Optional[torch.Tensor] = None,
+                transposed_head: bool = True) -> Gemma3ForCausalLM:
     """Build the model around ``state_dict`` (tensors taken as they are when dtype and device already match).
 
-    ``embed_t`` is the embedding transposed (``[hidden, vocab]``); on the CPU it is made here when not given.
+    ``embed_t`` is the embedding transposed (``[hidden, vocab]``); on the CPU it is made here when not given,
+    unless ``transposed_head`` is false (a model about to be quantized has no use for it).
     """
     with torch.device("meta"):
         model = Gemma3ForCausalLM(config)
@@ -376,7 +381,7 @@ def load_native(state_dict: dict[str, torch.Tensor], config: Gemma3Config, dtype
         raise Unsupported(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.inv_freq_full, model.inv_freq_sliding = _inv_freqs(config, device)
     embed = model.model.embed_tokens
-    if config.tie_word_embeddings and torch.device(device).type == "cpu":
+    if transposed_head and config.tie_word_embeddings and torch.device(device).type == "cpu":
         embed.weight_t = embed_t.to(dtype) if embed_t is not None else transpose_blocked(embed.weight.data)
     return model.eval()
 

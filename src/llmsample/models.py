@@ -351,7 +351,7 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
         embed_t = None
         if (folder / EMBED_T_FILE).is_file() and torch_dtype == state["model.embed_tokens.weight"].dtype:
             embed_t = load_file(folder / EMBED_T_FILE)["weight_t"]
-        model = gemma3.load_native(state, config, torch_dtype, device, None if quantize else embed_t)
+        model = gemma3.load_native(state, config, torch_dtype, device, embed_t, transposed_head=not quantize)
         if (folder / "generation_config.json").is_file():
             generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
             model.generation_config.eos_token_id = generation.get("eos_token_id", config.eos_token_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -9,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from llmsample import events
 from llmsample.config import Settings, temperature_at
@@ -279,6 +280,21 @@ def _until_stopped(decode: Any, device: str) -> tuple[Optional[tuple[str, ExitCo
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (they are delivered then, not lost)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode_start: float) -> None:
     """Sampled or greedy decoding of all samples as one batch, streaming each token to the renderer."""
     import torch
@@ -296,23 +312,28 @@ def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode
     for step in loop:
         if run.stats["first_token_s"] is None:
             run.stats["first_token_s"] = time.perf_counter() - decode_start
-        for row in step.active.nonzero().flatten().tolist():
-            record = run.records[row]
-            token_id = int(step.token_ids[row])
-            record.token_ids.append(token_id)
-            record.raw_probs.append(float(step.raw_prob[row]))
-            record.probs.append(float(step.prob[row]))
-            record.temperatures.append(step.temperature)
-            record.entropies.append(float(step.entropy[row]))
-            table = candidates_dict(step.trace, row, tokenizer, token_id) if step.trace else None
-            if table is not None:
-                record.candidates.append(table)
-            emitted, stopped = run.stops[row].feed(run.detoks[row].add(token_id))
-            record.text += emitted
-            run.renderer.token(row, step.index, token_id, emitted, record.raw_probs[-1], record.probs[-1],
-                               step.temperature, table)
-            if stopped:
-                state.finish(row, "stop")
+        with _signals_deferred():  # a token is recorded and streamed, or neither: the JSON summary matches the stream
+            _record_step(run, step, state, tokenizer)
+
+
+def _record_step(run: _Decoding, step: Any, state: Any, tokenizer: Any) -> None:
+    for row in step.active.nonzero().flatten().tolist():
+        record = run.records[row]
+        token_id = int(step.token_ids[row])
+        record.token_ids.append(token_id)
+        record.raw_probs.append(float(step.raw_prob[row]))
+        record.probs.append(float(step.prob[row]))
+        record.temperatures.append(step.temperature)
+        record.entropies.append(float(step.entropy[row]))
+        table = candidates_dict(step.trace, row, tokenizer, token_id) if step.trace else None
+        if table is not None:
+            record.candidates.append(table)
+        emitted, stopped = run.stops[row].feed(run.detoks[row].add(token_id))
+        record.text += emitted
+        run.renderer.token(row, step.index, token_id, emitted, record.raw_probs[-1], record.probs[-1],
+                           step.temperature, table)
+        if stopped:
+            state.finish(row, "stop")
 
 
 def _decode_beams(run: _Decoding, decode_start: float) -> None:
