@@ -5,6 +5,7 @@ They yield step records and never print; rendering is the consumer's job.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -51,8 +52,20 @@ class DecodeState:
         return all(reason is not None for reason in self.finish_reasons)
 
 
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def _cache_keyword(model) -> str:
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns)."""
+    kind = type(model)
+    if kind not in _CACHE_KEYWORD:
+        parameters = inspect.signature(model.forward).parameters
+        _CACHE_KEYWORD[kind] = "cache" if "cache" in parameters else "past_key_values"
+    return _CACHE_KEYWORD[kind]
+
+
 def _forward(model, input_ids: torch.Tensor, past) -> tuple[torch.Tensor, object]:
-    out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
+    out = model(input_ids=input_ids, use_cache=True, **{_cache_keyword(model): past})
     return out.logits[:, -1, :], out.past_key_values
 
 
