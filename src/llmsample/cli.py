@@ -20,7 +20,8 @@ except ImportError:  # pragma: no cover
 
 from llmsample import __version__
 from llmsample import presets
-from llmsample.errors import ConfigError, ExitCode, LlmsampleError
+from llmsample.errors import ConfigError, ExitCode, LlmsampleError, first_line
+from llmsample.models import ENGINES, QUANTIZE_MODES
 
 USAGE_ERRORS = (click.exceptions.UsageError, _vendored_click.UsageError)
 EXITS = (click.exceptions.Exit, typer.Exit)
@@ -54,15 +55,9 @@ class DType(str, enum.Enum):
     float16 = "float16"
 
 
-class Engine(str, enum.Enum):
-    auto = "auto"
-    llmsample = "llmsample"
-    transformers = "transformers"
-
-
-class Quantize(str, enum.Enum):
-    none = "none"
-    int8 = "int8"
+# Choices that models.py defines (it imports no torch, so --help stays light).
+Engine = enum.Enum("Engine", {name: name for name in ENGINES}, type=str)
+Quantize = enum.Enum("Quantize", {name: name for name in QUANTIZE_MODES}, type=str)
 
 
 class Format(str, enum.Enum):
@@ -162,10 +157,10 @@ def generate(
                                                       rich_help_panel=MODEL)] = None,
     engine: Annotated[Engine, typer.Option(help="Whose forward runs: llmsample's own Gemma 3, transformers', or "
                                            "auto (llmsample's where it supports the model).",
-                                           rich_help_panel=MODEL)] = Engine.auto,
+                                           rich_help_panel=MODEL)] = Engine("auto"),
     quantize: Annotated[Quantize, typer.Option(help="int8: int8 weights on the CPU (about 2.4x faster, less "
                                                "memory, perplexity within 3%; llmsample engine).",
-                                               rich_help_panel=MODEL)] = Quantize.none,
+                                               rich_help_panel=MODEL)] = Quantize("none"),
     output_format: Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (one event per token).",
                                                   rich_help_panel=OUTPUT)] = Format.text,
     no_color: Annotated[bool, typer.Option("--no-color", help="Never colour the output (NO_COLOR is honoured too).",
@@ -175,7 +170,7 @@ def generate(
                                             "in every jsonl token event).", rich_help_panel=OUTPUT)] = 0,
     explain: Annotated[bool, typer.Option("--explain", help="Print the resolved settings, where each came from, and the chain (stderr).",
                                           rich_help_panel=OUTPUT)] = False,
-    stats: Annotated[bool, typer.Option("--stats", help="Print load time, time to first token and tokens/s to stderr.",
+    stats: Annotated[bool, typer.Option("--stats", help="Print load time, time to first token, tokens/s, peak memory and the engine to stderr.",
                                         rich_help_panel=OUTPUT)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
@@ -218,7 +213,7 @@ def generate(
     options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
                                   device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
                                   candidates=candidates, engine=engine.value,
-                                  quantize=None if quantize is Quantize.none else quantize.value)
+                                  quantize=None if quantize.value == "none" else quantize.value)
     try:
         run.generate(options, renderer)
     except BrokenPipeError:
@@ -492,7 +487,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except LlmsampleError as exc:
         if debug:
             raise
-        _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _error(first_line(exc))
         return int(exc.exit_code)
     except KeyboardInterrupt:
         if debug:

@@ -42,3 +42,9 @@ class SamplingError(LlmsampleError, ValueError):
     """The logits cannot be sampled from (NaN or +inf, or no finite value in a row)."""
 
     exit_code = ExitCode.GENERATION
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for the user: its message's first line, or its type when it has none."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -108,8 +108,8 @@ class Gemma3Config:
 
 
 def _rope(raw: dict[str, Any], layer_type: str, theta: float, scaling: Optional[dict]) -> tuple[float, float]:
-    params = (raw.get("rope_parameters") or {}).get(layer_type) if "rope_parameters" in raw else None
-    if params is None:
+    params = (raw.get("rope_parameters") or {}).get(layer_type)
+    if params is None:  # the transformers 4.5x spelling: rope_theta / rope_local_base_freq / rope_scaling
         params = dict(scaling or {}, rope_theta=theta)
         params.setdefault("rope_type", params.get("type", "default"))
     kind = params.get("rope_type", "default")
@@ -306,7 +306,6 @@ class Gemma3ForCausalLM(nn.Module):
         self.lm_head: Optional[nn.Linear] = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.engine = "llmsample"
         self.inv_freq_full, self.inv_freq_sliding = _inv_freqs(config, "cpu")
 
     @property
@@ -354,14 +353,6 @@ class Gemma3ForCausalLM(nn.Module):
         hidden = self.model.norm(kept).reshape(-1, x.shape[-1])
         logits = self.project(hidden).view(batch, kept.shape[1], -1)
         return ForwardOutput(logits=logits, past_key_values=cache)
-
-
-def is_supported(raw_config: dict[str, Any]) -> bool:
-    try:
-        Gemma3Config.from_dict(raw_config)
-    except (Unsupported, KeyError, TypeError, ValueError):
-        return False
-    return True
 
 
 def load_native(state_dict: dict[str, torch.Tensor], config: Gemma3Config, dtype: torch.dtype,

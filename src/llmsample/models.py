@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from llmsample.errors import ConfigError, ModelError
+from llmsample.errors import ConfigError, ModelError, first_line
 
 DEFAULT_MODEL = "gemma-3-270m"
 CACHE_FORMAT = 3  # bump when the cached layout changes; an older cache is rebuilt
@@ -24,6 +24,7 @@ COMPLETE_MARKER = "llmsample-cache.json"
 # reads it about 1.8x faster on the CPU, and transposing 671 MB at every start would cost seconds.
 EMBED_T_FILE = "llmsample-embed-t.safetensors"
 ENGINES = ("auto", "llmsample", "transformers")
+QUANTIZE_MODES = ("none", "int8")  # "none" is the CLI's spelling of quantize=None
 
 
 def cache_root() -> Path:
@@ -122,7 +123,7 @@ def convert_packaged_gguf(out: Path, dtype: str = "float32", report: Optional[Ca
     say("writing the cache")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_embed_t(out)
+    write_embed_t(out, model.get_input_embeddings().weight.detach())
     shutil.rmtree(gguf.parent, ignore_errors=True)
 
 
@@ -131,15 +132,12 @@ def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str]
     return build_cache(default_model_dir(dtype), lambda out: convert_packaged_gguf(out, dtype, report))
 
 
-def write_embed_t(folder: Path) -> None:
-    """Store the tied embedding of a Gemma 3 folder transposed, for ``gemma3`` to map at load."""
-    from safetensors import safe_open
+def write_embed_t(folder: Path, embed: Any) -> None:
+    """Store a tied embedding ``[vocab, hidden]`` transposed in ``folder``, for ``gemma3`` to map at load."""
     from safetensors.torch import save_file
 
     from llmsample.gemma3 import transpose_blocked
 
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
-        embed = weights.get_tensor("model.embed_tokens.weight")
     save_file({"weight_t": transpose_blocked(embed)}, str(folder / EMBED_T_FILE))
 
 
@@ -170,7 +168,7 @@ def _explain_load_failure(spec: str, exc: Exception) -> ModelError:
     text = str(exc)
     lowered = text.lower()
     if isinstance(exc, (OSError, ValueError)) and Path(spec).expanduser().exists():
-        return ModelError(f"cannot load a model from {spec}: {text.splitlines()[0] if text else type(exc).__name__}")
+        return ModelError(f"cannot load a model from {spec}: {first_line(exc)}")
     if any(word in lowered for word in ("connection", "resolve", "offline", "network", "timed out", "max retries")):
         return ModelError(
             f"cannot reach the Hugging Face hub to fetch {spec!r}; use a local model folder or a .gguf file "
@@ -178,8 +176,7 @@ def _explain_load_failure(spec: str, exc: Exception) -> ModelError:
         )
     if "not a valid model identifier" in lowered or "repository not found" in lowered or "404" in lowered:
         return ModelError(f"no model {spec!r}: not a local path and not a model on the Hugging Face hub")
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return ModelError(f"cannot load model {spec!r}: {first}")
+    return ModelError(f"cannot load model {spec!r}: {first_line(exc)}")
 
 
 def _hub_options(repo_id: str) -> dict[str, Any]:
@@ -229,11 +226,12 @@ def load(
 
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"quantize must be int8, got {quantize!r}")
+    if quantize not in (None, *QUANTIZE_MODES[1:]):
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_MODES[1:])}, got {quantize!r}")
     if quantize:
         if device != "cpu" or device_map:
-            raise ConfigError(f"--quantize int8 runs on the CPU only, got --device {device_map or device}")
+            given = f"--device-map {device_map}" if device_map else f"--device {device}"
+            raise ConfigError(f"--quantize int8 runs on the CPU only, got {given}")
         if dtype != "float32":
             raise ConfigError(f"--quantize int8 computes in float32, got --dtype {dtype}")
         if engine == "transformers":
@@ -304,8 +302,7 @@ def _load_from(source: Any, spec: str, name: str, kwargs: dict[str, Any], torch_
         raise
     except Exception as exc:  # transformers raises many types here; each becomes one clear line
         if "gguf_file" in kwargs:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"{spec} is not a readable GGUF file (truncated or corrupt?): {first}") from exc
+            raise ModelError(f"{spec} is not a readable GGUF file (truncated or corrupt?): {first_line(exc)}") from exc
         raise _explain_load_failure(spec, exc) from exc
     lm.eval()
     check_vocab(tokenizer, lm, name)
@@ -331,7 +328,7 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
     try:
         tokenizer = FastTokenizer.from_folder(folder)
     except Exception as exc:  # tokenizers raises its own exception type for a bad file
-        raise ModelError(f"cannot read the tokenizer in {folder}: {str(exc).splitlines()[0] if str(exc) else exc}")
+        raise ModelError(f"cannot read the tokenizer in {folder}: {first_line(exc)}") from exc
     if tokenizer is None:  # the forward is still ours; only the tokenizer comes from transformers
         _quiet_transformers()
         from transformers import AutoTokenizer
@@ -356,8 +353,7 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
             generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
             model.generation_config.eos_token_id = generation.get("eos_token_id", config.eos_token_id)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot load a model from {folder}: {first}") from exc
+        raise ModelError(f"cannot load a model from {folder}: {first_line(exc)}") from exc
     if quantize:
         model = _quantized(model, folder, report)
     check_vocab(tokenizer, model, name)

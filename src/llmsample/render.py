@@ -242,9 +242,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         parts.append(f"peak memory {stats['peak_rss_mib']:.0f} MiB")
     if stats.get("peak_cuda_mib") is not None:
         parts.append(f"peak CUDA memory {stats['peak_cuda_mib']:.0f} MiB")
-    engine = stats.get("engine")
-    engine = f"{engine} engine" + (f", {stats['quantize']}" if stats.get("quantize") else "") if engine else ""
-    parts.append(" ".join(filter(None, (str(stats.get("device")), str(stats.get("dtype")), engine and f"({engine})"))))
+    where = f"{stats.get('device')} {stats.get('dtype')}"
+    if stats.get("engine"):
+        where += f" ({stats['engine']} engine{', ' + stats['quantize'] if stats.get('quantize') else ''})"
+    parts.append(where)
     return " · ".join(parts)
 
 

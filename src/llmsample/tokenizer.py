@@ -25,7 +25,6 @@ class Encoding:
 class FastTokenizer:
     def __init__(self, backend: Any, special_tokens: dict[str, str]):
         self.backend = backend
-        self.special_tokens = special_tokens
         ids = {name: backend.token_to_id(text) for name, text in special_tokens.items()}
         self.bos_token_id: Optional[int] = ids.get("bos_token")
         self.eos_token_id: Optional[int] = ids.get("eos_token")
