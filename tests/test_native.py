@@ -148,6 +148,47 @@ def test_int8_model_stays_close_to_float32_and_its_saved_state_reloads_identical
     assert torch.equal(reloaded(input_ids=ids).logits, int8(input_ids=ids).logits)
 
 
+def _head(rows: int, cols: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator) * torch.logspace(-2, 0, rows)[:, None]
+    channel_scale = torch.rand(cols, generator=generator) * 3 + 0.2
+    return weight, quantize.Int8Head(*quantize.quantize_weight(weight * channel_scale), channel_scale)
+
+
+def test_int8_head_two_part_activations_are_finer_than_bfloat16():
+    weight, head = _head(5000, 64)  # over 4,096 rows: packed in two halves
+    if torch.backends.quantized.engine in ("x86", "fbgemm"):
+        assert head._packed is not None and len(head._packed) == 2
+    x = torch.randn(4, 64) * torch.tensor([[1.0], [1e-3], [50.0], [0.0]])
+    x[0, 5] = 40.0  # an outlier channel
+    dequantized = (head.int8_weight.double() * head.scales.double()[:, None])
+    scaled = x.double() / head.channel_scale.double()
+    exact = scaled @ dequantized.t()
+    got = head(x).double()
+    assert got.shape == (4, 5000) and torch.equal(got[3], torch.zeros(5000, dtype=torch.double))
+    # Each activation is off by at most half a fine step (1/(63*126) of its row's largest magnitude).
+    bound = scaled.abs().amax(1, keepdim=True) / (63 * 126 * 2) * dequantized.abs().sum(1)[None, :]
+    assert ((got - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs()).all()
+    packed, head._packed = head._packed, None  # the fallback: bfloat16 activations, coarser
+    coarse = head(x).double()
+    head._packed = packed
+    assert (coarse - exact).abs().mean() > 2 * (got - exact).abs().mean()
+    assert torch.allclose(coarse, exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
+
+
+def test_int8_head_channel_scaling_is_exact_in_float_and_saved():
+    hf, native = hf_and_native(hidden_size=64, intermediate_size=128)
+    config = gemma3.Gemma3Config.from_dict(hf.config.to_dict())
+    int8 = quantize.quantize_int8(gemma3.load_native(hf.state_dict(), config, torch.float32))
+    gain = (1 + hf.model.norm.weight.detach()).abs()
+    assert torch.allclose(int8.lm_head.channel_scale, gain ** quantize.HEAD_GAIN_EXPONENT)
+    state = quantize.int8_state(int8)
+    assert torch.equal(state["lm_head.channel_scale"], int8.lm_head.channel_scale)
+    del state["lm_head.channel_scale"]  # a state saved before the head was channel-scaled
+    with pytest.raises(KeyError):
+        quantize.from_int8_state(gemma3.load_native(hf.state_dict(), config, torch.float32), state)
+
+
 # ---- the loader and the command ---------------------------------------------------------------------------------
 
 
@@ -227,6 +268,14 @@ def test_int8_weights_are_cached_in_llmsamples_own_cache(tmp_path, monkeypatch, 
     second = models.load(str(folder), quantize="int8")
     ids = torch.tensor([[1, 5, 9, 14]])
     assert torch.equal(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits)
+    # An int8 file from before the output projection was channel-scaled is replaced, not misread.
+    from safetensors.torch import load_file, save_file
+
+    old = {k: v for k, v in load_file(folder / models.INT8_FILE).items() if k != "lm_head.channel_scale"}
+    save_file(old, str(folder / models.INT8_FILE))
+    third = models.load(str(folder), quantize="int8")
+    assert "lm_head.channel_scale" in load_file(folder / models.INT8_FILE)
+    assert torch.equal(first.model(input_ids=ids).logits, third.model(input_ids=ids).logits)
     with pytest.raises(ConfigError, match="CPU only"):
         models.load(str(folder), device="cuda", quantize="int8")
 

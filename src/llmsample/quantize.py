@@ -1,4 +1,4 @@
-"""``--quantize int8``: int8 weights, one scale per output channel, computed with bfloat16 activations (CPU).
+"""``--quantize int8``: int8 weights, one scale per output channel, float32 between the products (CPU).
 
 Chosen by measurement on this project's 2-core CPU (Gemma 3 270M; perplexity on the benchmark's fixed English and
 Chinese texts, float32 = 24.24 and 73.73; decode tok/s, greedy, batch 1):
@@ -9,18 +9,34 @@ Chinese texts, float32 = 24.24 and 73.73; decode tok/s, greedy, batch 1):
   overflow fbgemm's 16-bit accumulation).
 - torchao 0.18's ``Int8DynamicActivationInt8WeightConfig`` without ``torch.compile``: 3 tok/s.
 - int8 weights with bfloat16 activations (``torch._weight_int8pack_mm``), everything else in float32: about
-  30 tok/s, perplexity +0.5% / +2.7%. This is the one used: the text stays the model's.
+  30 tok/s, perplexity +0.5% / +2.7%. Used for the decoder layers: the text stays the model's.
+- The output projection (262,144 x 640, 62% of the weights) dominated that: ``_weight_int8pack_mm`` reads it at
+  about 12 GB/s (17 ms a token), where fbgemm's int8 x int8 product reaches about 40 GB/s (4-5 ms). Its 7-bit
+  activations are what cost fbgemm the quality, so ``Int8Head`` gives it each activation row twice: rounded to
+  7 bits, and the rounding error scaled up and rounded again, about 14 bits together (finer than bfloat16's 8)
+  for one weight read. Its weights are quantized after scaling input channel ``j`` by ``|gain_j| ** 0.2``, the
+  final norm's gain (activation-aware, as AWQ; the input is divided by the same): the norm's gains span 0.19 to
+  301, and the exponent 0.2 gave the lowest KL divergence from float32 on a calibration text that is not the
+  benchmark's (``benchmarks/calibrate_head.py``: mean KL 0.0033 against 0.0074 unscaled). Together: about
+  45 tok/s, perplexity -0.3% / +0.5% (``benchmarks/bench_generate.py``).
 
 Every ``nn.Linear`` is replaced, the output projection included (untied from the embedding, which stays in
 float32 for the lookup). The int8 values and scales are plain tensors, so a cache maps them back in at once.
+Where torch lacks fbgemm's quantized kernels (another CPU architecture, a future torch), the head falls back to
+``_weight_int8pack_mm`` with the same weights.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+import warnings
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
+HEAD_GAIN_EXPONENT = 0.2  # see the module notes: chosen by benchmarks/calibrate_head.py
+_FINE_STEPS = 126  # the second part holds the first's rounding error (within ±0.5) times this: within ±63
 
 
 class Int8Linear(nn.Module):
@@ -40,6 +56,79 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+class Int8Head(Int8Linear):
+    """The output projection: int8 weights of ``W * channel_scale``, applied to ``x / channel_scale``.
+
+    On fbgemm (x86) each row of ``x`` enters the int8 x int8 product as two 7-bit rows, its values rounded to
+    63 steps of the row's largest magnitude and the remainder rounded to 126 finer steps of one of those:
+    an error within 1/16,000 of the row's largest value, from one pass over the weights.
+    """
+
+    def __init__(self, int8_weight: torch.Tensor, scales: torch.Tensor, channel_scale: torch.Tensor):
+        super().__init__(int8_weight, scales)
+        self.register_buffer("channel_scale", channel_scale.float())
+        self._packed = _prepack_halves(self.int8_weight, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float() / self.channel_scale
+        if self._packed is None:
+            return super().forward(rows).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        peak = rows.abs().amax(dim=1, keepdim=True)
+        step = torch.where(peak > 0, peak, torch.ones_like(peak)) / 63
+        scaled = rows / step
+        coarse = torch.round(scaled)
+        both = torch.cat((coarse, (scaled - coarse) * _FINE_STEPS))
+        # Inputs on the integer grid with scale 1 and zero point 64: fbgemm sees 1..127 (no 16-bit overflow).
+        parts = [_fbgemm_product(both, 1.0, 64, packed) for packed in self._packed]
+        y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        n = rows.shape[0]
+        y = (y[:n] + y[n:] / _FINE_STEPS) * step
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kernel = "fbgemm, two-part activations" if self._packed is not None else "bfloat16 activations"
+        return f"{super().extra_repr()}, channel-scaled, {kernel}"
+
+
+def _fbgemm_product(*args: Any) -> torch.Tensor:
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(*args)
+
+
+def _prepack_halves(int8_weight: torch.Tensor, scales: torch.Tensor) -> Optional[list[Any]]:
+    """fbgemm's packed form of the weights, in two halves of rows packed side by side (0.9 s instead of 1.7 s
+    for the default model's head); ``None`` where this torch has no fbgemm int8 product."""
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return None
+    try:
+        torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # noqa: B018 (absent in some builds)
+    except (AttributeError, RuntimeError):
+        return None
+    rows = int8_weight.shape[0]
+    bounds = [(0, rows)] if rows < 4096 else [(0, rows // 2), (rows // 2, rows)]
+    packed: list[Any] = [None] * len(bounds)
+    failures: list[BaseException] = []
+
+    def pack(i: int) -> None:
+        start, end = bounds[i]
+        try:
+            with warnings.catch_warnings():  # quantized tensors are deprecated; this is their one use here
+                warnings.simplefilter("ignore")
+                weight = torch._make_per_channel_quantized_tensor(
+                    int8_weight[start:end], scales[start:end].double(),
+                    torch.zeros(end - start, dtype=torch.long), 0)
+                packed[i] = torch.ops.quantized.linear_prepack(weight, None)
+        except (RuntimeError, AttributeError) as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=pack, args=(i,)) for i in range(1, len(bounds))]
+    for thread in threads:
+        thread.start()
+    pack(0)
+    for thread in threads:
+        thread.join()
+    return None if failures else packed
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,14 +160,26 @@ def untie_output(model: Any) -> None:
         embed.weight_t = None
 
 
+def head_channel_scale(model: Any) -> torch.Tensor:
+    """``|gain| ** HEAD_GAIN_EXPONENT`` of the final norm, whose output is the output projection's input."""
+    gain = (1.0 + model.model.norm.weight.detach().float()).abs()
+    return gain.clamp_min(1e-6) ** HEAD_GAIN_EXPONENT
+
+
 def quantize_int8(model: Any) -> Any:
-    """Replace every bias-free ``nn.Linear`` of ``model`` (an llmsample ``gemma3`` model) by an ``Int8Linear``."""
+    """Replace every bias-free ``nn.Linear`` of ``model`` (an llmsample ``gemma3`` model) by an ``Int8Linear``,
+    the output projection by an ``Int8Head``."""
     untie_output(model)
-    for parent, name, _ in _linears(model):
+    for parent, name, key in _linears(model):
         linear = getattr(parent, name)
         if linear.bias is not None:
             raise ValueError(f"{name} has a bias; int8 quantization here covers bias-free layers only")
-        setattr(parent, name, Int8Linear(*quantize_weight(linear.weight.detach())))
+        if key == "lm_head":
+            channel_scale = head_channel_scale(model)
+            weight = linear.weight.detach().float() * channel_scale
+            setattr(parent, name, Int8Head(*quantize_weight(weight), channel_scale))
+        else:
+            setattr(parent, name, Int8Linear(*quantize_weight(linear.weight.detach())))
     return model
 
 
@@ -88,6 +189,8 @@ def int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
             state[f"{name}.int8_weight"], state[f"{name}.scales"] = module.int8_weight, module.scales
+        if isinstance(module, Int8Head):
+            state[f"{name}.channel_scale"] = module.channel_scale
     return state
 
 
@@ -97,6 +200,10 @@ def from_int8_state(model: Any, state: dict[str, torch.Tensor]) -> Any:
     for parent, name, key in _linears(model):
         if f"{key}.int8_weight" not in state:
             raise KeyError(f"no int8 weights for {key}")
-        setattr(parent, name, Int8Linear(state[f"{key}.int8_weight"], state[f"{key}.scales"]))
+        weights = state[f"{key}.int8_weight"], state[f"{key}.scales"]
+        if key == "lm_head":  # a KeyError for a state saved before the head was channel-scaled: quantize again
+            setattr(parent, name, Int8Head(*weights, state[f"{key}.channel_scale"]))
+        else:
+            setattr(parent, name, Int8Linear(*weights))
     return model
 
