@@ -155,10 +155,10 @@ def _head(rows: int, cols: int, seed: int = 0):
     return weight, quantize.Int8Head(*quantize.quantize_weight(weight * channel_scale), channel_scale)
 
 
-def test_int8_head_two_part_activations_are_finer_than_bfloat16():
+def test_int8_head_two_part_activations_are_finer_than_bfloat16(monkeypatch):
     weight, head = _head(5000, 64)  # over 4,096 rows: packed in two halves
     if torch.backends.quantized.engine in ("x86", "fbgemm"):
-        assert head._packed is not None and len(head._packed) == 2
+        assert head._packing.result() is not None and len(head._packing.result()) == 2
     x = torch.randn(4, 64) * torch.tensor([[1.0], [1e-3], [50.0], [0.0]])
     x[0, 5] = 40.0  # an outlier channel
     dequantized = (head.int8_weight.double() * head.scales.double()[:, None])
@@ -169,9 +169,10 @@ def test_int8_head_two_part_activations_are_finer_than_bfloat16():
     # Each activation is off by at most half a fine step (1/(63*126) of its row's largest magnitude).
     bound = scaled.abs().amax(1, keepdim=True) / (63 * 126 * 2) * dequantized.abs().sum(1)[None, :]
     assert ((got - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs()).all()
-    packed, head._packed = head._packed, None  # the fallback: bfloat16 activations, coarser
-    coarse = head(x).double()
-    head._packed = packed
+    monkeypatch.setattr(quantize, "_fbgemm_available", lambda: False)  # a torch without fbgemm: bfloat16, coarser
+    fallback = quantize.Int8Head(head.int8_weight, head.scales, head.channel_scale)
+    assert "bfloat16" in repr(fallback)
+    coarse = fallback(x).double()
     assert (coarse - exact).abs().mean() > 2 * (got - exact).abs().mean()
     assert torch.allclose(coarse, exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
 

@@ -158,8 +158,8 @@ def generate(
     engine: Annotated[Engine, typer.Option(help="Whose forward runs: llmsample's own Gemma 3, transformers', or "
                                            "auto (llmsample's where it supports the model).",
                                            rich_help_panel=MODEL)] = Engine("auto"),
-    quantize: Annotated[Quantize, typer.Option(help="int8: int8 weights on the CPU (about 2.4x faster, less "
-                                               "memory, perplexity within 3%; llmsample engine).",
+    quantize: Annotated[Quantize, typer.Option(help="int8: int8 weights on the CPU (about 3x faster, less "
+                                               "memory, perplexity within 2%; llmsample engine).",
                                                rich_help_panel=MODEL)] = Quantize("none"),
     output_format: Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (one event per token).",
                                                   rich_help_panel=OUTPUT)] = Format.text,

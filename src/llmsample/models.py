@@ -324,20 +324,6 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
     if not files:
         return "no .safetensors weights in the folder"
     if report:
-        report("loading the tokenizer")
-    try:
-        tokenizer = FastTokenizer.from_folder(folder)
-    except Exception as exc:  # tokenizers raises its own exception type for a bad file
-        raise ModelError(f"cannot read the tokenizer in {folder}: {first_line(exc)}") from exc
-    if tokenizer is None:  # the forward is still ours; only the tokenizer comes from transformers
-        _quiet_transformers()
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except Exception as exc:  # transformers raises many types here
-            raise _explain_load_failure(str(folder), exc) from exc
-    if report:
         report("loading the weights")
     from safetensors.torch import load_file
 
@@ -354,8 +340,22 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
             model.generation_config.eos_token_id = generation.get("eos_token_id", config.eos_token_id)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load a model from {folder}: {first_line(exc)}") from exc
-    if quantize:
+    if quantize:  # before the tokenizer: the int8 head's packing threads overlap its loading
         model = _quantized(model, folder, report)
+    if report:
+        report("loading the tokenizer")
+    try:
+        tokenizer = FastTokenizer.from_folder(folder)
+    except Exception as exc:  # tokenizers raises its own exception type for a bad file
+        raise ModelError(f"cannot read the tokenizer in {folder}: {first_line(exc)}") from exc
+    if tokenizer is None:  # the forward is still ours; only the tokenizer comes from transformers
+        _quiet_transformers()
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:  # transformers raises many types here
+            raise _explain_load_failure(str(folder), exc) from exc
     check_vocab(tokenizer, model, name)
     return LoadedModel(model, tokenizer, name, model.device, dtype, engine="llmsample", quantize=quantize)
 

@@ -17,8 +17,8 @@ Chinese texts, float32 = 24.24 and 73.73; decode tok/s, greedy, batch 1):
   for one weight read. Its weights are quantized after scaling input channel ``j`` by ``|gain_j| ** 0.2``, the
   final norm's gain (activation-aware, as AWQ; the input is divided by the same): the norm's gains span 0.19 to
   301, and the exponent 0.2 gave the lowest KL divergence from float32 on a calibration text that is not the
-  benchmark's (``benchmarks/calibrate_head.py``: mean KL 0.0033 against 0.0074 unscaled). Together: about
-  45 tok/s, perplexity -0.3% / +0.5% (``benchmarks/bench_generate.py``).
+  benchmark's (``benchmarks/calibrate_head.py``: mean KL 0.0033 against 0.0074 unscaled). Together: 40-44
+  tok/s, perplexity -0.1% / +1.4% (``benchmarks/bench_generate.py``).
 
 Every ``nn.Linear`` is replaced, the output projection included (untied from the embedding, which stays in
 float32 for the lookup). The int8 values and scales are plain tensors, so a cache maps them back in at once.
@@ -69,11 +69,12 @@ class Int8Head(Int8Linear):
     def __init__(self, int8_weight: torch.Tensor, scales: torch.Tensor, channel_scale: torch.Tensor):
         super().__init__(int8_weight, scales)
         self.register_buffer("channel_scale", channel_scale.float())
-        self._packed = _prepack_halves(self.int8_weight, self.scales)
+        self._packing = _PackInBackground(self.int8_weight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float() / self.channel_scale
-        if self._packed is None:
+        packed = self._packing.result()
+        if packed is None:
             return super().forward(rows).to(x.dtype).view(*x.shape[:-1], self.out_features)
         peak = rows.abs().amax(dim=1, keepdim=True)
         step = torch.where(peak > 0, peak, torch.ones_like(peak)) / 63
@@ -81,14 +82,14 @@ class Int8Head(Int8Linear):
         coarse = torch.round(scaled)
         both = torch.cat((coarse, (scaled - coarse) * _FINE_STEPS))
         # Inputs on the integer grid with scale 1 and zero point 64: fbgemm sees 1..127 (no 16-bit overflow).
-        parts = [_fbgemm_product(both, 1.0, 64, packed) for packed in self._packed]
+        parts = [_fbgemm_product(both, 1.0, 64, half) for half in packed]
         y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         n = rows.shape[0]
         y = (y[:n] + y[n:] / _FINE_STEPS) * step
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kernel = "fbgemm, two-part activations" if self._packed is not None else "bfloat16 activations"
+        kernel = "fbgemm, two-part activations" if self._packing.result() is not None else "bfloat16 activations"
         return f"{super().extra_repr()}, channel-scaled, {kernel}"
 
 
@@ -96,39 +97,60 @@ def _fbgemm_product(*args: Any) -> torch.Tensor:
     return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(*args)
 
 
-def _prepack_halves(int8_weight: torch.Tensor, scales: torch.Tensor) -> Optional[list[Any]]:
-    """fbgemm's packed form of the weights, in two halves of rows packed side by side (0.9 s instead of 1.7 s
-    for the default model's head); ``None`` where this torch has no fbgemm int8 product."""
+def _fbgemm_available() -> bool:
     if torch.backends.quantized.engine not in ("x86", "fbgemm"):
-        return None
+        return False
     try:
         torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # noqa: B018 (absent in some builds)
     except (AttributeError, RuntimeError):
-        return None
-    rows = int8_weight.shape[0]
-    bounds = [(0, rows)] if rows < 4096 else [(0, rows // 2), (rows // 2, rows)]
-    packed: list[Any] = [None] * len(bounds)
-    failures: list[BaseException] = []
+        return False
+    return True
 
-    def pack(i: int) -> None:
-        start, end = bounds[i]
+
+class _PackInBackground:
+    """fbgemm's packed form of int8 weights, made by threads while loading goes on; ``result()`` waits for it.
+
+    Packing the default model's head takes about 1.7 s on one core; it is split in two halves of rows (two
+    threads, multiplied side by side) and overlaps the tokenizer's loading. That loading holds the GIL for a
+    second, so the constructor returns only once each thread is about to enter torch's packing op (which releases
+    it). ``result()`` is ``None`` where this torch has no fbgemm int8 product or packing failed.
+    """
+
+    def __init__(self, int8_weight: torch.Tensor, scales: torch.Tensor):
+        rows = int8_weight.shape[0]
+        bounds = [(0, rows)] if rows < 4096 else [(0, rows // 2), (rows // 2, rows)]
+        self._packed: list[Any] = [None] * len(bounds)
+        self._threads: list[threading.Thread] = []
+        self._failed = not _fbgemm_available()
+        if self._failed:
+            return
         try:
             with warnings.catch_warnings():  # quantized tensors are deprecated; this is their one use here
                 warnings.simplefilter("ignore")
-                weight = torch._make_per_channel_quantized_tensor(
-                    int8_weight[start:end], scales[start:end].double(),
-                    torch.zeros(end - start, dtype=torch.long), 0)
-                packed[i] = torch.ops.quantized.linear_prepack(weight, None)
-        except (RuntimeError, AttributeError) as exc:
-            failures.append(exc)
+                halves = [torch._make_per_channel_quantized_tensor(
+                    int8_weight[start:end], scales[start:end].double(), torch.zeros(end - start, dtype=torch.long), 0)
+                    for start, end in bounds]
+        except (RuntimeError, AttributeError):
+            self._failed = True
+            return
+        entering = [threading.Event() for _ in halves]
+        self._threads = [threading.Thread(target=self._pack, args=(i, half, entering[i]), daemon=True)
+                         for i, half in enumerate(halves)]
+        for thread, event in zip(self._threads, entering):
+            thread.start()
+            event.wait()
 
-    threads = [threading.Thread(target=pack, args=(i,)) for i in range(1, len(bounds))]
-    for thread in threads:
-        thread.start()
-    pack(0)
-    for thread in threads:
-        thread.join()
-    return None if failures else packed
+    def _pack(self, i: int, weight: torch.Tensor, entering: threading.Event) -> None:
+        try:
+            entering.set()
+            self._packed[i] = torch.ops.quantized.linear_prepack(weight, None)
+        except (RuntimeError, AttributeError):
+            self._failed = True
+
+    def result(self) -> Optional[list[Any]]:
+        while self._threads:
+            self._threads.pop().join()
+        return None if self._failed else self._packed
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +177,8 @@ def untie_output(model: Any) -> None:
     """Give a tied model its own output projection (the same values) so that it can be quantized apart."""
     if getattr(model, "lm_head", None) is None:
         embed = model.get_input_embeddings()
-        model.lm_head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False)
+        with torch.device("meta"):  # no random initialisation of 168M values only to replace them
+            model.lm_head = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False)
         model.lm_head.weight = nn.Parameter(embed.weight.detach(), requires_grad=False)
         embed.weight_t = None
 
