@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+
+import rich.cells
 import json
 
 import pytest
@@ -112,6 +114,25 @@ def test_sweep_csv_and_plot(cli, model_args, tmp_path):
     assert [r["temperature"] for r in rows] == ["0.5", "1.0", "1.5"]
     assert {"distinct_1", "distinct_2", "repeated_3gram_rate", "mean_entropy", "perplexity"} <= set(rows[0])
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_text_table_keeps_every_column_in_80_columns_with_long_samples():
+    from llmsample import render
+
+    row = {"distinct_1": 0.61, "distinct_2": 0.92, "repeated_3gram_rate": 0.0, "mean_entropy": 1.13,
+           "perplexity": 3.25, "mean_length": 16.0}
+    rows = [dict(row, point={"top_p": 0.5, "temperature": 0.7}, sample=" the sea " * 30),
+            dict(row, point={"top_p": 0.9, "temperature": 0.7}, sample="今天天气非常好" * 20)]
+    out, _ = render.make_consoles(no_color=True, stdout=io.StringIO())
+    out.width = 80
+    out.print(render.sweep_table(rows, {"top_p": [0.5, 0.9], "temperature": [0.7]}))
+    lines = out.file.getvalue().splitlines()
+    assert all(rich.cells.cell_len(line) <= 80 for line in lines[:4])
+    header, _, first, second = lines[:4]
+    assert header.split()[:9] == ["top_p", "┃", "temperature", "┃", "dist-1", "┃", "dist-2", "┃", "rep-3"]
+    assert "ppl" in header and "len" in header and header.endswith("first s…")  # tight: the header is cut too
+    assert first.split("│")[:2] == ["  0.5 ", "         0.7 "] and "3.2" in first and first.endswith("…")
+    assert second.split("│")[0].strip() == "0.9" and "今天" in second and second.endswith("…")
 
 
 @pytest.mark.parametrize(

@@ -236,6 +236,29 @@ def test_cli_quantize_int8_generates_and_reports_it(cli, tiny_gemma_dir):
     assert not (tiny_gemma_dir / models.INT8_FILE).exists()  # only llmsample's own cache is written to
 
 
+def test_inspect_and_sweep_take_the_engine_and_int8(cli, tiny_gemma_dir):
+    base = ("--model", str(tiny_gemma_dir), "--format", "json")
+
+    def inspect(*extra):
+        code, out, err = cli("inspect", "The quick brown fox", "--temperature", "0.7", *base, *extra)
+        assert code == 0, err
+        return json.loads(out)
+
+    def top(result):
+        return [(row["token_id"], row["prob"]) for row in result["steps"][0]["variants"][0]["top"]]
+
+    native, reference, int8 = inspect(), inspect("--engine", "transformers"), inspect("--quantize", "int8")
+    assert [t for t, _ in top(native)] == [t for t, _ in top(reference)]
+    assert [p for _, p in top(native)] == pytest.approx([p for _, p in top(reference)], abs=1e-5)
+    assert top(int8)[0][0] == top(native)[0][0] and top(int8) != top(native)  # int8 ran: close, not identical
+    code, out, err = cli("sweep", "The quick brown fox", "--grid", "top_p=0.5,0.9", "--samples", "2",
+                         "--max-new-tokens", "4", "--quantize", "int8", *base)
+    assert code == 0, err
+    assert len(json.loads(out)["points"]) == 2
+    code, out, err = cli("sweep", "Hi", "--grid", "top_p=0.5", "--quantize", "int8", "--engine", "transformers", *base)
+    assert code == 2 and "needs the llmsample engine" in err and out == ""
+
+
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "int8", "--engine", "transformers"], "needs the llmsample engine"),
     (["--quantize", "int8", "--dtype", "bfloat16"], "computes in float32"),

@@ -60,6 +60,11 @@ Engine = enum.Enum("Engine", {name: name for name in ENGINES}, type=str)
 Quantize = enum.Enum("Quantize", {name: name for name in QUANTIZE_MODES}, type=str)
 
 
+def _quantize_mode(choice: enum.Enum) -> Optional[str]:
+    """``models.load``'s spelling of a ``--quantize`` choice (``none`` is ``None``)."""
+    return None if choice.value == "none" else choice.value
+
+
 class Format(str, enum.Enum):
     text = "text"
     json = "json"
@@ -213,7 +218,7 @@ def generate(
     options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
                                   device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
                                   candidates=candidates, engine=engine.value,
-                                  quantize=None if quantize.value == "none" else quantize.value)
+                                  quantize=_quantize_mode(quantize))
     try:
         run.generate(options, renderer)
     except BrokenPipeError:
@@ -244,6 +249,8 @@ def inspect(
                                                  rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = "auto",
     dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
+    engine: Annotated[Engine, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Engine("auto"),
+    quantize: Annotated[Quantize, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Quantize("none"),
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
 ) -> None:
     """The next-token distribution after PROMPT under one or more settings, side by side.
@@ -267,7 +274,7 @@ def inspect(
     chosen = lab.variants(preset or [], dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                              typical_p=typical_p, repetition_penalty=repetition_penalty, order=order))
     out, err = render.make_consoles()
-    lm, _ = run.load_model(model, device, dtype.value, None, err)
+    lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
     result = lab.inspect_steps(lm, prompt, chosen, steps, top)
     if plot:
         plots.inspect_plot(result, plot)
@@ -299,6 +306,8 @@ def sweep(
                                                  rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = "auto",
     dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
+    engine: Annotated[Engine, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Engine("auto"),
+    quantize: Annotated[Quantize, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Quantize("none"),
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
 ) -> None:
     """Seed 003's experiment: generate over a grid of settings and measure diversity at each point.
@@ -324,7 +333,7 @@ def sweep(
     for point in points:  # every point must be valid before anything is loaded
         presets.resolve_settings(preset, {"sampling": point})
     out, err = render.make_consoles()
-    lm, _ = run.load_model(model, device, dtype.value, None, err)
+    lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
     progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True)
     with progress:

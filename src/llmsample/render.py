@@ -344,10 +344,13 @@ def sweep_table(rows: list[dict[str, Any]], grid: dict[str, list]) -> Table:
         table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
     for _, header, _ in SWEEP_COLUMNS:
         table.add_column(header, justify="right", no_wrap=True, min_width=max(5, len(header)))
-    table.add_column("first sample", overflow="ellipsis", no_wrap=True, ratio=1, min_width=8)
+    # A wrappable column holding one-line text: rich shrinks it to fit and cuts the text with an ellipsis. A
+    # no_wrap column would instead claim the whole sample's width and squeeze the other columns to nothing.
+    table.add_column(Text("first sample", no_wrap=True, overflow="ellipsis"), ratio=1, min_width=8)
     for row in rows:
+        sample = Text(json.dumps(row["sample"], ensure_ascii=False), no_wrap=True, overflow="ellipsis")
         table.add_row(*[str(row["point"][n]) for n in grid], *[fmt.format(row[key]) for key, _, fmt in SWEEP_COLUMNS],
-                      json.dumps(row["sample"], ensure_ascii=False))
+                      sample)
     table.caption = ("dist-n: distinct n-grams / all n-grams over the samples · rep-3: repeated 3-gram rate · "
                      "H: mean entropy of the final distributions (nats) · ppl: perplexity of the chosen tokens "
                      "under the model · len: mean tokens")
