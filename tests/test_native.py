@@ -9,6 +9,7 @@ import torch
 from tiny_model import build_tiny_gemma3, tiny_gemma3_config
 
 from llmsample import gemma3, models, quantize
+from llmsample.decode import _cache_keyword  # transformers 5.24 renamed past_key_values
 from llmsample.errors import ConfigError
 
 
@@ -47,7 +48,7 @@ def test_prefill_and_decode_logits_equal_transformers(overrides):
         hf_cache, cache = theirs.past_key_values, ours.past_key_values
         token = theirs.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(8):  # decode steps past the window, so the sliding layers drop old keys
-            theirs = hf(input_ids=token, past_key_values=hf_cache, use_cache=True)
+            theirs = hf(input_ids=token, use_cache=True, **{_cache_keyword(hf): hf_cache})
             ours = native(input_ids=token, past_key_values=cache)
             close(ours.logits[:, -1], theirs.logits[:, -1], 1e-5)
             token = theirs.logits[:, -1].argmax(-1, keepdim=True)
@@ -72,7 +73,7 @@ def test_beam_reorder_follows_the_rows_like_transformers():
         theirs.past_key_values.reorder_cache(order)
         ours.past_key_values.reorder_cache(order)
         token = torch.tensor([[5], [6], [7]])
-        after_theirs = hf(input_ids=token, past_key_values=theirs.past_key_values, use_cache=True).logits
+        after_theirs = hf(input_ids=token, use_cache=True, **{_cache_keyword(hf): theirs.past_key_values}).logits
         after_ours = native(input_ids=token, past_key_values=ours.past_key_values).logits
     close(after_ours[:, -1], after_theirs[:, -1], 1e-5)
 
