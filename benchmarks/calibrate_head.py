@@ -38,7 +38,7 @@ def main() -> None:
     import torch
 
     from llmsample.models import load
-    from llmsample.quantize import quantize_weight
+    from llmsample.quantize import head_channel_scale, quantize_weight
 
     lm = load(device="cpu")
     model = lm.model
@@ -53,11 +53,11 @@ def main() -> None:
         states = torch.cat(hidden)
         weight = model.get_input_embeddings().weight.detach()
         reference = torch.log_softmax(states @ weight.t(), -1)
-        gain = (1 + model.model.norm.weight.float()).abs().clamp_min(1e-6)
+        gain = head_channel_scale(model, 1.0)
         print(f"{states.shape[0]} positions; norm gains {gain.min():.3g} to {gain.max():.3g}")
         print("exponent  mean KL   max KL   same top token")
         for exponent in (float(a) for a in args.exponents.split(",")):
-            scale = gain ** exponent
+            scale = head_channel_scale(model, exponent)
             int8, scales = quantize_weight(weight * scale)
             logprobs = torch.log_softmax(states @ ((int8.float() * scales[:, None]) / scale).t(), -1)
             kl = (reference.exp() * (reference - logprobs)).sum(-1)

@@ -187,8 +187,10 @@ def test_int8_head_channel_scaling_is_exact_in_float_and_saved():
     state = quantize.int8_state(int8)
     assert torch.equal(state["lm_head.channel_scale"], int8.lm_head.channel_scale)
     del state["lm_head.channel_scale"]  # a state saved before the head was channel-scaled
+    untouched = gemma3.load_native(hf.state_dict(), config, torch.float32)
     with pytest.raises(KeyError):
-        quantize.from_int8_state(gemma3.load_native(hf.state_dict(), config, torch.float32), state)
+        quantize.from_int8_state(untouched, state)
+    assert not any(isinstance(m, quantize.Int8Linear) for m in untouched.modules())  # nothing half-swapped
 
 
 # ---- the loader and the command ---------------------------------------------------------------------------------

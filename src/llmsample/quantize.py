@@ -183,10 +183,10 @@ def untie_output(model: Any) -> None:
         embed.weight_t = None
 
 
-def head_channel_scale(model: Any) -> torch.Tensor:
-    """``|gain| ** HEAD_GAIN_EXPONENT`` of the final norm, whose output is the output projection's input."""
+def head_channel_scale(model: Any, exponent: float = HEAD_GAIN_EXPONENT) -> torch.Tensor:
+    """``|gain| ** exponent`` of the final norm, whose output is the output projection's input."""
     gain = (1.0 + model.model.norm.weight.detach().float()).abs()
-    return gain.clamp_min(1e-6) ** HEAD_GAIN_EXPONENT
+    return gain.clamp_min(1e-6) ** exponent
 
 
 def quantize_int8(model: Any) -> Any:
@@ -218,13 +218,18 @@ def int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def from_int8_state(model: Any, state: dict[str, torch.Tensor]) -> Any:
-    """Swap ``model``'s linear layers for the saved int8 ones (``state`` from ``int8_state``)."""
+    """Swap ``model``'s linear layers for the saved int8 ones (``state`` from ``int8_state``). A state in an older
+    layout (a head without channel scales) raises ``KeyError`` before anything changes."""
     untie_output(model)
-    for parent, name, key in _linears(model):
-        if f"{key}.int8_weight" not in state:
-            raise KeyError(f"no int8 weights for {key}")
+    linears = _linears(model)
+    for *_, key in linears:  # all checked before the model changes: a caller may quantize it afresh instead
+        needed = [f"{key}.int8_weight", f"{key}.scales"] + ([f"{key}.channel_scale"] if key == "lm_head" else [])
+        missing = [name for name in needed if name not in state]
+        if missing:
+            raise KeyError(f"no {missing[0]} in the int8 state")
+    for parent, name, key in linears:
         weights = state[f"{key}.int8_weight"], state[f"{key}.scales"]
-        if key == "lm_head":  # a KeyError for a state saved before the head was channel-scaled: quantize again
+        if key == "lm_head":
             setattr(parent, name, Int8Head(*weights, state[f"{key}.channel_scale"]))
         else:
             setattr(parent, name, Int8Linear(*weights))
