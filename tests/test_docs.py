@@ -66,3 +66,9 @@ def test_man_page_renders_without_warnings():
         result = subprocess.run(["groff", "-k", "-Tutf8", "-man", "-ww", "-z", str(ROOT / "man" / "llmsample.1")],
                                 capture_output=True, text=True)
         assert result.returncode == 0 and not result.stderr, result.stderr
+
+
+def test_the_man_page_sampling_options_are_the_registry():
+    from llmsample import manpage
+
+    assert manpage.rewrite(MAN) == MAN, "run: python -m llmsample.manpage"

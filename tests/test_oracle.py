@@ -46,11 +46,50 @@ def run_hf(cfg: SamplingConfig, input_ids: torch.Tensor, logits: torch.Tensor) -
     return scores
 
 
+def _scores_before(kind: type, cfg: SamplingConfig, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    scores = logits.clone()
+    for processor in hf_chain(cfg):
+        if isinstance(processor, kind):
+            break
+        scores = processor(input_ids, scores)
+    return scores
+
+
+def near_float_boundary(cfg: SamplingConfig, input_ids: torch.Tensor, logits: torch.Tensor) -> bool:
+    """True where float32 rounding decides a cut, so that neither implementation is wrong and the case is not
+    compared: a token's mass within 1e-6 of top_p's cut (transformers' float32 cumulative sum drifts by ~3e-7
+    over 32k tokens; llmsample sums the same float32 probabilities exactly), or two typical_p distances within
+    1e-5 of each other at its cut (the entropy's rounding depends on the summation order, and llmsample sums
+    over the survivors only)."""
+    if cfg.top_p < 1.0:
+        scores = _scores_before(lp.TopPLogitsWarper, cfg, input_ids, logits)
+        ascending = torch.sort(torch.softmax(scores, -1), dim=-1).values.double().cumsum(-1)
+        if ((ascending - (1.0 - cfg.top_p)).abs() < 1e-6).any():
+            return True
+    if cfg.typical_p < 1.0:
+        scores = _scores_before(lp.TypicalLogitsWarper, cfg, input_ids, logits)
+        log_probs = torch.log_softmax(scores, -1)
+        entropy = -(log_probs.exp() * log_probs).nansum(-1, keepdim=True)
+        distance, order = torch.sort((-log_probs - entropy).abs(), dim=-1)
+        cumulative = scores.gather(1, order).softmax(-1).cumsum(-1)
+        last = (cumulative < cfg.typical_p).sum(-1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+        at_cut = distance.gather(1, last)
+        near = ((distance - at_cut).abs() < 1e-5).sum(-1)  # the cut's own distance counts once
+        if (near > 1).any():
+            return True
+    return False
+
+
 def assert_same_distribution(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Same removed set and probabilities, except our documented rule: a tie at a truncation's boundary is
+    kept whole, where transformers keeps whichever tied token its sort put first (float32 logits tie too)."""
     ours_kept, theirs_kept = torch.isfinite(ours), torch.isfinite(theirs)
-    diff = (ours_kept != theirs_kept).nonzero().tolist()
-    assert not diff, f"removed sets differ at (row, token) {diff[:10]}"
-    torch.testing.assert_close(torch.softmax(ours, -1), torch.softmax(theirs, -1), atol=1e-5, rtol=0)
+    assert not (theirs_kept & ~ours_kept).any(), f"we removed {(theirs_kept & ~ours_kept).nonzero().tolist()[:10]}"
+    for row, token in (ours_kept & ~theirs_kept).nonzero().tolist():
+        boundary = ours[row][theirs_kept[row]].min()
+        assert ours[row, token] == boundary, f"an extra token that is not a tie at the boundary: {(row, token)}"
+    same = (ours_kept == theirs_kept).all(-1)
+    torch.testing.assert_close(torch.softmax(ours[same], -1), torch.softmax(theirs[same], -1), atol=1e-5, rtol=0)
 
 
 @st.composite
@@ -96,6 +135,7 @@ def test_matches_transformers_in_hf_order(case):
     theirs = run_hf(cfg, input_ids, logits)
     # transformers turns a row where no-repeat-ngram bans everything into NaN; we keep the best token there.
     assume(bool(torch.isfinite(theirs).any(-1).all()))
+    assume(not near_float_boundary(cfg, input_ids, logits))
     ours = Sampler(cfg).process(input_ids, logits)
     assert_same_distribution(ours, theirs)
 

@@ -22,6 +22,7 @@ from llmsample import __version__
 from llmsample import presets
 from llmsample.errors import ConfigError, ExitCode, LlmsampleError, first_line
 from llmsample.models import ENGINES, QUANTIZE_MODES
+from llmsample.options import stage_options, to_layer, to_variants
 
 USAGE_ERRORS = (click.exceptions.UsageError, _vendored_click.UsageError)
 EXITS = (click.exceptions.Exit, typer.Exit)
@@ -104,43 +105,17 @@ def command_line_layer(sampling: dict, generation: dict, explicit_sample: Option
 
 
 @app.command()
+@stage_options()
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt (also read from stdin when piped).",
                                                     show_default=False)] = None,
     file: Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from FILE ('-' = stdin).",
                                                 rich_help_panel=GENERATION)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Divide the logits by T (0 = argmax) [default: 1.0, ≥ 0].",
-                                                         rich_help_panel=SAMPLING)] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens [default: 0 = off].",
-                                                 rich_help_panel=SAMPLING)] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus: keep the smallest set reaching mass p [default: 1.0 = off, (0, 1]].",
-                                                   rich_help_panel=SAMPLING)] = None,
-    min_p: Annotated[Optional[float], typer.Option(help="Keep tokens with p ≥ min_p·p_max [default: 0 = off, [0, 1]].",
-                                                   rich_help_panel=SAMPLING)] = None,
-    typical_p: Annotated[Optional[float], typer.Option(help="Locally typical sampling mass [default: 1.0 = off, (0, 1]].",
-                                                       rich_help_panel=SAMPLING)] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help="Divide positive / multiply negative logits of seen tokens [default: 1.0 = off, > 0].",
-                                                                rich_help_panel=SAMPLING)] = None,
-    frequency_penalty: Annotated[Optional[float], typer.Option(help="Subtract α·count for generated tokens [default: 0, [-2, 2]].",
-                                                               rich_help_panel=SAMPLING)] = None,
-    presence_penalty: Annotated[Optional[float], typer.Option(help="Subtract β once for generated tokens [default: 0, [-2, 2]].",
-                                                              rich_help_panel=SAMPLING)] = None,
-    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(help="Ban repeating any n-gram of this size [default: 0 = off].",
-                                                                rich_help_panel=SAMPLING)] = None,
-    num_beams: Annotated[Optional[int], typer.Option(help="Beam search with this many beams [default: 1 = off].",
-                                                     rich_help_panel=SAMPLING)] = None,
-    length_penalty: Annotated[Optional[float], typer.Option(help="Beam score = Σ log p / length^α [default: 1.0].",
-                                                            rich_help_panel=SAMPLING)] = None,
-    early_stopping: Annotated[Optional[str], typer.Option(help="Beam search stop rule: true, false or never [default: false].",
-                                                          rich_help_panel=SAMPLING)] = None,
-    order: Annotated[Optional[str], typer.Option(help="Stage order, comma-separated, or 'hf' for transformers' order "
-                                                      "[default: penalties,no_repeat_ngram,top_k,top_p,min_p,typical_p,temperature].",
-                                                 rich_help_panel=SAMPLING)] = None,
-    sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Draw from the distribution, or take the argmax [default: --sample].",
+    sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Draw from the distribution, or take the argmax \\[default: --sample].",
                                                    show_default=False, rich_help_panel=SAMPLING)] = None,
     preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="A preset name or TOML file (see 'llmsample presets list').",
                                                   rich_help_panel=GENERATION)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many new tokens [default: 128].",
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many new tokens \\[default: 128].",
                                                           rich_help_panel=GENERATION)] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this text (repeatable; not printed).",
                                                       rich_help_panel=GENERATION)] = None,
@@ -150,10 +125,10 @@ def generate(
                                              "(fixed-length runs, benchmarks).", rich_help_panel=GENERATION)] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, model, device and settings → same text).",
                                                 rich_help_panel=GENERATION)] = None,
-    num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch [default: 1].",
+    num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch \\[default: 1].",
                                                        rich_help_panel=GENERATION)] = None,
     model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL", show_envvar=True,
-                                                 help="HF model id, local folder or .gguf file [default: packaged Gemma 3 270M].",
+                                                 help="HF model id, local folder or .gguf file \\[default: packaged Gemma 3 270M].",
                                                  rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)] = "auto",
     dtype: Annotated[DType, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA where supported.",
@@ -178,6 +153,7 @@ def generate(
     stats: Annotated[bool, typer.Option("--stats", help="Print load time, time to first token, tokens/s, peak memory and the engine to stderr.",
                                         rich_help_panel=OUTPUT)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", rich_help_panel=OUTPUT)] = False,
+    stage_values: Optional[dict] = None,
 ) -> None:
     """Generate text from a prompt, streaming tokens coloured by their probability.
 
@@ -185,7 +161,7 @@ def generate(
 
       llmsample "今天天气非常" --temperature 0.7 --top-p 0.9 --seed 1
 
-      echo "Write a haiku about rain" | llmsample --format jsonl | jq -r .text
+      echo "Write a haiku about rain" | llmsample --format json | jq -r .text
 
       llmsample "The capital of France is" --num-beams 4 -n 2
     """
@@ -193,18 +169,8 @@ def generate(
 
     if not 0 <= candidates <= 1000:
         raise ConfigError(f"--candidates must be an integer in [0, 1000], got {candidates}")
-    if early_stopping is not None:
-        key = early_stopping.strip().lower()
-        if key not in ("true", "false", "never"):
-            raise ConfigError(f"--early-stopping must be true, false or never, got {early_stopping!r}")
-        early_stopping_value: object = {"true": True, "false": False}.get(key, "never")
-    else:
-        early_stopping_value = None
     layer = command_line_layer(
-        dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-             repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-             presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
-             length_penalty=length_penalty, early_stopping=early_stopping_value, order=order),
+        to_layer(stage_values or {}),
         dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples),
         sample,
     )
@@ -231,18 +197,12 @@ LAB = "Settings to compare (repeat a flag for several)"
 
 
 @app.command()
+@stage_options(repeatable=True)
 def inspect(
     prompt: Annotated[str, typer.Argument(help="The prompt whose next token is inspected.")],
     preset: Annotated[Optional[list[str]], typer.Option("-p", "--preset", help="A preset (repeatable).", rich_help_panel=LAB)] = None,
-    temperature: Annotated[Optional[list[float]], typer.Option(help="Temperature (repeatable).", rich_help_panel=LAB)] = None,
-    top_k: Annotated[Optional[list[int]], typer.Option(help="top_k (repeatable).", rich_help_panel=LAB)] = None,
-    top_p: Annotated[Optional[list[float]], typer.Option(help="top_p (repeatable).", rich_help_panel=LAB)] = None,
-    min_p: Annotated[Optional[list[float]], typer.Option(help="min_p (repeatable).", rich_help_panel=LAB)] = None,
-    typical_p: Annotated[Optional[list[float]], typer.Option(help="typical_p (repeatable).", rich_help_panel=LAB)] = None,
-    repetition_penalty: Annotated[Optional[list[float]], typer.Option(help="Repetition penalty (repeatable).", rich_help_panel=LAB)] = None,
-    order: Annotated[Optional[list[str]], typer.Option(help="Stage order (repeatable).", rich_help_panel=LAB)] = None,
-    steps: Annotated[int, typer.Option(help="Follow this many greedy steps [1, 64].")] = 1,
-    top: Annotated[int, typer.Option(help="Show the top N probabilities [1, 100].")] = 20,
+    steps: Annotated[int, typer.Option(help="Follow this many greedy steps \\[1, 64].")] = 1,
+    top: Annotated[int, typer.Option(help="Show the top N probabilities \\[1, 100].")] = 20,
     plot: Annotated[Optional[str], typer.Option(help="Also draw seed 002's figure to FILE.png (needs llmsample[plot]).")] = None,
     output_format: Annotated[Format, typer.Option("--format", help="text or json.")] = Format.text,
     model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL", help="As for generate.",
@@ -252,6 +212,7 @@ def inspect(
     engine: Annotated[Engine, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Engine("auto"),
     quantize: Annotated[Quantize, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Quantize("none"),
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
+    stage_values: Optional[dict] = None,
 ) -> None:
     """The next-token distribution after PROMPT under one or more settings, side by side.
 
@@ -271,8 +232,7 @@ def inspect(
         raise ConfigError(f"--top must be an integer in [1, 100], got {top}")
     if output_format == Format.jsonl:
         raise ConfigError("--format for inspect is text or json, got 'jsonl'")
-    chosen = lab.variants(preset or [], dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                             typical_p=typical_p, repetition_penalty=repetition_penalty, order=order))
+    chosen = lab.variants(preset or [], to_variants(stage_values or {}))
     out, err = render.make_consoles()
     lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
     result = lab.inspect_steps(lm, prompt, chosen, steps, top)

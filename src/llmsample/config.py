@@ -6,108 +6,31 @@ This module imports nothing heavy: the CLI validates flags with it before torch 
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Optional, Union
+from dataclasses import dataclass, field, fields, make_dataclass, replace
+from typing import Any, Callable, Iterable, Optional
 
 from llmsample.errors import ConfigError
 
-# The stages a chain can hold, by name. "penalties" is repetition, then frequency and presence penalties.
-STAGES: tuple[str, ...] = (
-    "penalties",
-    "no_repeat_ngram",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "temperature",
+from llmsample.sampling.registry import (  # noqa: F401 (re-exported: the names scripts and tests use)
+    ALL_FIELDS,
+    CHAIN_STAGES,
+    DEFAULT_ORDER,
+    FIELDS,
+    FIELD_STAGE,
+    HF_ORDER,
+    ORDER_ALIASES,
+    SELECTOR,
+    STAGE_ALIASES,
+    STAGE_SPECS,
+    STAGES,
+    TOKEN_TEXT_FIELDS,
+    active_stages,
+    parse_order,
 )
 
-# The seeds' order and llama.cpp's: truncation judges the model's own distribution, temperature only reshapes
-# what survives.
-DEFAULT_ORDER: tuple[str, ...] = STAGES
-
-# transformers' order (GenerationMixin._get_logits_processor): processors, then temperature first among warpers.
-HF_ORDER: tuple[str, ...] = (
-    "penalties",
-    "no_repeat_ngram",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-)
-
-ORDER_ALIASES: dict[str, tuple[str, ...]] = {
-    "default": DEFAULT_ORDER,
-    "llmsample": DEFAULT_ORDER,
-    "seeds": DEFAULT_ORDER,
-    "hf": HF_ORDER,
-    "transformers": HF_ORDER,
-}
-
-STAGE_ALIASES: dict[str, str] = {
-    "penalty": "penalties",
-    "repetition_penalty": "penalties",
-    "frequency_penalty": "penalties",
-    "presence_penalty": "penalties",
-    "no_repeat_ngram_size": "no_repeat_ngram",
-    "ngram": "no_repeat_ngram",
-    "temp": "temperature",
-    "typical": "typical_p",
-}
-
-# The stages that still run in greedy and beam search: they change which token is best. Truncation and
-# temperature never change the argmax (typical_p could, so it is left out as transformers leaves it out).
-DETERMINISTIC_STAGES: frozenset[str] = frozenset({"penalties", "no_repeat_ngram"})
-
-
-def parse_order(value: Union[str, Iterable[str], None]) -> tuple[str, ...]:
-    """Normalise an order given as an alias, a comma-separated string or a sequence of names.
-
-    >>> parse_order("top_k, top-p,temp")
-    ('top_k', 'top_p', 'temperature')
-    >>> parse_order("hf")[:3]
-    ('penalties', 'no_repeat_ngram', 'temperature')
-    """
-    if value is None:
-        return DEFAULT_ORDER
-    if isinstance(value, str):
-        key = value.strip().lower()
-        if key in ORDER_ALIASES:
-            return ORDER_ALIASES[key]
-        names: list[str] = [part for part in (p.strip() for p in value.split(",")) if part]
-    else:
-        try:
-            names = list(value)
-        except TypeError:
-            raise ConfigError(f"order must be a list of stage names, got {value!r}") from None
-    resolved: list[str] = []
-    for raw in names:
-        if not isinstance(raw, str):
-            raise ConfigError(f"order must contain stage names, got {raw!r}")
-        name = raw.strip().lower().replace("-", "_")
-        name = STAGE_ALIASES.get(name, name)
-        if name not in STAGES:
-            hint = difflib.get_close_matches(name, list(STAGES) + list(STAGE_ALIASES), n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(
-                f"order has an unknown stage {raw!r}{suggestion}; known stages: {', '.join(STAGES)}"
-            )
-        if name in resolved:
-            raise ConfigError(f"order names the stage {name!r} twice")
-        resolved.append(name)
-    return tuple(resolved)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if math.isnan(value):
-        raise ConfigError(f"{name} must be a number, got nan")
-    return value
+# The stages a chain can hold, in the default order.
+STAGE_NAMES: tuple[str, ...] = CHAIN_STAGES
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:
@@ -119,7 +42,11 @@ def _integer(name: str, value: Any, minimum: int) -> int:
 
 
 def _in_range(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
-    number = _number(name, value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if math.isnan(number):
+        raise ConfigError(f"{name} must be a number, got nan")
     below = number <= lo if lo_open else number < lo
     above = number >= hi if hi_open else number > hi
     if below or above:
@@ -130,58 +57,12 @@ def _in_range(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_ope
     return number
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How one next token is chosen. Neutral values switch a stage off.
-
-    >>> SamplingConfig(do_sample=True, temperature=0.7, top_p=0.9).top_p
-    0.9
-    >>> SamplingConfig(top_p=1.5)
-    Traceback (most recent call last):
-    ...
-    llmsample.errors.ConfigError: top_p must be in (0, 1], got 1.5
-    """
-
-    do_sample: bool = False  # False = greedy (argmax after the penalties)
-    temperature: float = 1.0  # 1.0 = off; 0 = keep only the top token
-    top_k: int = 0  # 0 = off (transformers defaults to 50; we truncate nothing unless asked)
-    top_p: float = 1.0  # 1.0 = off
-    min_p: float = 0.0  # 0.0 = off
-    typical_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off
-    frequency_penalty: float = 0.0  # 0.0 = off
-    presence_penalty: float = 0.0  # 0.0 = off
-    no_repeat_ngram_size: int = 0  # 0 = off
-    num_beams: int = 1  # 1 = no beam search
-    length_penalty: float = 1.0  # beam search only
-    early_stopping: Union[bool, str] = False  # beam search only: True, False or "never"
-    order: tuple[str, ...] = field(default=DEFAULT_ORDER)
+class _SamplingConfigMethods:
+    """What a ``SamplingConfig`` can say about itself; its fields come from the stage registry."""
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        if not isinstance(self.do_sample, bool):
-            raise ConfigError(f"do_sample must be true or false, got {self.do_sample!r}")
-        set_(self, "temperature", _in_range("temperature", self.temperature, 0, math.inf, False, True))
-        set_(self, "top_k", _integer("top_k", self.top_k, 0))
-        set_(self, "top_p", _in_range("top_p", self.top_p, 0, 1, True, False))
-        set_(self, "min_p", _in_range("min_p", self.min_p, 0, 1, False, False))
-        set_(self, "typical_p", _in_range("typical_p", self.typical_p, 0, 1, True, False))
-        set_(
-            self,
-            "repetition_penalty",
-            _in_range("repetition_penalty", self.repetition_penalty, 0, math.inf, True, True),
-        )
-        for name in ("frequency_penalty", "presence_penalty"):
-            set_(self, name, _in_range(name, getattr(self, name), -2, 2, False, False))
-        set_(self, "no_repeat_ngram_size", _integer("no_repeat_ngram_size", self.no_repeat_ngram_size, 0))
-        set_(self, "num_beams", _integer("num_beams", self.num_beams, 1))
-        length_penalty = _number("length_penalty", self.length_penalty)
-        if math.isinf(length_penalty):
-            raise ConfigError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        set_(self, "length_penalty", length_penalty)
-        if self.early_stopping not in (True, False, "never"):
-            raise ConfigError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
-        set_(self, "order", parse_order(self.order))
+        for spec in ALL_FIELDS:
+            object.__setattr__(self, spec.name, spec.validate(getattr(self, spec.name)))
         if self.num_beams > 1 and self.do_sample:
             raise ConfigError(
                 f"num_beams={self.num_beams} needs do_sample=false: beam search is deterministic "
@@ -195,63 +76,35 @@ class SamplingConfig:
         """True when the next token is the argmax (no draw)."""
         return not self.do_sample or self.temperature == 0.0
 
+    @property
+    def deterministic(self) -> bool:
+        """Greedy decoding or beam search: only the stages that can change the best token run."""
+        return not self.do_sample or self.num_beams > 1
+
     def stage_is_set(self, name: str) -> bool:
         """Whether the settings of stage ``name`` differ from its neutral value."""
-        if name == "penalties":
-            return (
-                self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-            )
-        if name == "no_repeat_ngram":
-            return self.no_repeat_ngram_size > 0
-        if name == "top_k":
-            return self.top_k > 0
-        if name == "top_p":
-            return self.top_p < 1.0
-        if name == "min_p":
-            return self.min_p > 0.0
-        if name == "typical_p":
-            return self.typical_p < 1.0
-        if name == "temperature":
-            return self.temperature != 1.0
-        raise KeyError(name)
+        return STAGES[name].is_set(self)
 
     def active_stages(self) -> tuple[str, ...]:
-        """The stages that run, in chain order.
-
-        Greedy decoding (``do_sample=False``) and beam search keep only the stages that can change the best
-        token (penalties, no-repeat-ngram), as transformers does. Sampling with temperature 0 keeps the whole
-        chain and temperature keeps only the top token.
-        """
-        deterministic = not self.do_sample or self.num_beams > 1
-        return tuple(
-            name
-            for name in self.order
-            if self.stage_is_set(name) and (not deterministic or name in DETERMINISTIC_STAGES)
-        )
+        """The stages that run, in chain order (see ``registry.active_stages``)."""
+        return active_stages(self)
 
     def inactive_settings(self) -> list[tuple[str, str]]:
         """Settings that are set but have no effect, with the reason: ``[(field, why), …]``."""
         notes: list[tuple[str, str]] = []
-        deterministic = not self.do_sample or self.num_beams > 1
         mode = "beam search" if self.num_beams > 1 else "greedy decoding"
-        stage_fields = {
-            "penalties": ("repetition_penalty", "frequency_penalty", "presence_penalty"),
-            "no_repeat_ngram": ("no_repeat_ngram_size",),
-            "top_k": ("top_k",),
-            "top_p": ("top_p",),
-            "min_p": ("min_p",),
-            "typical_p": ("typical_p",),
-            "temperature": ("temperature",),
-        }
-        neutral = SamplingConfig.__dataclass_fields__
-        for stage, names in stage_fields.items():
-            if not self.stage_is_set(stage):
+        for spec in STAGE_SPECS:
+            set_names = [f.name for f in spec.fields if getattr(self, f.name) != f.neutral]
+            if not set_names:
                 continue
-            set_names = [n for n in names if getattr(self, n) != neutral[n].default]
-            if stage not in self.order:
-                notes.extend((n, f"the stage {stage!r} is not in order") for n in set_names)
-            elif deterministic and stage not in DETERMINISTIC_STAGES:
+            if not spec.is_set(self):
+                notes.extend((n, f"no effect while the stage {spec.name!r} is off") for n in set_names)
+            elif spec.kind != SELECTOR and spec.name not in self.order:
+                notes.extend((n, f"the stage {spec.name!r} is not in order") for n in set_names)
+            elif self.deterministic and not spec.deterministic:
                 notes.extend((n, f"no effect with {mode}") for n in set_names)
+            elif spec.kind == SELECTOR and self.greedy:
+                notes.extend((n, "no effect at temperature 0") for n in set_names)
         if self.num_beams == 1:
             if self.length_penalty != 1.0:
                 notes.append(("length_penalty", "applies to beam search only (num_beams > 1)"))
@@ -261,21 +114,100 @@ class SamplingConfig:
 
     def describe_chain(self) -> str:
         """The chain in order, e.g. ``logits -> penalties -> top_k -> top_p -> temperature -> dist``."""
+        stages = self.active_stages()
         if self.num_beams > 1:
             selector = f"beam({self.num_beams})"
+        elif stages and stages[-1] == "mirostat":
+            stages, selector = stages[:-1], f"mirostat(v{self.mirostat})"
         else:
             selector = "greedy" if self.greedy else "dist"
-        return " -> ".join(("logits", *self.active_stages(), selector))
+        return " -> ".join(("logits", *stages, selector))
 
     def replace(self, **changes: Any) -> "SamplingConfig":
         """A copy with some fields changed (validated again)."""
-        return replace(self, **changes)
+        return replace(self, **changes)  # type: ignore[type-var]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready settings."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["order"] = list(self.order)
-        return out
+        """Plain, JSON-ready settings (token sequences as lists, sequence-bias keys as "1,2,3")."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+    def needs_tokenizer(self) -> bool:
+        """True while a setting still holds text that only the model's tokenizer can turn into ids."""
+        breakers = self.dry_sequence_breakers if STAGES["dry"].is_set(self) else ()
+        return any(isinstance(x, str) for x in (*self.logit_bias, *self.bad_words_ids, *breakers))
+
+    def tokenized(self, encode: Callable[[str], list[int]], vocab_size: Optional[int] = None) -> "SamplingConfig":
+        """A copy whose texts (logit-bias tokens, bans, DRY breakers) are token ids, checked against the vocab.
+
+        ``encode(text)`` returns the text's ids without special tokens.
+
+        >>> cfg = SamplingConfig(logit_bias={"b": -1.0}, bad_words_ids=("ab",), dry_sequence_breakers=("\\n",))
+        >>> done = cfg.tokenized(lambda text: [ord(ch) for ch in text], 128)
+        >>> done.logit_bias, done.bad_words_ids, done.dry_sequence_breakers
+        ({98: -1.0}, ((97, 98),), ((10,),))
+        """
+        def ids_of(text: str, what: str) -> tuple[int, ...]:
+            ids = tuple(int(i) for i in encode(text))
+            if not ids:
+                raise ConfigError(f"{what} {text!r} is no token at all for this model's tokenizer")
+            return ids
+
+        def check(ids: Iterable[int], what: str) -> None:
+            for i in ids:
+                if vocab_size is not None and i >= vocab_size:
+                    raise ConfigError(f"{what}: token id {i} is beyond the vocabulary (ids 0..{vocab_size - 1})")
+
+        bias: dict[int, float] = {}
+        for token, value in self.logit_bias.items():
+            if isinstance(token, str):
+                ids = ids_of(token, "--logit-bias")
+                if len(ids) != 1:
+                    raise ConfigError(f"--logit-bias {token!r} is {len(ids)} tokens {list(ids)}: give one token "
+                                      "(or its id; --ban bans a sequence)")
+                token = ids[0]
+            check([token], "logit_bias")
+            bias[token] = value
+        bans = tuple(ids_of(x, "--ban") if isinstance(x, str) else x for x in self.bad_words_ids)
+        breakers = tuple(ids_of(x, "a DRY sequence breaker") if isinstance(x, str) else x
+                         for x in self.dry_sequence_breakers)
+        for ids in (*bans, *breakers, *self.sequence_bias):
+            check(ids, "bad_words_ids, sequence_bias or dry_sequence_breakers")
+        return self.replace(logit_bias=bias, bad_words_ids=bans, dry_sequence_breakers=breakers)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {(",".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _dataclass_field(spec: Any) -> Any:
+    if isinstance(spec.neutral, (dict, list)):
+        return field(default_factory=lambda neutral=spec.neutral: type(neutral)(neutral))
+    return field(default=spec.neutral)
+
+
+SamplingConfig = make_dataclass(
+    "SamplingConfig",
+    [(spec.name, Any, _dataclass_field(spec)) for spec in ALL_FIELDS],
+    bases=(_SamplingConfigMethods,),
+    frozen=True,
+    namespace={"__module__": __name__, "__hash__": None},
+)
+SamplingConfig.__doc__ = """How one next token is chosen. Neutral values switch a stage off.
+
+    Its fields are declared in ``llmsample.sampling.registry`` (names follow transformers' ``GenerationConfig``
+    and llama.cpp where transformers has no such setting); each is validated on construction.
+
+    >>> SamplingConfig(do_sample=True, temperature=0.7, top_p=0.9).top_p
+    0.9
+    >>> SamplingConfig(top_p=1.5)
+    Traceback (most recent call last):
+    ...
+    llmsample.errors.ConfigError: top_p must be in (0, 1], got 1.5
+    """
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(SamplingConfig))
@@ -359,7 +291,7 @@ class Settings:
         out: list[tuple[str, object, str]] = []
         for name in FIELD_NAMES:
             value = getattr(self.sampling, name)
-            out.append((f"sampling.{name}", list(value) if name == "order" else value, self.sources[f"sampling.{name}"]))
+            out.append((f"sampling.{name}", _plain(value), self.sources[f"sampling.{name}"]))
         for name in GENERATION_FIELDS:
             value = getattr(self.generation, name)
             out.append((f"generation.{name}", list(value) if name == "stop" else value,
@@ -382,7 +314,7 @@ def _check_each(source: str, table: str, values: dict, build: Any) -> None:
         except ConfigError as exc:
             message = str(exc)
             if source == COMMAND_LINE:
-                flag = "--" + key.replace("_", "-")
+                flag = FIELDS[key].flag if key in FIELDS else "--" + key.replace("_", "-")
                 raise ConfigError(flag + message[len(key):] if message.startswith(key) else message) from None
             raise ConfigError(f"{source}: {table}.{message}") from None
 
@@ -401,7 +333,8 @@ def resolve(layers: Iterable[Layer]) -> Settings:
     sources.update({f"generation.{n}": "default" for n in GENERATION_FIELDS})
     sources["schedule"] = "default"
     last_mode_source = "default"
-    for source, layer in layers:
+    mode_rank = {"do_sample": -1, "num_beams": -1}  # the layer that last set each
+    for rank, (source, layer) in enumerate(layers):
         layer_sampling = dict(layer.get("sampling", {}))
         layer_generation = dict(layer.get("generation", {}))
         _check_each(source, "sampling", layer_sampling, SamplingConfig)
@@ -409,8 +342,9 @@ def resolve(layers: Iterable[Layer]) -> Settings:
         for key, value in layer_sampling.items():
             sampling[key] = value
             sources[f"sampling.{key}"] = source
-            if key in ("num_beams", "do_sample"):
+            if key in mode_rank:
                 last_mode_source = source
+                mode_rank[key] = rank
         for key, value in layer_generation.items():
             generation[key] = value
             sources[f"generation.{key}"] = source
@@ -430,6 +364,11 @@ def resolve(layers: Iterable[Layer]) -> Settings:
             # A later layer that sets the temperature outright replaces a schedule from below it.
             schedule = []
             sources["schedule"] = source
+    # Beams mean deterministic search, wherever num_beams came from: a layer that sets num_beams > 1 turns
+    # sampling off unless the same layer or a later one asks for sampling outright (then it is an error).
+    if sampling.get("num_beams", 1) > 1 and mode_rank["do_sample"] < mode_rank["num_beams"]:
+        sampling["do_sample"] = False
+        sources["sampling.do_sample"] = sources["sampling.num_beams"]
     try:
         cfg = SamplingConfig(**sampling)
     except ConfigError as exc:

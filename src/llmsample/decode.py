@@ -31,6 +31,7 @@ class Step:
     temperature: float
     entropy: torch.Tensor  # nats, of each row's processed distribution
     trace: Optional[StepTrace] = None  # what each stage did to the top candidates, when asked for
+    record: dict = field(default_factory=dict)  # what stateful stages decided ("xtc", "mirostat_mu"), [batch] each
 
 
 @dataclass
@@ -102,7 +103,7 @@ def sample_loop(
             if scheduled is not None and scheduled != temperature:
                 temperature = scheduled
                 if scheduled not in samplers:
-                    samplers[scheduled] = Sampler(sampler.config.replace(temperature=scheduled))
+                    samplers[scheduled] = Sampler(sampler.config.replace(temperature=scheduled), state=sampler.state)
                 step_sampler = samplers[scheduled]
         try:
             choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len)
@@ -120,6 +121,7 @@ def sample_loop(
             temperature=temperature,
             entropy=choice.entropy.cpu(),
             trace=trace,
+            record={key: value.cpu() for key, value in choice.record.items()},
         )
         for row in (active & torch.isin(tokens, eos)).nonzero().flatten().tolist():
             state.finish(row, "eos")

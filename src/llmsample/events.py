@@ -20,6 +20,7 @@ class SampleRecord:
     temperatures: list[float] = field(default_factory=list)  # the temperature used at each step
     entropies: list[float] = field(default_factory=list)  # nats, of the processed distribution at each step
     candidates: list[dict] = field(default_factory=list)  # per step, with --candidates
+    stage_state: dict[str, list] = field(default_factory=dict)  # per step, from stages that draw or keep state
     finish_reason: Optional[str] = None  # eos | length | stop | interrupted | terminated
     score: Optional[float] = None  # beam search: length-normalised score
 
@@ -34,6 +35,7 @@ class SampleRecord:
             "entropies": [round(h, 6) for h in self.entropies],
             "finish_reason": self.finish_reason,
         }
+        out.update(self.stage_state)  # "xtc_fired", "mirostat_mu": only when those stages run
         if self.candidates:
             out["candidates"] = self.candidates
         if self.score is not None:
@@ -42,7 +44,8 @@ class SampleRecord:
 
 
 def token_event(sample: int, index: int, token_id: int, text: str, raw_prob: float, prob: float,
-                temperature: float, candidates: Optional[dict] = None) -> dict[str, Any]:
+                temperature: float, candidates: Optional[dict] = None,
+                stage_state: Optional[dict] = None) -> dict[str, Any]:
     """One generated token (``--format jsonl``)."""
     event = {
         "type": "token",
@@ -55,9 +58,20 @@ def token_event(sample: int, index: int, token_id: int, text: str, raw_prob: flo
         "prob": round(prob, 6),
         "temperature": temperature,
     }
+    event.update(stage_state or {})
     if candidates is not None:
         event["candidates"] = candidates
     return event
+
+
+def stage_state(record: dict, row: int) -> dict[str, Any]:
+    """One row's per-step decisions from the sampler's record: whether XTC fired, mirostat's μ at this step."""
+    out: dict[str, Any] = {}
+    if "xtc" in record:
+        out["xtc_fired"] = bool(record["xtc"][row])
+    if "mirostat_mu" in record:
+        out["mirostat_mu"] = round(float(record["mirostat_mu"][row]), 6)
+    return out
 
 
 def summary(prompt: str, samples: list[SampleRecord], settings: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from llmsample import metrics, presets
-from llmsample.config import FIELD_NAMES, Settings
+from llmsample.config import Settings
+from llmsample.sampling.registry import FIELDS, STAGE_FIELDS
+
+# Numeric stage settings: the ones a grid can vary (beam count and mode switches are not samplers).
+SWEEPABLE = tuple(f.name for f in STAGE_FIELDS if f.kind in ("float", "int", "choice")) + ("min_tokens_to_keep",)
 from llmsample.errors import ConfigError
+from llmsample.token_text import for_model
 
 # ---- settings variants ----------------------------------------------------------------------------------------
 
@@ -72,8 +77,10 @@ def inspect_steps(lm: Any, prompt: str, chosen: Sequence[Variant], steps: int, t
         step_out: dict[str, Any] = {"index": step, "context": tokenizer.decode(ids[0, prompt_len:]), "variants": []}
         kept_sets = []
         for variant in chosen:
-            cfg = variant.settings.sampling
-            processed = Sampler(cfg).process(ids, logits, prompt_len=prompt_len)[0]
+            cfg = for_model(lm, variant.settings.sampling)
+            # XTC draws: a fixed generator shows the same decision on every run.
+            processed = Sampler(cfg).process(ids, logits, prompt_len=prompt_len,
+                                             generator=torch.Generator(device=logits.device).manual_seed(0))[0]
             probs = torch.softmax(processed, -1)
             kept = torch.isfinite(processed)
             kept_sets.append(set(kept.nonzero().flatten().tolist()))
@@ -109,10 +116,12 @@ def order_sensitive(cfg: Any, ids: Any, logits: Any, prompt_len: int) -> Optiona
     from llmsample.config import DEFAULT_ORDER, HF_ORDER
     from llmsample.sampling import Sampler
 
+    gen = torch.Generator(device=logits.device)
+
     if cfg.greedy or cfg.temperature == 1.0:
         return None
-    last = Sampler(cfg.replace(order=DEFAULT_ORDER)).process(ids, logits, prompt_len=prompt_len)
-    first = Sampler(cfg.replace(order=HF_ORDER)).process(ids, logits, prompt_len=prompt_len)
+    last = Sampler(cfg.replace(order=DEFAULT_ORDER)).process(ids, logits, prompt_len, gen.manual_seed(0))
+    first = Sampler(cfg.replace(order=HF_ORDER)).process(ids, logits, prompt_len, gen.manual_seed(0))
     kept_last, kept_first = torch.isfinite(last), torch.isfinite(first)
     if torch.equal(kept_last, kept_first):
         return None
@@ -134,9 +143,8 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list]:
         name = name.strip().replace("-", "_")
         if not sep or not values.strip():
             raise ConfigError(f"--grid takes NAME=V1,V2,…, got {spec!r}")
-        if name not in FIELD_NAMES or name in ("order", "do_sample", "early_stopping", "num_beams"):
-            allowed = [f for f in FIELD_NAMES if f not in ("order", "do_sample", "early_stopping", "num_beams")]
-            raise ConfigError(f"--grid: {name!r} is not a sweepable setting; use one of {', '.join(allowed)}")
+        if name not in SWEEPABLE:
+            raise ConfigError(f"--grid: {name!r} is not a sweepable setting; use one of {', '.join(SWEEPABLE)}")
         if name in grid:
             raise ConfigError(f"--grid names {name!r} twice")
         parsed = []
@@ -145,8 +153,7 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list]:
                 number = float(raw)
             except ValueError:
                 raise ConfigError(f"--grid {name}: {raw.strip()!r} is not a number") from None
-            parsed.append(int(number) if name in ("top_k", "no_repeat_ngram_size") and number.is_integer()
-                          else number)
+            parsed.append(int(number) if FIELDS[name].kind != "float" and number.is_integer() else number)
         grid[name] = parsed
     if not grid:
         raise ConfigError("sweep needs at least one --grid NAME=V1,V2,…")
@@ -192,7 +199,8 @@ def sweep(lm: Any, prompt: str, base_preset: Optional[str], base_flags: dict, gr
         tokens: list[list[int]] = [[] for _ in range(samples)]
         logprobs: list[float] = []
         entropies: list[float] = []
-        for step in sample_loop(lm.model, batch, Sampler(settings.sampling), max_new_tokens, eos_token_ids,
+        for step in sample_loop(lm.model, batch, Sampler(for_model(lm, settings.sampling)), max_new_tokens,
+                                eos_token_ids,
                                 generator=generator):
             for row in step.active.nonzero().flatten().tolist():
                 tokens[row].append(int(step.token_ids[row]))

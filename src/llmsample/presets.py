@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmsample.config import (
+    ALL_FIELDS,
+    DEFAULT_ORDER,
     FIELD_NAMES,
+    FIELDS,
     GENERATION_FIELDS,
     SCHEDULE_FIELDS,
     Layer,
@@ -191,21 +194,11 @@ def description(name_or_path: str) -> str:
 
 # ---- writing ---------------------------------------------------------------------------------------------------
 
+# What each key accepts, for the comments of ``presets new``: the sampling keys from the stage registry.
 RANGES = {
+    **{f.name: f.describe() for f in ALL_FIELDS},
     "do_sample": "true = sample, false = greedy",
-    "temperature": ">= 0; 1.0 = off; 0 = top token only",
-    "top_k": "integer >= 0; 0 = off",
-    "top_p": "(0, 1]; 1.0 = off",
-    "min_p": "[0, 1]; 0 = off",
-    "typical_p": "(0, 1]; 1.0 = off",
-    "repetition_penalty": "> 0; 1.0 = off",
-    "frequency_penalty": "[-2, 2]; 0 = off",
-    "presence_penalty": "[-2, 2]; 0 = off",
-    "no_repeat_ngram_size": "integer >= 0; 0 = off",
-    "num_beams": "integer >= 1; 1 = no beam search",
-    "length_penalty": "beam search only",
-    "early_stopping": 'beam search only: true, false or "never"',
-    "order": "any of the stages, each at most once; a stage left out does not run",
+    "order": "any of the stages, each at most once; a stage left out does not run; leave out for the default",
     "max_new_tokens": "integer >= 1",
     "stop": "strings; generation stops before the first one found",
     "seed": "integer >= 0; leave out for a fresh seed each run",
@@ -216,6 +209,12 @@ RANGES = {
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):
+        pairs = (f"{_toml_value(','.join(map(str, k)) if isinstance(k, tuple) else str(k))} = {_toml_value(v)}"
+                 for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(value, (list, tuple)):
@@ -235,7 +234,12 @@ def render_new(name: str, settings: Settings, base: Optional[str]) -> str:
     ]
     for field in FIELD_NAMES:
         value = getattr(settings.sampling, field)
-        lines.append(f"{field} = {_toml_value(value)}  # {RANGES[field]}")
+        neutral = FIELDS[field].neutral
+        if isinstance(value, (dict, tuple)) and (not value or value == neutral) and field != "order" or (
+                field == "order" and value == DEFAULT_ORDER):
+            lines.append(f"# {field} = {_toml_value(neutral)}  # {RANGES[field]}")  # the default, shown
+        else:
+            lines.append(f"{field} = {_toml_value(value)}  # {RANGES[field]}")
     lines += ["", "[generation]"]
     for field in GENERATION_FIELDS:
         value = getattr(settings.generation, field)

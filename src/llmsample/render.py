@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmsample import events
+from llmsample.sampling.registry import HEADERS
 
 # Token colour by the probability it was sampled with: (lower bound, style, legend label).
 PROB_STYLES = [
@@ -55,7 +56,7 @@ class Renderer:
     def start(self, samples: int, streaming: bool) -> None: ...
 
     def token(self, sample: int, index: int, token_id: int, text: str, raw_prob: float, prob: float,
-              temperature: float, candidates: Optional[dict] = None) -> None: ...
+              temperature: float, candidates: Optional[dict] = None, stage_state: Optional[dict] = None) -> None: ...
 
     def tail(self, sample: int, text: str) -> None:
         """Text held back until the end (an incomplete character, a partial stop string that never completed)."""
@@ -101,7 +102,8 @@ class TextRenderer(Renderer):
         self.out.file.flush()
         self.ended_with_newline = text.endswith("\n")
 
-    def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None) -> None:
+    def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None,
+              stage_state=None) -> None:
         if self.streaming:
             self._write(text, style_for(prob))
         if candidates is not None:
@@ -141,15 +143,7 @@ class TextRenderer(Renderer):
             self._write("\n")
 
 
-STAGE_HEADERS = {
-    "penalties": "pen",
-    "no_repeat_ngram": "ngram",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "typical_p": "typ",
-    "temperature": "T",
-}
+STAGE_HEADERS = HEADERS  # from the stage registry
 
 
 def token_label(text: str, limit: int = 12) -> str:
@@ -209,8 +203,10 @@ class JsonlRenderer(Renderer):
         self.out.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.out.file.flush()
 
-    def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None) -> None:
-        self._line(events.token_event(sample, index, token_id, text, raw_prob, prob, temperature, candidates))
+    def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None,
+              stage_state=None) -> None:
+        self._line(events.token_event(sample, index, token_id, text, raw_prob, prob, temperature, candidates,
+                                      stage_state))
 
     def beam_step(self, step: int, beams: list[dict[str, Any]]) -> None:
         self._line({"type": "beam_step", "schema": events.SCHEMA_VERSION, "step": step, "beams": beams})

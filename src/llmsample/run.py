@@ -198,6 +198,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     from llmsample.decode import DecodeState
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
     from llmsample.sampling import Sampler
+    from llmsample.token_text import for_model
 
     cfg, gen = opts.settings.sampling, opts.settings.generation
     values = {key: value for key, value, _ in opts.settings.rows()}
@@ -216,7 +217,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     prompt_ids, max_new_tokens = fit_context(prompt_ids, gen.max_new_tokens, models.context_length(lm.model),
                                              opts.truncate, renderer)
     samples = range(gen.num_samples)
-    run = _Decoding(lm, prompt_ids, Sampler(cfg), max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
+    run = _Decoding(lm, prompt_ids, Sampler(for_model(lm, cfg)), max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
                     {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None,
                      "engine": lm.engine, "quantize": lm.quantize},
@@ -328,10 +329,13 @@ def _record_step(run: _Decoding, step: Any, state: Any, tokenizer: Any) -> None:
         table = candidates_dict(step.trace, row, tokenizer, token_id) if step.trace else None
         if table is not None:
             record.candidates.append(table)
+        decided = events.stage_state(step.record, row)
+        for key, value in decided.items():
+            record.stage_state.setdefault(key, []).append(value)
         emitted, stopped = run.stops[row].feed(run.detoks[row].add(token_id))
         record.text += emitted
         run.renderer.token(row, step.index, token_id, emitted, record.raw_probs[-1], record.probs[-1],
-                           step.temperature, table)
+                           step.temperature, table, decided)
         if stopped:
             state.finish(row, "stop")
 

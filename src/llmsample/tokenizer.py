@@ -51,9 +51,9 @@ class FastTokenizer:
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with the special tokens the model expects (Gemma: ``<bos>`` first)."""
-        return self.backend.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, by default with the special tokens the model expects (Gemma: ``<bos>`` first)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def __call__(self, text: str, return_tensors: str = "pt") -> Encoding:
         import torch

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
-from llmsample.config import SamplingConfig
-from llmsample.sampling import stages
+from llmsample.sampling import registry, stages
 from llmsample.sampling.candidates import Candidates
-from llmsample.sampling.stages import History
-
-Stage = Callable[[Candidates, History], Candidates]
-
-
-def _build_stage(name: str, cfg: SamplingConfig) -> Stage:
-    if name == "penalties":
-        return lambda c, h: stages.penalties(
-            c, h, cfg.repetition_penalty, cfg.frequency_penalty, cfg.presence_penalty
-        )
-    if name == "no_repeat_ngram":
-        return lambda c, h: stages.no_repeat_ngram(c, h, cfg.no_repeat_ngram_size)
-    fn, value = {
-        "top_k": (stages.top_k, cfg.top_k),
-        "top_p": (stages.top_p, cfg.top_p),
-        "min_p": (stages.min_p, cfg.min_p),
-        "typical_p": (stages.typical_p, cfg.typical_p),
-        "temperature": (stages.temperature, cfg.temperature),
-    }[name]
-    return lambda c, h: fn(c, value)
+from llmsample.sampling.stages import History, Stage
 
 
 @dataclass(frozen=True)
@@ -40,6 +20,7 @@ class Choice:
     prob: torch.Tensor  # probability under the processed distribution (1.0 for greedy's pick at T=0)
     raw_prob: torch.Tensor  # model softmax at T=1, before any stage
     entropy: torch.Tensor  # nats, of the processed distribution
+    record: dict = field(default_factory=dict)  # what stateful stages decided: "xtc" fired, "mirostat_mu" [batch]
 
 
 @dataclass(frozen=True)
@@ -82,6 +63,10 @@ class StepTrace:
 class Sampler:
     """Runs the configured chain of stages and selects the next token.
 
+    The stages come from the registry (``llmsample.sampling.registry``); ``config`` is a ``SamplingConfig``.
+    Stages that keep state across steps (mirostat's μ) keep it in ``state``, one per sampler unless shared.
+
+    >>> from llmsample.config import SamplingConfig
     >>> s = Sampler(SamplingConfig(do_sample=True, top_k=2, temperature=0.5))
     >>> s.describe()
     'logits -> top_k -> temperature -> dist'
@@ -89,11 +74,18 @@ class Sampler:
     tensor([[-inf, 6., 4.]])
     """
 
-    def __init__(self, config: SamplingConfig, check_finite: bool = True):
+    def __init__(self, config: Any, check_finite: bool = True, state: Optional[dict] = None):
+        if config.needs_tokenizer():
+            raise ValueError("the settings still hold texts (logit bias, bans or DRY breakers): turn them into "
+                             "token ids first with config.tokenized(encode)")
         self.config = config
         self.check_finite = check_finite
-        self.stage_names: tuple[str, ...] = config.active_stages()
-        self._stages: list[Stage] = [_build_stage(name, config) for name in self.stage_names]
+        self.state: dict = {} if state is None else state
+        self.last_record: dict = {}
+        self.stage_names: tuple[str, ...] = registry.active_stages(config)
+        self._stages: list[Stage] = [registry.build_stage(name, config) for name in self.stage_names]
+        last = self._stages[-1] if self._stages else None
+        self._after_draw = getattr(last, "after_draw", None)
 
     # ---- the chain -------------------------------------------------------------------------------------------
 
@@ -101,17 +93,23 @@ class Sampler:
         """The chain in order, e.g. ``logits -> penalties -> top_k -> top_p -> temperature -> dist``."""
         return self.config.describe_chain()
 
-    def candidates(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0) -> Candidates:
-        """Run the chain; the survivors come back compacted when a stage bounded them."""
-        history, c = self._start(input_ids, logits, prompt_len)
+    def _run(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int,
+             generator: Optional[torch.Generator] = None, replay: Optional[dict] = None) -> tuple[History, Candidates]:
+        history, c = self._start(input_ids, logits, prompt_len, generator, replay)
         raw = c
         for stage in self._stages:
             c = stage(c, history)
-        return _keep_best_if_emptied(c, raw)
+        return history, _keep_best_if_emptied(c, raw)
 
-    def process(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0) -> torch.Tensor:
+    def candidates(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0,
+                   generator: Optional[torch.Generator] = None) -> Candidates:
+        """Run the chain; the survivors come back compacted when a stage bounded them."""
+        return self._run(input_ids, logits, prompt_len, generator)[1]
+
+    def process(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``[batch, vocab]`` processed logits, −inf where a stage removed the token."""
-        return self.candidates(input_ids, logits, prompt_len).dense()
+        return self.candidates(input_ids, logits, prompt_len, generator).dense()
 
     # ---- selection -------------------------------------------------------------------------------------------
 
@@ -123,7 +121,7 @@ class Sampler:
         prompt_len: int = 0,
     ) -> torch.Tensor:
         """``[batch]`` next token ids: argmax when greedy, else one draw from the processed distribution."""
-        return self.select(self.candidates(input_ids, logits, prompt_len), generator)
+        return self.step(input_ids, logits, generator, prompt_len).token_ids
 
     def step(
         self,
@@ -133,18 +131,21 @@ class Sampler:
         prompt_len: int = 0,
     ) -> Choice:
         """Pick the next tokens and report their processed and raw probabilities (what the decode loop needs)."""
-        c = self.candidates(input_ids, logits, prompt_len)
+        history, c = self._run(input_ids, logits, prompt_len, generator)
         columns = self._select_columns(c, generator)
+        if self._after_draw is not None:
+            self._after_draw(c, columns, history)
+        self.last_record = history.record
         log_probs = torch.log_softmax(c.logits, dim=-1)
         prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
         entropy = -(log_probs.exp() * log_probs).nansum(-1)
         token_ids = c.to_vocab(columns)
         raw = logits.float()
         raw_prob = torch.exp(raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - torch.logsumexp(raw, dim=-1))
-        return Choice(token_ids, prob, raw_prob, entropy)
+        return Choice(token_ids, prob, raw_prob, entropy, history.record)
 
     def select(self, c: Candidates, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Turn processed candidates into ``[batch]`` token ids."""
+        """Turn processed candidates into ``[batch]`` token ids (no selector state is updated)."""
         return c.to_vocab(self._select_columns(c, generator))
 
     def _select_columns(self, c: Candidates, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -154,9 +155,14 @@ class Sampler:
 
     # ---- tracing ---------------------------------------------------------------------------------------------
 
-    def trace(self, input_ids: torch.Tensor, logits: torch.Tensor, top_n: int = 10, prompt_len: int = 0) -> StepTrace:
-        """Follow the top-n tokens by raw probability through every active stage."""
-        history, c = self._start(input_ids, logits, prompt_len)
+    def trace(self, input_ids: torch.Tensor, logits: torch.Tensor, top_n: int = 10, prompt_len: int = 0,
+              replay: Optional[dict] = None) -> StepTrace:
+        """Follow the top-n tokens by raw probability through every active stage.
+
+        Stages that draw or keep state repeat what ``replay`` recorded (default: the last ``step``), so a trace
+        taken after a step shows that step's decisions.
+        """
+        history, c = self._start(input_ids, logits, prompt_len, None, self.last_record if replay is None else replay)
         raw_probs_all = torch.softmax(c.logits, dim=-1)
         n = min(top_n, raw_probs_all.shape[-1])
         raw_probs, token_ids = torch.topk(raw_probs_all, n, dim=-1)
@@ -188,7 +194,8 @@ class Sampler:
 
     # ---- internals -------------------------------------------------------------------------------------------
 
-    def _start(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int) -> tuple[History, Candidates]:
+    def _start(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int,
+               generator: Optional[torch.Generator], replay: Optional[dict]) -> tuple[History, Candidates]:
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         if input_ids.dim() != 2 or input_ids.shape[0] != logits.shape[0]:
@@ -200,7 +207,8 @@ class Sampler:
         logits = logits.float()  # fp16/bf16 logits are processed in float32; float32 input is not copied
         if self.check_finite:
             stages.check_logits(logits)
-        return History(input_ids, prompt_len), Candidates.from_logits(logits)
+        history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state)
+        return history, Candidates.from_logits(logits)
 
 
 def _keep_best_if_emptied(c: Candidates, raw: Candidates) -> Candidates:

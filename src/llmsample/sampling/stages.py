@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
@@ -23,17 +25,48 @@ CHUNK = 256
 FAST_TOPK_MIN_CHUNKS = 64
 
 
+Stage = Callable[[Candidates, "History"], Candidates]
+
+
 @dataclass
 class History:
-    """The token history a step is conditioned on: ``input_ids[:, :prompt_len]`` is the prompt."""
+    """What a step is conditioned on: ``input_ids[:, :prompt_len]`` is the prompt.
+
+    ``generator`` feeds the stages that draw (XTC). ``record`` collects what this step decided (whether XTC
+    fired, mirostat's μ) and ``replay``, when given, makes the stages repeat a recorded step instead of deciding
+    again (the candidate tables trace a step after it was taken). ``state`` lives as long as the sampler (μ).
+    """
 
     input_ids: torch.Tensor  # [batch, length] long
     prompt_len: int = 0
-    _tables: dict = field(default_factory=dict, repr=False)
+    generator: Optional[torch.Generator] = None
+    record: dict = field(default_factory=dict, repr=False)
+    replay: Optional[dict] = field(default=None, repr=False)
+    state: dict = field(default_factory=dict, repr=False)
 
     @property
     def generated(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len :]
+
+    def window(self, last_n: int, start: int = 0) -> torch.Tensor:
+        """The ids from position ``start`` on, only the last ``last_n`` of the sequence (-1 = no limit)."""
+        length = self.input_ids.shape[1]
+        if last_n >= 0:
+            start = max(start, length - last_n)
+        return self.input_ids[:, min(start, length) :]
+
+
+def kth_logit(c: Candidates, k: int) -> torch.Tensor:
+    """``[batch, 1]``: each row's k-th largest logit (−inf when fewer than k are alive)."""
+    k = min(k, c.logits.shape[-1])
+    return fast_topk(c.logits, k)[0][:, k - 1 : k]
+
+
+def protect(c: Candidates, threshold: torch.Tensor, min_keep: int) -> torch.Tensor:
+    """Lower ``threshold`` so that at least ``min_keep`` tokens (and their ties) stay above it."""
+    if min_keep <= 1:
+        return torch.minimum(threshold, c.logits.amax(-1, keepdim=True))
+    return torch.minimum(threshold, kth_logit(c, min_keep))
 
 
 def _table(ids: torch.Tensor, vocab_size: int, counts: bool) -> torch.Tensor:
@@ -111,11 +144,15 @@ def penalties(
     repetition_penalty: float = 1.0,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    last_n: int = -1,
+    prompt_ignore_length: int = 0,
 ) -> Candidates:
     """Repetition penalty (CTRL), then frequency and presence penalties (OpenAI). Neutral: 1.0, 0.0, 0.0.
 
-    Repetition sees the whole history (prompt + generated): ℓ>0 → ℓ/r, else ℓ·r, once per distinct token.
-    Frequency and presence count only generated tokens: ℓ_j −= c_j·α + [c_j>0]·β.
+    Repetition sees the history (prompt + generated, less the first ``prompt_ignore_length`` prompt tokens):
+    ℓ>0 → ℓ/r, else ℓ·r, once per distinct token. Frequency and presence count only generated tokens:
+    ℓ_j −= c_j·α + [c_j>0]·β. ``last_n`` (llama.cpp's ``penalty_last_n``) limits all three to the last N tokens
+    of the sequence (-1 = all of it, 0 = none).
 
     >>> c = Candidates.from_logits(torch.tensor([[2.0, -1.0, 0.5]]))
     >>> penalties(c, History(torch.tensor([[0, 1]])), repetition_penalty=2.0).logits
@@ -125,17 +162,18 @@ def penalties(
     """
     logits = c.logits
     vocab = c.vocab_size
-    if repetition_penalty != 1.0 and history.input_ids.shape[1] > 0:
+    seen_ids = history.window(last_n, start=min(prompt_ignore_length, history.prompt_len))
+    if repetition_penalty != 1.0 and seen_ids.shape[1] > 0:
         if c.is_dense:
             # Touch only the history's columns: a spare column absorbs ids past the vocab.
             padded = torch.nn.functional.pad(logits, (0, 1))
-            ids = history.input_ids.clamp(max=vocab)
+            ids = seen_ids.clamp(max=vocab)
             seen = _repetition(padded.gather(1, ids), repetition_penalty)
             logits = padded.scatter(1, ids, seen)[:, :vocab]
         else:
-            present = _table(history.input_ids, vocab, counts=False).gather(1, c.ids)
+            present = _table(seen_ids, vocab, counts=False).gather(1, c.ids)
             logits = torch.where(present, _repetition(logits, repetition_penalty), logits)
-    generated = history.generated
+    generated = history.window(last_n, start=history.prompt_len)
     if (frequency_penalty != 0.0 or presence_penalty != 0.0) and generated.shape[1] > 0:
         counts = _table(generated, vocab, counts=True)
         if not c.is_dense:
@@ -181,14 +219,17 @@ def no_repeat_ngram(c: Candidates, history: History, size: int) -> Candidates:
 # ---- truncation ------------------------------------------------------------------------------------------------
 
 
-def top_k(c: Candidates, k: int) -> Candidates:
-    """Keep the k highest logits; ties with the k-th are kept too. Neutral: 0.
+def top_k(c: Candidates, k: int, min_keep: int = 1) -> Candidates:
+    """Keep the k highest logits (at least ``min_keep``); ties with the k-th are kept too. Neutral: 0.
 
     >>> top_k(Candidates.from_logits(torch.tensor([[1.0, 3.0, 2.0, 2.0]])), 2).logits
     tensor([[-inf, 3., 2., 2.]])
     """
     width = c.logits.shape[-1]
-    if k <= 0 or k >= width:
+    if k <= 0:
+        return c
+    k = max(k, min_keep)
+    if k >= width:
         return c
     values, columns = fast_topk(c.logits, k + 1)
     kth = values[:, k - 1 : k]
@@ -197,12 +238,13 @@ def top_k(c: Candidates, k: int) -> Candidates:
     return keep_from(c, kth)
 
 
-def top_p(c: Candidates, p: float) -> Candidates:
+def top_p(c: Candidates, p: float, min_keep: int = 1) -> Candidates:
     """Nucleus: keep token j iff the probability mass strictly above it is < p (the token that crosses p is
-    kept; ties with it are kept). At least one token always survives. Neutral: 1.0.
+    kept; ties with it are kept). At least ``min_keep`` tokens always survive. Neutral: 1.0.
 
-    Masses are float64 sums of float32 probabilities: a mass that equals p in exact arithmetic lands on either
-    side of it by rounding, as it does in transformers (which sums in float32, smallest first).
+    Masses are float64 sums of float32 probabilities, compared as transformers compares them: the mass from a
+    token down (total − mass above it) rounded to float32 against 1 − p rounded to float32. So a boundary that is
+    exact on paper (0.4 + 0.3 at p = 0.7) is judged as llama.cpp and transformers judge it: reached.
 
     Seed 001's first context: 0.6/0.25/0.1/0.05 with p=0.85 keeps two tokens.
 
@@ -215,13 +257,25 @@ def top_p(c: Candidates, p: float) -> Candidates:
     logits = c.logits
     width = logits.shape[-1]
     log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    cut = torch.tensor(1.0 - p, dtype=torch.float32)
+    total = None  # the row's mass, ≈ 1 within float32 rounding: summed only when a cut lies that close
     window = FIRST_WINDOW if width > SMALL_ROW else width
     while True:
         window = min(window, width)
         values, _ = fast_topk(logits, window)  # sorted, descending
         probs = torch.exp(values - log_total).double()
         mass_above = probs.cumsum(-1) - probs
-        kept = (mass_above < p).sum(-1, keepdim=True).clamp(min=1)  # a prefix; the first token always stays
+        # transformers' rule at its precision: keep j iff fl32(mass from j down) > fl32(1 - p).
+        if total is None:
+            low = ((1.0 - 1e-5 - mass_above).float() > cut).sum(-1, keepdim=True)
+            high = ((1.0 + 1e-5 - mass_above).float() > cut).sum(-1, keepdim=True)
+            if torch.equal(low, high):
+                kept = low
+            else:
+                total = torch.exp(logits - log_total).double().sum(-1, keepdim=True)
+        if total is not None:
+            kept = ((total - mass_above).float() > cut).sum(-1, keepdim=True)
+        kept = kept.clamp(min=min(min_keep, window))
         threshold = values.gather(1, kept - 1)
         # The window is enough when every row's cut lies inside it with room for the ties after it.
         if window == width or bool((values[:, -1:] < threshold).all()):
@@ -229,7 +283,7 @@ def top_p(c: Candidates, p: float) -> Candidates:
         window *= WINDOW_GROWTH
 
 
-def min_p(c: Candidates, m: float) -> Candidates:
+def min_p(c: Candidates, m: float, min_keep: int = 1) -> Candidates:
     """Keep tokens with p_i ≥ m·p_max, i.e. ℓ_i ≥ ℓ_max + ln m. Neutral: 0.0.
 
     >>> min_p(Candidates.from_logits(torch.tensor([[0.5, 0.3, 0.2]]).log()), 0.5).dense().isfinite()
@@ -238,10 +292,10 @@ def min_p(c: Candidates, m: float) -> Candidates:
     if m <= 0.0:
         return c
     threshold = c.logits.amax(-1, keepdim=True) + math.log(m)
-    return keep_from(c, threshold)
+    return keep_from(c, protect(c, threshold, min_keep) if min_keep > 1 else threshold)
 
 
-def typical_p(c: Candidates, mass: float) -> Candidates:
+def typical_p(c: Candidates, mass: float, min_keep: int = 1) -> Candidates:
     """Locally typical sampling (Meister et al.; transformers' TypicalLogitsWarper). Neutral: 1.0.
 
     Tokens are ranked by how far their surprisal is from the entropy; the smallest set of the most typical
@@ -264,7 +318,7 @@ def typical_p(c: Candidates, mass: float) -> Candidates:
     cumulative = logits.gather(1, order).softmax(-1).cumsum(-1)
     last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
     removed_sorted = sorted_distance > sorted_distance.gather(1, last)
-    removed_sorted[:, 0] = False
+    removed_sorted[:, : max(1, min_keep)] = False
     # Kept tokens are a prefix of the distance order: compact to the longest prefix in the batch.
     kept = (~removed_sorted).sum(-1, keepdim=True)
     width = int(kept.max())
@@ -292,6 +346,65 @@ def temperature(c: Candidates, t: float) -> Candidates:
     row_max = c.logits.amax(-1, keepdim=True)
     shift = torch.where(torch.isinf(row_max / t) & torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     return c.with_logits(torch.sub(c.logits, shift).div_(t))  # one new tensor, divided in place
+
+
+def dynamic_temperature(c: Candidates, t: float, spread: float, exponent: float = 1.0) -> Candidates:
+    """llama.cpp's dynamic temperature: per row, T' = max(0, T−spread) + 2·spread·(H/ln n)^exponent.
+
+    H is the entropy of the row's survivors and n their number, so a confident row is cooled and a flat one
+    warmed. A row with one survivor is left as it is; a row whose T' is 0 keeps only its top token.
+
+    >>> row = Candidates.from_logits(torch.tensor([[0.0, 0.0]]))  # flat: H/ln n = 1, so T' = T + spread
+    >>> dynamic_temperature(row, 1.0, 0.5).logits
+    tensor([[0., 0.]])
+    """
+    logits = c.logits
+    alive = torch.isfinite(logits)
+    count = alive.sum(-1, keepdim=True)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(-1, keepdim=True)
+    normalised = entropy / torch.log(count.clamp(min=2).to(logits.dtype))
+    low, high = max(0.0, t - spread), t + spread
+    temp = low + (high - low) * normalised.clamp(min=0.0).pow(exponent)
+    single = count <= 1
+    cold = (temp <= 0.0) & ~single
+    top_only = logits.masked_fill(logits < logits.amax(-1, keepdim=True), NEG_INF)
+    scaled = logits / torch.where(single | cold, torch.ones_like(temp), temp)
+    return c.with_logits(torch.where(cold, top_only, torch.where(single, logits, scaled)))
+
+
+# ---- builders: the registry names these (``impl``); each takes the config and returns the stage -------------------
+
+
+def penalties_stage(cfg: Any) -> Stage:
+    return lambda c, h: penalties(c, h, cfg.repetition_penalty, cfg.frequency_penalty, cfg.presence_penalty,
+                                  cfg.penalty_last_n, cfg.prompt_ignore_length)
+
+
+def no_repeat_ngram_stage(cfg: Any) -> Stage:
+    return lambda c, h: no_repeat_ngram(c, h, cfg.no_repeat_ngram_size)
+
+
+def top_k_stage(cfg: Any) -> Stage:
+    return lambda c, h: top_k(c, cfg.top_k, cfg.min_tokens_to_keep)
+
+
+def top_p_stage(cfg: Any) -> Stage:
+    return lambda c, h: top_p(c, cfg.top_p, cfg.min_tokens_to_keep)
+
+
+def min_p_stage(cfg: Any) -> Stage:
+    return lambda c, h: min_p(c, cfg.min_p, cfg.min_tokens_to_keep)
+
+
+def typical_p_stage(cfg: Any) -> Stage:
+    return lambda c, h: typical_p(c, cfg.typical_p, cfg.min_tokens_to_keep)
+
+
+def temperature_stage(cfg: Any) -> Stage:
+    if cfg.dynatemp_range > 0.0:
+        return lambda c, h: dynamic_temperature(c, cfg.temperature, cfg.dynatemp_range, cfg.dynatemp_exponent)
+    return lambda c, h: temperature(c, cfg.temperature)
 
 
 def check_logits(logits: torch.Tensor) -> None:

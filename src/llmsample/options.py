@@ -1,0 +1,160 @@
+"""Command-line options derived from the stage registry: one declaration per setting, shared by the commands.
+
+``stage_options()`` adds an option for every setting the registry marks for the CLI to a Typer command and hands
+the command the given values as one ``stage_values`` dict; ``to_layer`` turns that dict into the command-line
+settings layer. No torch here: ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import typing
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.markup import escape
+
+from llmsample.errors import ConfigError
+from llmsample.sampling.registry import ALL_FIELDS, FIELDS, Field
+
+SAMPLING_PANEL = "Sampling"
+CLI_FIELDS: tuple[Field, ...] = tuple(f for f in ALL_FIELDS if f.cli)
+# Fields a flag can list several values of in one run (the rest take one value, or one per variant).
+MULTI_VALUE_KINDS = ("token_bias", "sequences")
+SCALAR_KINDS = ("float", "int", "choice")
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
+
+
+def unescape(text: str) -> str:
+    r"""Turn ``\n``, ``\t``, ``\\`` and quotes typed at a shell into the characters (as llama.cpp's flags do).
+
+    >>> unescape(r"a\nb\\c")
+    'a\nb\\c'
+    """
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def shown_default(field: Field) -> str:
+    """The neutral value as a person would type it."""
+    value = field.neutral
+    if field.kind == "sequences" and value:
+        return " ".join(repr(v)[1:-1] for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ", ".join(value) if field.kind == "order" else "none"
+    if isinstance(value, dict):
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def help_text(field: Field) -> str:
+    """The field's help with its default and range in brackets (escaped: rich would eat them as markup)."""
+    ranges = "" if field.kind in MULTI_VALUE_KINDS else field.range_text()
+    extra = "; ".join(p for p in (ranges, field.off) if p)
+    bracket = f"[default: {shown_default(field)}" + (f"; {extra}" if extra else "") + "]"
+    if field.kind == "order":
+        bracket = f"[default: llama.cpp's order, see --explain; {field.range_text()}]"
+    return f"{field.help} {escape(bracket)}"
+
+
+def _python_type(field: Field) -> type:
+    return {"float": float, "int": int, "choice": int}.get(field.kind, str)
+
+
+def _annotation(field: Field, repeatable: bool) -> Any:
+    base = _python_type(field)
+    many = field.kind in MULTI_VALUE_KINDS or (repeatable and field.kind in SCALAR_KINDS + ("order",))
+    kind: Any = Optional[list[base]] if many else Optional[base]  # type: ignore[valid-type]
+    help_ = help_text(field) if not repeatable or field.kind in MULTI_VALUE_KINDS else (
+        f"{field.help} (repeatable: one value per variant)")
+    option = typer.Option(*field.all_flags, help=help_, metavar=field.metavar, show_default=False,
+                          rich_help_panel=SAMPLING_PANEL)
+    return Annotated[kind, option]
+
+
+def stage_options(repeatable: bool = False) -> Callable[[Callable], Callable]:
+    """Give a command an option per registry setting; it receives them as ``stage_values={name: value}``.
+
+    ``repeatable``: scalar settings take several values (``inspect``: one variant per value).
+    """
+
+    def decorate(command: Callable) -> Callable:
+        hints = typing.get_type_hints(command, include_extras=True)
+        signature = inspect.signature(command)
+        kept = [p.replace(annotation=hints.get(p.name, p.annotation))
+                for p in signature.parameters.values() if p.name != "stage_values"]
+        added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation=_annotation(f, repeatable)) for f in CLI_FIELDS]
+
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name, None) for f in CLI_FIELDS}
+            return command(*args, stage_values=values, **kwargs)
+
+        parameters = kept + added
+        run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        del run.__wrapped__  # type: ignore[attr-defined]
+        return run
+
+    return decorate
+
+
+def parse_value(field: Field, value: Any) -> Any:
+    """One flag's value (as Typer parsed it) in the settings' own form; errors name the flag."""
+    if field.kind == "token_bias":
+        out: dict[Any, float] = {}
+        for item in value:
+            token, sep, bias = item.rpartition("=")
+            if not sep or not token:
+                raise ConfigError(f"{field.flag} takes TOKEN=BIAS (a token id or text, and a number), got {item!r}")
+            try:
+                number = float(bias)
+            except ValueError:
+                raise ConfigError(f"{field.flag} {item!r}: the bias {bias!r} is not a number") from None
+            if math.isnan(number) or number == math.inf:
+                raise ConfigError(f"{field.flag} {item!r}: the bias must be a finite number or -inf")
+            out[int(token) if token.strip().isdigit() else unescape(token)] = number
+        return out
+    if field.kind == "sequences":
+        texts = [unescape(v) for v in value]
+        if any(t == "" for t in texts):
+            raise ConfigError(f"{field.flag} needs a non-empty text, got ''")
+        return tuple(texts)
+    if field.kind == "early_stopping":
+        key = value.strip().lower()
+        if key not in ("true", "false", "never"):
+            raise ConfigError(f"{field.flag} must be true, false or never, got {value!r}")
+        return {"true": True, "false": False}.get(key, "never")
+    return value
+
+
+def to_layer(stage_values: dict[str, Any]) -> dict[str, Any]:
+    """The given (non-None) settings, parsed: ``{field name: value}``."""
+    return {name: parse_value(FIELDS[name], value) for name, value in stage_values.items() if value is not None}
+
+
+def to_variants(stage_values: dict[str, Any]) -> dict[str, list]:
+    """For ``inspect``: each scalar setting's list of per-variant values; multi-value settings as one value."""
+    out: dict[str, list] = {}
+    for name, value in stage_values.items():
+        if value is None or value == []:
+            continue
+        field = FIELDS[name]
+        if field.kind in MULTI_VALUE_KINDS:
+            out[name] = [parse_value(field, value)]
+        else:
+            out[name] = [parse_value(field, v) for v in value]
+    return out

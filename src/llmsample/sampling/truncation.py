@@ -1,0 +1,119 @@
+"""Truncations beyond the seeds: top-n-sigma and XTC (llama.cpp), epsilon and eta sampling (transformers).
+
+Each finds a per-row logit threshold and keeps ``logits >= threshold`` (see ``stages.keep_from``), so the
+survivors of a wide row are compacted and ties at the boundary are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from llmsample.sampling.candidates import NEG_INF, Candidates
+from llmsample.sampling.stages import History, Stage, fast_topk, keep_from, protect
+
+
+def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
+    """Keep logits ≥ max − n·σ, σ the (population) standard deviation of the finite logits. Neutral: ≤ 0.
+
+    >>> top_n_sigma(Candidates.from_logits(torch.tensor([[0.0, 1.0, 2.0, 3.0]])), 1.0).dense()
+    tensor([[-inf, -inf, 2., 3.]])
+    """
+    logits = c.logits
+    if n <= 0.0 or logits.shape[-1] <= 1:
+        return c
+    finite = torch.isfinite(logits)
+    count = finite.sum(-1, keepdim=True).clamp(min=1).to(logits.dtype)
+    zeroed = torch.where(finite, logits, torch.zeros_like(logits))
+    mean = zeroed.sum(-1, keepdim=True) / count
+    spread = torch.where(finite, logits - mean, torch.zeros_like(logits))
+    sigma = (spread.square().sum(-1, keepdim=True) / count).sqrt()
+    threshold = logits.amax(-1, keepdim=True) - n * sigma
+    return keep_from(c, protect(c, threshold, min_keep))
+
+
+def xtc(c: Candidates, history: History, probability: float, threshold: float, min_keep: int = 1) -> Candidates:
+    """Exclude Top Choices (llama.cpp): with ``probability``, a row whose tokens at or above ``threshold``
+    number two or more loses all of them but the least likely (ties with it stay), if at least ``min_keep``
+    tokens remain. Neutral: probability 0, or a threshold above 0.5.
+
+    Whether each row fired is drawn from ``history.generator`` and recorded in ``history.record["xtc"]``.
+
+    >>> h = History(torch.tensor([[0]]))
+    >>> xtc(Candidates.from_logits(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()), h, 1.0, 0.1).dense().exp()
+    tensor([[0.0000, 0.0000, 0.1500, 0.0500]])
+    """
+    logits = c.logits
+    batch, width = logits.shape
+    if probability <= 0.0 or threshold > 0.5 or width < 2:
+        return c
+    if history.replay is not None and "xtc" in history.replay:
+        fired = history.replay["xtc"].to(logits.device)
+    else:
+        chance = torch.rand(batch, generator=history.generator, device=logits.device)
+        fired = chance <= probability
+    history.record["xtc"] = fired
+    # At most 1/threshold tokens can reach the threshold: a small window holds them all.
+    window = width if threshold <= 0.0 else min(width, int(1.0 / threshold) + 1)
+    values, _ = fast_topk(logits, window)
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    above = (values - log_total).exp() >= threshold  # a prefix of the sorted window
+    count = above.sum(-1, keepdim=True)
+    cut = values.gather(1, (count - 1).clamp(min=0))  # the least likely token at or above the threshold
+    alive = torch.isfinite(logits).sum(-1, keepdim=True)
+    acts = fired.unsqueeze(-1) & (count >= 2) & (alive - (count - 1) >= min_keep)
+    return c.with_logits(logits.masked_fill(acts & (logits > cut), NEG_INF))
+
+
+def _cutoff(c: Candidates, probability_floor: torch.Tensor, min_keep: int) -> Candidates:
+    """Keep tokens whose probability is ≥ the floor (``[batch, 1]``), or that rank among the top ``min_keep``."""
+    logits = c.logits
+    probs = torch.softmax(logits, dim=-1)
+    kept = probs >= probability_floor
+    threshold = logits.masked_fill(~kept, math.inf).amin(-1, keepdim=True)
+    return keep_from(c, protect(c, threshold, min_keep))
+
+
+def epsilon(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
+    """transformers' EpsilonLogitsWarper: remove tokens with p < ε, keeping the top ``min_keep``. Neutral: 0.
+
+    >>> epsilon(Candidates.from_logits(torch.tensor([[0.6, 0.35, 0.05]]).log()), 0.1).dense().isfinite()
+    tensor([[ True,  True, False]])
+    """
+    if eps <= 0.0:
+        return c
+    floor = torch.full((c.logits.shape[0], 1), eps, dtype=c.logits.dtype, device=c.logits.device)
+    return _cutoff(c, floor, min_keep)
+
+
+def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
+    """transformers' EtaLogitsWarper: remove tokens with p < min(η, √η·e^(−H)), H the row's entropy in nats.
+    Neutral: 0.
+
+    >>> eta(Candidates.from_logits(torch.tensor([[0.9, 0.09, 0.01]]).log()), 0.05).dense().isfinite()
+    tensor([[ True,  True, False]])
+    """
+    if eps <= 0.0:
+        return c
+    log_probs = torch.log_softmax(c.logits, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(-1, keepdim=True)
+    floor = torch.minimum(torch.tensor(eps, device=entropy.device), math.sqrt(eps) * torch.exp(-entropy))
+    return _cutoff(c, floor, min_keep)
+
+
+def top_n_sigma_stage(cfg: Any) -> Stage:
+    return lambda c, h: top_n_sigma(c, cfg.top_n_sigma, cfg.min_tokens_to_keep)
+
+
+def xtc_stage(cfg: Any) -> Stage:
+    return lambda c, h: xtc(c, h, cfg.xtc_probability, cfg.xtc_threshold, cfg.min_tokens_to_keep)
+
+
+def epsilon_stage(cfg: Any) -> Stage:
+    return lambda c, h: epsilon(c, cfg.epsilon_cutoff, cfg.min_tokens_to_keep)
+
+
+def eta_stage(cfg: Any) -> Stage:
+    return lambda c, h: eta(c, cfg.eta_cutoff, cfg.min_tokens_to_keep)

@@ -1,0 +1,94 @@
+"""Settings given as text (logit-bias tokens, bans, DRY sequence breakers) turned into a model's token ids.
+
+DRY breakers follow llama.cpp: a breaker text stops a repeat wherever it appears, so every vocabulary token that
+contains it becomes a one-token breaker, and a token that ends with the start of it becomes the head of a
+multi-token breaker whose tail is the rest of the text, tokenised (at most ``MAX_TAIL`` tokens; texts are cut to
+``MAX_CHARS`` characters first).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+MAX_CHARS = 40  # llama.cpp's limits on a breaker
+MAX_TAIL = 20
+
+_VOCAB_TEXTS: dict[int, list[str]] = {}
+
+
+def encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """``text → ids`` without special tokens (no BOS), for either tokenizer llmsample loads."""
+    return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def vocab_texts(tokenizer: Any) -> list[str]:
+    """Each token id's text, decoded on its own (cached per tokenizer; one batched call into tokenizers)."""
+    key = id(tokenizer)
+    if key not in _VOCAB_TEXTS:
+        ids = [[i] for i in range(len(tokenizer))]
+        backend = getattr(tokenizer, "backend", None) or getattr(tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "decode_batch"):
+            _VOCAB_TEXTS[key] = backend.decode_batch(ids, skip_special_tokens=False)
+        else:
+            _VOCAB_TEXTS[key] = tokenizer.batch_decode(ids)
+    return _VOCAB_TEXTS[key]
+
+
+def breaker_sequences(texts: list[str], vocab: list[str], encode: Callable[[str], list[int]]) -> tuple:
+    """llama.cpp's processed breakers for ``texts``: a tuple of token-id tuples (head first).
+
+    >>> breaker_sequences(["ab"], ["a", "b", "xab", "za"], lambda t: [{"a": 0, "b": 1}[c] for c in t])
+    ((0, 1), (2,), (3, 1))
+    """
+    found: dict[tuple[int, ...], None] = {}
+    for text in texts:
+        text = text[:MAX_CHARS]
+        if not text:
+            continue
+        for token, word in enumerate(vocab):
+            if text in word:
+                found[(token,)] = None
+                continue
+            pos = word.find(text[0])
+            while pos != -1:
+                rest = word[pos:]
+                if text.startswith(rest):
+                    tail = tuple(encode(text[len(rest):]))[:MAX_TAIL]
+                    found[(token, *tail)] = None
+                pos = word.find(text[0], pos + 1)
+    return tuple(found)
+
+
+def tokenize_settings(cfg: Any, tokenizer: Any, vocab_size: int) -> Any:
+    """``cfg`` with every text setting as token ids for ``tokenizer`` (a clear ``ConfigError`` otherwise).
+
+    DRY's breakers are expanded over the vocabulary (llama.cpp's rule) only when DRY runs.
+    """
+    from llmsample.errors import ConfigError
+    from llmsample.sampling.registry import STAGES
+
+    encode = encoder(tokenizer)
+    breakers = cfg.dry_sequence_breakers
+    if STAGES["dry"].is_set(cfg) and any(isinstance(b, str) for b in breakers):
+        texts = [b for b in breakers if isinstance(b, str)]
+        ids = [b for b in breakers if not isinstance(b, str)]
+        for text in texts:
+            if not encode(text):
+                raise ConfigError(f"the DRY sequence breaker {text!r} is no token at all for this model's tokenizer")
+        expanded = breaker_sequences(texts, vocab_texts(tokenizer), encode)
+        cfg = cfg.replace(dry_sequence_breakers=tuple(ids) + expanded)
+    return cfg.tokenized(encode, vocab_size)
+
+
+
+def vocab_size(lm: Any) -> int:
+    """The model's output width (it may exceed the tokenizer's size: padding rows)."""
+    config = getattr(lm.model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else len(lm.tokenizer)
+
+
+def for_model(lm: Any, cfg: Any) -> Any:
+    """``cfg`` ready for a ``Sampler`` on the loaded model ``lm``: its text settings as the model's token ids."""
+    return tokenize_settings(cfg, lm.tokenizer, vocab_size(lm))
