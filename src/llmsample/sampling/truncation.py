@@ -57,14 +57,18 @@ def xtc(c: Candidates, history: History, probability: float, threshold: float, m
     history.record["xtc"] = fired
     # At most 1/threshold tokens can reach the threshold: a small window holds them all.
     window = width if threshold <= 0.0 else min(width, int(1.0 / threshold) + 1)
-    values, _ = fast_topk(logits, window)
+    values, columns = fast_topk(logits, window)
     log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
     above = (values - log_total).exp() >= threshold  # a prefix of the sorted window
     count = above.sum(-1, keepdim=True)
     cut = values.gather(1, (count - 1).clamp(min=0))  # the least likely token at or above the threshold
-    alive = torch.isfinite(logits).sum(-1, keepdim=True)
-    acts = fired.unsqueeze(-1) & (count >= 2) & (alive - (count - 1) >= min_keep)
-    return c.with_logits(logits.masked_fill(acts & (logits > cut), NEG_INF))
+    acts = fired.unsqueeze(-1) & (count >= 2)
+    if min_keep > 1:  # with one to keep, the least likely qualifying token always remains
+        alive = torch.isfinite(logits).sum(-1, keepdim=True)
+        acts &= alive - (count - 1) >= min_keep
+    # Only tokens inside the window can be above the cut: remove them there, not with a full-row mask.
+    removed = acts & (values > cut)
+    return c.with_logits(logits.scatter(1, columns, values.masked_fill(removed, NEG_INF)))
 
 
 def _cutoff(c: Candidates, probability_floor: torch.Tensor, min_keep: int) -> Candidates:
