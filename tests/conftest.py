@@ -14,7 +14,19 @@ if os.environ.get("CI"):
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Tests never read or write the user's own llmsample cache: the converted default model lives in a cache of the
+# tests' own (CI's XDG_CACHE_HOME is already a fresh folder of its own; LLMSAMPLE_TEST_CACHE picks another).
+if not os.environ.get("CI"):
+    os.environ["XDG_CACHE_HOME"] = os.environ.get("LLMSAMPLE_TEST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llmsample-tests")
+
 from tiny_model import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def own_config(tmp_path_factory, monkeypatch):
+    """Every test sees an empty user preset folder, never the developer's own presets."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
 
 
 @pytest.fixture

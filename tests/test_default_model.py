@@ -62,7 +62,7 @@ def test_a_gguf_file_loads_and_matches_the_converted_cache(cli, gemma, tmp_path)
     assert from_gguf["model"] == packaged.MODEL_NAME
 
 
-BUILTIN_PRESETS = ["balanced", "beam", "creative", "dialogue", "greedy", "longform", "poetry", "qa", "technical"]
+BUILTIN_PRESETS = ["balanced", "beam", "creative", "dialogue", "fresh", "greedy", "longform", "poetry", "qa", "technical"]
 
 
 @pytest.mark.parametrize("preset", BUILTIN_PRESETS)

@@ -12,7 +12,7 @@ import pytest
 from llmsample import presets
 from llmsample.config import ScheduleEntry
 
-BUILTINS = ["balanced", "beam", "creative", "dialogue", "greedy", "longform", "poetry", "qa", "technical"]
+BUILTINS = ["balanced", "beam", "creative", "dialogue", "fresh", "greedy", "longform", "poetry", "qa", "technical"]
 
 
 @pytest.fixture(autouse=True)

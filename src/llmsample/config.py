@@ -176,8 +176,11 @@ class _SamplingConfigMethods:
 
 
 def _plain(value: Any) -> Any:
+    """JSON-ready: sequence-bias keys as "1,2,3", ±inf biases as "-inf" (JSON has no infinity)."""
     if isinstance(value, dict):
-        return {(",".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in value.items()}
+        return {(",".join(map(str, k)) if isinstance(k, tuple) else k): _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isinf(value):
+        return "-inf" if value < 0 else "inf"
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
