@@ -43,14 +43,16 @@ WINDOW = 64  # llama.cpp's default penalty_last_n
 
 # family label → (grid setting, extra fixed sampling settings, values without the baseline)
 FAMILIES: dict[str, tuple[str, dict[str, Any], tuple[float, ...]]] = {
-    "repetition_penalty (whole text)": ("repetition_penalty", {}, (1.1, 1.2, 1.3, 1.5)),
+    "repetition_penalty (whole text)": ("repetition_penalty", {}, (1.02, 1.05, 1.1, 1.2, 1.3, 1.5)),
     f"repetition_penalty, penalty_last_n={WINDOW}": ("repetition_penalty", {"penalty_last_n": WINDOW},
-                                                      (1.1, 1.2, 1.3, 1.5)),
+                                                      (1.02, 1.05, 1.1, 1.2, 1.3, 1.5)),
     "DRY (base 1.75, allowed_length 2)": ("dry_multiplier", {}, (0.4, 0.8, 1.6, 3.2)),
 }
 BASELINE_VALUE = {"repetition_penalty": 1.0, "dry_multiplier": 0.0}  # the knob's "off"
 
 QUICK = {"samples": 2, "max_new_tokens": 24, "values_per_family": 2, "noise_seeds": ()}
+# Small penalties (1.02, 1.05) are there so the penalty families reach the low perplexities DRY stays at: without
+# them the "equal perplexity" comparison would only interpolate between "off" and 1.1.
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "docs" / "repetition_study.png"
@@ -158,37 +160,67 @@ def comparison(results: dict[str, list[dict[str, Any]]], count: int = 3) -> tupl
     return "\n".join(out), targets
 
 
+def place_labels(ax: Any, labels: list[tuple[float, float, str, str]]) -> None:
+    """Put each label at whichever of eight spots round its point lies farthest from every point and every label
+    placed so far (greedy, in display pixels), so close points' labels do not print over each other."""
+    import math
+
+    scale = ax.figure.dpi / 72  # points → pixels
+    spots = [(7 * math.cos(a), 7 * math.sin(a) - 3) for a in (math.pi * k / 4 for k in range(8))]
+    anchors = [tuple(ax.transData.transform((x, y))) for x, y, _, _ in labels]
+    taken: list[tuple[float, float]] = list(anchors)
+    for (x, y, text, colour), (px, py) in zip(labels, anchors):
+        width = 5.5 * len(text) * scale  # about 8-point text
+
+        def centre(spot: tuple[float, float]) -> tuple[float, float]:
+            dx, dy = spot
+            return px + dx * scale + (width / 2 if dx >= 0 else -width / 2), py + dy * scale + 3 * scale
+
+        def clearance(spot: tuple[float, float]) -> float:
+            cx, cy = centre(spot)
+            return min(math.hypot(cx - tx, cy - ty) for tx, ty in taken)
+
+        best = max(spots, key=clearance)
+        taken.append(centre(best))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=best, fontsize=8, color=colour,
+                    ha="left" if best[0] >= 0 else "right", va="bottom")
+
+
 def plot(results: dict[str, list[dict[str, Any]]], noise: list[dict[str, Any]], targets: list[float], path: Path,
          subtitle: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=130)
     markers = ("o", "s", "^", "D")
-    offsets = ((6, 6), (6, -12), (-22, 6), (-22, -12))
-    for (family, points), marker, offset in zip(results.items(), markers, offsets):
+    labels = []  # (x, y, text, colour); the shared baseline is labelled once
+    for (family, points), marker in zip(results.items(), markers):
         xs = [p["perplexity"] for p in points]
         ys = [p["repeated_3gram_rate"] for p in points]
-        (line,) = ax.plot(xs, ys, marker=marker, label=family, linewidth=1.6, markersize=6)
-        for p in points[1:]:  # the shared baseline gets its own label below
-            ax.annotate(f"{p['value']:g}", (p["perplexity"], p["repeated_3gram_rate"]), textcoords="offset points",
-                        xytext=offset, fontsize=8, color=line.get_color())
+        (line,) = ax.plot(xs, ys, marker=marker, label=family, linewidth=1.6, markersize=6, alpha=0.9)
+        labels += [(p["perplexity"], p["repeated_3gram_rate"], f"{p['value']:g}", line.get_color())
+                   for p in points[1:]]
     base = next(iter(results.values()))[0]
-    ax.annotate("off (all)", (base["perplexity"], base["repeated_3gram_rate"]), textcoords="offset points",
-                xytext=(6, 6), fontsize=8)
+    labels.append((base["perplexity"], base["repeated_3gram_rate"], "off (all)", "black"))
     if noise:
         ax.scatter([p["perplexity"] for p in noise], [p["repeated_3gram_rate"] for p in noise], marker="x",
                    color="grey", zorder=3, label="off, other seeds (noise)")
     for x in targets:
         ax.axvline(x, color="lightgrey", linewidth=0.8, linestyle=":", zorder=0)
-    ax.set_xlabel("perplexity of the drawn tokens under the raw model distribution")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([5, 6, 7, 8, 10, 12, 15, 20, 30, 40, 50])
+    ax.set_xlabel("perplexity of the drawn tokens under the raw model distribution (log scale)")
     ax.set_ylabel("repeated 3-gram rate (share of 3-grams already seen in the sample)")
     ax.set_title("Repetition vs perplexity: whole-text penalty, windowed penalty, DRY\n" + subtitle, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    place_labels(ax, labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -204,6 +236,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help=f"where to draw (default {PLOT.relative_to(ROOT)}; "
                                                   "with --quick, a temporary file)")
     parser.add_argument("--save-json", type=Path, help="also write every measured point to this file")
+    parser.add_argument("--reuse", type=Path, help="a --save-json file of an earlier run with the same prompt, seed, "
+                                                   "samples, tokens and base: generate only the points it lacks")
     args = parser.parse_args()
 
     samples, max_new_tokens, noise_seeds = SAMPLES, MAX_NEW_TOKENS, NOISE_SEEDS
@@ -213,27 +247,42 @@ def main() -> None:
         families = {k: (s, f, v[:QUICK["values_per_family"]]) for k, (s, f, v) in families.items()}
     plot_path = args.plot or (Path(tempfile.gettempdir()) / "repetition_study_quick.png" if args.quick else PLOT)
 
+    cached: dict[str, dict[float, dict[str, Any]]] = {}
+    cached_noise: dict[int, dict[str, Any]] = {}
+    if args.reuse:
+        old = json.loads(args.reuse.read_text(encoding="utf-8"))
+        same = {"prompt": PROMPT, "seed": SEED, "samples": samples, "max_new_tokens": max_new_tokens,
+                "base": BASE_SAMPLING}
+        differing = [k for k, v in same.items() if old.get(k) != v]
+        if differing:
+            sys.exit(f"--reuse {args.reuse}: a different experiment ({', '.join(differing)} differ)")
+        cached = {family: {p["value"]: p for p in points} for family, points in old["families"].items()}
+        cached_noise = {p["seed"]: p for p in old["noise"]}
+
     started = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     noise: list[dict[str, Any]] = []
     baseline = None
     with tempfile.TemporaryDirectory() as tmp:
         for i, (family, (setting, fixed, values)) in enumerate(families.items()):
-            preset = write_preset(Path(tmp), f"family{i}", fixed)
-            grid = list(values) if baseline else [BASELINE_VALUE[setting], *values]
-            rows = sweep(args.python, preset, setting, grid, SEED, samples, max_new_tokens)
-            points = [{**row, "value": row["point"][setting]} for row in rows]
-            if baseline is None:
-                baseline = {**points[0]}
-            else:
-                points.insert(0, {**baseline, "value": BASELINE_VALUE[setting]})
+            have = dict(cached.get(family, {}))
+            if baseline is not None:
+                have[BASELINE_VALUE[setting]] = {**baseline, "value": BASELINE_VALUE[setting]}
+            grid = [v for v in (BASELINE_VALUE[setting], *values) if v not in have]
+            if grid:
+                preset = write_preset(Path(tmp), f"family{i}", fixed)
+                rows = sweep(args.python, preset, setting, grid, SEED, samples, max_new_tokens)
+                have.update({row["point"][setting]: {**row, "value": row["point"][setting]} for row in rows})
+            points = [have[v] for v in (BASELINE_VALUE[setting], *values)]
+            baseline = baseline or points[0]
             results[family] = points
         base_setting = next(iter(families.values()))[0]
         base_preset = write_preset(Path(tmp), "baseline", {})
         for seed in noise_seeds:
-            row = sweep(args.python, base_preset, base_setting, [BASELINE_VALUE[base_setting]], seed, samples,
-                        max_new_tokens)[0]
-            noise.append({**row, "seed": seed})
+            if seed not in cached_noise:
+                cached_noise[seed] = {**sweep(args.python, base_preset, base_setting, [BASELINE_VALUE[base_setting]],
+                                              seed, samples, max_new_tokens)[0], "seed": seed}
+            noise.append(cached_noise[seed])
     elapsed = time.perf_counter() - started
 
     settings = ", ".join(f"{k}={v}" for k, v in BASE_SAMPLING.items() if k != "do_sample")
@@ -243,7 +292,8 @@ def main() -> None:
     text, targets = comparison(results)
     print("\n" + text)
     plot(results, noise, targets, plot_path, subtitle)
-    print(f"\nwrote {plot_path}; wall time {elapsed:.0f} s")
+    reused = f" (generating only what --reuse {args.reuse} lacked)" if args.reuse else ""
+    print(f"\nwrote {plot_path}; wall time {elapsed:.0f} s{reused}")
     if args.save_json:
         args.save_json.write_text(json.dumps({"prompt": PROMPT, "seed": SEED, "samples": samples,
                                               "max_new_tokens": max_new_tokens, "base": BASE_SAMPLING,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
-from llmsample.sampling.stages import History, Stage, fast_topk, keep_from, protect
+from llmsample.sampling.stages import History, Stage, fast_topk, keep_from, kth_logit, protect
 
 
 def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
@@ -72,12 +72,13 @@ def xtc(c: Candidates, history: History, probability: float, threshold: float, m
 
 
 def _cutoff(c: Candidates, probability_floor: torch.Tensor, min_keep: int) -> Candidates:
-    """Keep tokens whose probability is ≥ the floor (``[batch, 1]``), or that rank among the top ``min_keep``."""
+    """Keep tokens whose probability is ≥ the floor (``[batch, 1]``), or whose logit reaches the ``min_keep``-th
+    largest (ties kept). Compared in probability space, as transformers does, so the boundary rounds the same way;
+    the row keeps its form (a dense row stays dense: compacting would cost more passes than it saves here)."""
     logits = c.logits
-    probs = torch.softmax(logits, dim=-1)
-    kept = probs >= probability_floor
-    threshold = logits.masked_fill(~kept, math.inf).amin(-1, keepdim=True)
-    return keep_from(c, protect(c, threshold, min_keep))
+    kept = torch.softmax(logits, dim=-1) >= probability_floor
+    kept |= logits >= (kth_logit(c, min_keep) if min_keep > 1 else logits.amax(-1, keepdim=True))
+    return c.with_logits(logits.masked_fill(~kept, NEG_INF))
 
 
 def epsilon(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
@@ -101,8 +102,10 @@ def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
     """
     if eps <= 0.0:
         return c
-    log_probs = torch.log_softmax(c.logits, dim=-1)
-    entropy = -(log_probs.exp() * log_probs).nansum(-1, keepdim=True)
+    # The entropy as torch's Categorical computes it (what transformers uses), so the floor rounds the same way.
+    logits = c.logits
+    log_probs = (logits - logits.logsumexp(-1, keepdim=True)).clamp(min=torch.finfo(logits.dtype).min)
+    entropy = -(log_probs * torch.softmax(logits, dim=-1)).sum(-1, keepdim=True)
     floor = torch.minimum(torch.tensor(eps, device=entropy.device), math.sqrt(eps) * torch.exp(-entropy))
     return _cutoff(c, floor, min_keep)
 
