@@ -328,3 +328,18 @@ def test_a_preset_with_only_num_beams_searches_deterministically(tmp_path):
     assert settings.sources["sampling.do_sample"] == f"preset beams"
     with pytest.raises(ConfigError, match="num_beams=4 needs do_sample=false"):
         presets.resolve_settings(str(path), {"sampling": {"do_sample": True}})
+
+
+@pytest.mark.parametrize("removed", [0.0, 0.3])
+def test_top_n_sigma_on_a_full_vocabulary_row(removed):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 262_144, generator=g) * 2.5
+    logits[:, :300] += 8
+    logits = logits.masked_fill(torch.rand(2, 262_144, generator=g) < removed, float("-inf"))
+    out = top_n_sigma(Candidates.from_logits(logits), 1.5).dense()
+    for row in range(2):
+        alive = logits[row][torch.isfinite(logits[row])].double()
+        threshold = alive.max() - 1.5 * alive.std(correction=0)
+        expect = torch.isfinite(logits[row]) & (logits[row].double() >= threshold)
+        near = (logits[row].double() - threshold).abs() < 1e-4  # float32 rounding of σ decides these
+        assert torch.equal(torch.isfinite(out[row]) & ~near, expect & ~near)

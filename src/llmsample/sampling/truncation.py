@@ -25,11 +25,15 @@ def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
     if n <= 0.0 or logits.shape[-1] <= 1:
         return c
     finite = torch.isfinite(logits)
-    count = finite.sum(-1, keepdim=True).clamp(min=1).to(logits.dtype)
-    zeroed = torch.where(finite, logits, torch.zeros_like(logits))
-    mean = zeroed.sum(-1, keepdim=True) / count
-    spread = torch.where(finite, logits - mean, torch.zeros_like(logits))
-    sigma = (spread.square().sum(-1, keepdim=True) / count).sqrt()
+    count = finite.sum(-1, keepdim=True)
+    if bool((count == logits.shape[-1]).all()):  # nothing removed yet (raw logits): torch's own two-pass σ
+        sigma = torch.std(logits, dim=-1, keepdim=True, correction=0)
+    else:
+        count = count.clamp(min=1).to(logits.dtype)
+        zeroed = torch.where(finite, logits, torch.zeros_like(logits))
+        mean = zeroed.sum(-1, keepdim=True) / count
+        spread = torch.where(finite, logits - mean, torch.zeros_like(logits))
+        sigma = (spread.square().sum(-1, keepdim=True) / count).sqrt()
     threshold = logits.amax(-1, keepdim=True) - n * sigma
     return keep_from(c, protect(c, threshold, min_keep))
 
