@@ -365,13 +365,18 @@ def presets_list() -> None:
 
     from llmsample import presets, render
 
-    out, _ = render.make_consoles()
+    out, err = render.make_consoles()
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in ("name", "source", "description"):
         table.add_column(column, overflow="fold")
     for name, preset in sorted(presets.available().items()):
         source = preset.origin + (" (overrides built-in)" if preset.overrides_builtin else "")
-        table.add_row(name, source, presets.description(name))
+        try:
+            description = presets.description(name)
+        except ConfigError as exc:  # one broken user preset must not hide the others
+            render.Renderer(out, err).warn(f"skipped the {preset.origin} preset {name!r}: {first_line(exc)}")
+            continue
+        table.add_row(name, source, description)
     out.print(table)
 
 

@@ -24,6 +24,9 @@ COMPLETE_MARKER = "llmsample-cache.json"
 # reads it about 1.8x faster on the CPU, and transposing 671 MB at every start would cost seconds.
 EMBED_T_FILE = "llmsample-embed-t.safetensors"
 ENGINES = ("auto", "llmsample", "transformers")
+# Every transformers loading call gets this: a model folder's own Python (config.json's auto_map) never runs, and
+# transformers never asks on stdin whether it may (it does when the argument is left out).
+NO_REMOTE_CODE = {"trust_remote_code": False}
 QUANTIZE_MODES = ("none", "int8")  # "none" is the CLI's spelling of quantize=None
 
 
@@ -105,12 +108,13 @@ def convert_packaged_gguf(out: Path, dtype: str = "float32", report: Optional[Ca
     say("assembling the packaged GGUF")
     gguf = packaged.assemble(output_path=out.parent / "gguf" / packaged.MODEL_NAME)
     say("reading the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **NO_REMOTE_CODE)
     say("dequantising the weights (once; about a minute)")
     quiet = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own bar, which our status line replaces
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype),
+                                                     **NO_REMOTE_CODE)
     finally:
         if quiet is None:
             os.environ.pop("TQDM_DISABLE", None)
@@ -167,6 +171,9 @@ def _quiet_transformers() -> None:
 def _explain_load_failure(spec: str, exc: Exception) -> ModelError:
     text = str(exc)
     lowered = text.lower()
+    if "custom code" in lowered or "trust_remote_code" in lowered:
+        return ModelError(f"{spec} needs custom code (its own Python files, named by auto_map in its config), "
+                          "which llmsample does not run")
     if isinstance(exc, (OSError, ValueError)) and Path(spec).expanduser().exists():
         return ModelError(f"cannot load a model from {spec}: {first_line(exc)}")
     if any(word in lowered for word in ("connection", "resolve", "offline", "network", "timed out", "max retries")):
@@ -291,13 +298,14 @@ def _load_from(source: Any, spec: str, name: str, kwargs: dict[str, Any], torch_
     try:
         if report:
             report("loading the tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs, **NO_REMOTE_CODE)
         if report:
             report("loading the weights")
         if device_map:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs,
+                                                      **NO_REMOTE_CODE)
         else:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **NO_REMOTE_CODE).to(device)
     except ModelError:
         raise
     except Exception as exc:  # transformers raises many types here; each becomes one clear line
@@ -353,7 +361,7 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
         except Exception as exc:  # transformers raises many types here
             raise _explain_load_failure(str(folder), exc) from exc
     check_vocab(tokenizer, model, name)
