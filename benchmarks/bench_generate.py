@@ -182,8 +182,8 @@ START_PLAIN = textwrap.dedent("""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from llmsample.models import default_model_dir
     path = default_model_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
     ids = tok({prompt!r}, return_tensors="pt").input_ids
     model.generate(ids, max_new_tokens=1, do_sample=False)
 """)

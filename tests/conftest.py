@@ -20,7 +20,7 @@ if not os.environ.get("CI"):
     os.environ["XDG_CACHE_HOME"] = os.environ.get("LLMSAMPLE_TEST_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "llmsample-tests")
 
-from tiny_model import build_tiny_model  # noqa: E402
+from tiny_model import build_tiny_gemma3, build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,12 @@ def cli(capsys):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> Path:
+    """A tiny Gemma 3 folder: llmsample's own engine runs it."""
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
 
 
 @pytest.fixture(scope="session")

@@ -121,3 +121,29 @@ def test_int8_keeps_the_default_models_perplexity_and_greedy_start(cli):
             logits = lm.model(input_ids=ids, logits_to_keep=0).logits[0, :-1]
         scores[quantize] = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
     assert abs(scores["int8"] / scores[None] - 1) < 0.03, scores
+
+
+def test_the_first_use_conversion_stopped_by_sigterm_leaves_nothing_and_the_next_draws_no_stray_bar(tmp_path):
+    """The real conversion, in a fresh cache: SIGTERM halfway removes its temporary folder (exit 143, one line);
+    the conversion run to the end prints nothing of transformers' own (its GGUF progress bar)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "llmsample", "The capital of France is", "--greedy", "--max-new-tokens", "2"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache = tmp_path / "llmsample"
+    deadline = time.monotonic() + 60
+    while not any(cache.glob(".gemma-3-270m-float32.*")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.2)
+    time.sleep(10)  # into the dequantisation
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err == "llmsample: error: terminated\n" and out == ""
+    assert sorted(p.name for p in cache.iterdir()) == []
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() and result.stderr == "", result.stderr[-500:]

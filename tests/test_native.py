@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_model import build_tiny_gemma3, tiny_gemma3_config
+from tiny_model import tiny_gemma3_config
 
 from llmsample import gemma3, models, quantize
 from llmsample.decode import _cache_keyword  # transformers 5.24 renamed past_key_values
@@ -194,11 +194,6 @@ def test_int8_head_channel_scaling_is_exact_in_float_and_saved():
 
 
 # ---- the loader and the command ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma_dir(tmp_path_factory):
-    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
 
 
 def test_auto_engine_runs_a_gemma3_folder_natively_and_matches_transformers(tiny_gemma_dir):

@@ -201,6 +201,65 @@ def test_new_round_trips_through_show_and_refuses_to_overwrite(cli, user_config)
     assert presets.resolve_settings("mine").sampling.top_k == 0  # now from the defaults
 
 
+@pytest.mark.parametrize("name", ['my"style', 'a\nextends = "poetry"', "a" * 300, "", "../up", ".hidden", "x.toml",
+                                  "tab\there", "naïve"])
+def test_new_takes_only_plain_names(cli, user_config, name):
+    code, out, err = cli("presets", "new", name)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "a preset name is 1 to 64 letters, digits, '-' or '_'" in err
+    assert not user_config.exists() or not list(user_config.iterdir())
+
+
+def test_new_writes_its_values_through_a_toml_writer(cli, user_config, tmp_path):
+    odd = ['say "hi"', "line\nbreak", "back\\slash", "bell\x07", "tab\t"]
+    base = write(tmp_path, "odd", f"[generation]\nstop = {json.dumps(odd)}\n")
+    code, out, err = cli("presets", "new", "odd-copy", "--from", str(base))
+    assert code == 0, err
+    assert presets.resolve_settings("odd-copy").generation.stop == tuple(odd)
+    assert cli("presets", "list")[0] == 0
+
+
+def test_list_skips_a_broken_user_preset_and_names_it(cli, user_config):
+    broken = write(user_config, "broken", 'description = "unterminated\n')
+    write(user_config, "fine", 'description = "still listed"\n')
+    code, out, err = cli("presets", "list")
+    assert code == 0
+    assert "broken" not in out and "still listed" in out and "technical" in out
+    assert f"warning: skipped the user preset 'broken': {broken}: not valid TOML" in err
+
+
+@pytest.mark.parametrize("dangling", [True, False])
+def test_new_replaces_a_symlink_instead_of_writing_through_it(cli, user_config, tmp_path, dangling):
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_text("precious")
+    user_config.mkdir(parents=True)
+    (user_config / "link.toml").symlink_to(victim)
+    code, _, err = cli("presets", "new", "link")
+    assert code == 2 and "already exists (use --force to overwrite it)" in err
+    assert cli("presets", "new", "link", "--force")[0] == 0
+    assert not (user_config / "link.toml").is_symlink()
+    assert presets.resolve_settings("link").sampling.top_k == 0
+    assert (victim.read_text() == "precious") if not dangling else not victim.exists()
+    assert sorted(p.name for p in user_config.iterdir()) == ["link.toml"]  # no temporary file left
+
+
+def test_new_where_the_config_folder_is_a_file(cli, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(blocker))
+    code, out, err = cli("presets", "new", "mine")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"cannot write the preset {blocker}/llmsample/presets/mine.toml: Not a directory" in err
+
+
+def test_arrays_nested_too_deeply_are_a_preset_error(cli, tmp_path):
+    path = write(tmp_path, "deep", "[generation]\nstop = " + "[" * 900 + "]" * 900 + "\n")
+    code, out, err = cli("presets", "show", str(path))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"{path}: not valid TOML here: arrays or tables nested too deeply" in err
+
+
 # ---- in a run --------------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
     _vendored_click = click.exceptions
 
 from llmsample import __version__
-from llmsample import presets
+from llmsample import presets, process
 from llmsample.errors import ConfigError, ExitCode, LlmsampleError, first_line
 from llmsample.models import ENGINES, QUANTIZE_MODES
 from llmsample.options import stage_options, to_layer, to_variants
@@ -235,7 +235,8 @@ def inspect(
     chosen = lab.variants(preset or [], to_variants(stage_values or {}))
     out, err = render.make_consoles()
     lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
-    result = lab.inspect_steps(lm, prompt, chosen, steps, top)
+    with run.cache_checked(lm):
+        result = lab.inspect_steps(lm, prompt, chosen, steps, top)
     if plot:
         plots.inspect_plot(result, plot)
         err.print(f"wrote {plot}")
@@ -296,7 +297,7 @@ def sweep(
     lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
     progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True)
-    with progress:
+    with progress, run.cache_checked(lm):
         task = progress.add_task("sweep", total=len(points) * max_new_tokens)
         rows = lab.sweep(lm, prompt, preset, {}, parsed, samples, seed, max_new_tokens, run.eos_ids(lm),
                          on_step=lambda: progress.advance(task))
@@ -325,13 +326,18 @@ def presets_list() -> None:
 
     from llmsample import presets, render
 
-    out, _ = render.make_consoles()
+    out, err = render.make_consoles()
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for column in ("name", "source", "description"):
         table.add_column(column, overflow="fold")
     for name, preset in sorted(presets.available().items()):
         source = preset.origin + (" (overrides built-in)" if preset.overrides_builtin else "")
-        table.add_row(name, source, presets.description(name))
+        try:
+            description = presets.description(name)
+        except ConfigError as exc:  # one broken user preset must not hide the others
+            render.Renderer(out, err).warn(f"skipped the {preset.origin} preset {name!r}: {first_line(exc)}")
+            continue
+        table.add_row(name, source, description)
     out.print(table)
 
 
@@ -430,11 +436,18 @@ def _error(message: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the command line; return the exit code (the console script exits with it)."""
+    with process.guarded():  # Ctrl-C interrupts once; a closed stderr does not change the outcome
+        return _main(argv)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     args = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="llmsample", standalone_mode=False)
+        if code == ExitCode.INTERRUPTED:  # typer turns a Ctrl-C that no command handled into a silent 130
+            _error("interrupted")
         return int(code or 0)
     except EXITS as exc:
         return exc.exit_code
@@ -471,4 +484,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # one that came before or after the command's own handling
+        code = int(ExitCode.INTERRUPTED)
+    process.exit_quietly_on_sigint(code)
+    sys.exit(code)

@@ -7,10 +7,16 @@ HF-format folder under the cache directory; later runs load that folder in secon
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +30,9 @@ COMPLETE_MARKER = "llmsample-cache.json"
 # reads it about 1.8x faster on the CPU, and transposing 671 MB at every start would cost seconds.
 EMBED_T_FILE = "llmsample-embed-t.safetensors"
 ENGINES = ("auto", "llmsample", "transformers")
+# Every transformers loading call gets this: a model folder's own Python (config.json's auto_map) never runs, and
+# transformers never asks on stdin whether it may (it does when the argument is left out).
+NO_REMOTE_CODE = {"trust_remote_code": False}
 QUANTIZE_MODES = ("none", "int8")  # "none" is the CLI's spelling of quantize=None
 
 
@@ -49,43 +58,128 @@ def _cache_is_complete(folder: Path) -> bool:
         return False
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damaged_file(folder: Path) -> Optional[str]:
+    """The first file of a cache whose content no longer matches the checksum its marker recorded, if any.
+
+    Reading every byte takes a second or two for the default model, so this runs only after a failure (NaN
+    logits from a cache whose sizes are right). A marker without checksums (an older cache) names itself.
+    """
+    try:
+        recorded = json.loads((folder / COMPLETE_MARKER).read_text())["sha256"]
+        return next((name for name, digest in recorded.items() if _sha256(folder / name) != digest), None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return COMPLETE_MARKER
+
+
+def _size(count: float) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
 def _cache_error(folder: Path, exc: OSError) -> ModelError:
     reason = exc.strerror or str(exc)
     return ModelError(f"cannot write the model cache in {folder}: {reason} (free some space, or set "
                       "XDG_CACHE_HOME to a writable folder)")
 
 
-def build_cache(target: Path, build: Callable[[Path], None]) -> Path:
+# Libraries that write files (safetensors, tokenizers) report a failed write in their own exception types.
+_WRITE_ERRORS = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+                 "read-only file system": errno.EROFS, "permission denied": errno.EACCES}
+
+
+def _write_error(exc: BaseException) -> Optional[OSError]:
+    """``exc`` as the OSError it reports (a full disk inside safetensors' SafetensorError …), or None."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc).lower()
+    return next((OSError(code, os.strerror(code)) for words, code in _WRITE_ERRORS.items() if words in text), None)
+
+
+LOCK_FILE = ".llmsample-building"
+STALE_UNLOCKED_S = 10  # a work folder younger than this may be one whose builder has not locked it yet
+STALE_LEGACY_S = 3600  # one without a lock file (from before locks) is left alone for an hour
+
+
+def _remove_stale_work(target: Path) -> None:
+    """Remove the temporary folders of builds of ``target`` whose process is gone (killed, even with -9).
+
+    A build holds an exclusive ``flock`` on a file in its folder while it runs; the kernel releases it when the
+    process dies. A folder whose lock can be taken is therefore stale; another live process's is left alone.
+    """
+    for work in target.parent.glob(f".{target.name}.*"):
+        try:
+            if not work.is_dir() or work.is_symlink():
+                continue
+            age = time.time() - work.stat().st_mtime
+            lock = work / LOCK_FILE
+            if not lock.exists():
+                if age > STALE_LEGACY_S:
+                    shutil.rmtree(work, ignore_errors=True)
+                continue
+            if age < STALE_UNLOCKED_S:
+                continue
+            with open(lock, "rb") as file:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its builder lives
+                shutil.rmtree(work, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def build_cache(target: Path, build: Callable[[Path], None], need_bytes: int = 0) -> Path:
     """Return ``target``, building it first with ``build(folder)`` unless a complete copy is there.
 
     ``build`` writes into a temporary folder beside ``target``, which is renamed into place only when complete:
     an interrupted or failed build leaves nothing behind, and of two processes building at once the one that
-    renames second keeps the first one's result. A folder that fails the completeness check is rebuilt.
+    renames second keeps the first one's result. A folder that fails the completeness check is rebuilt. The
+    marker records each file's size and checksum. What would make the rename fail (``target`` a file, the folder
+    unwritable, less than ``need_bytes`` free) is found before the build, and folders left by killed builds go.
     """
     if _cache_is_complete(target):
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            kind = "a symlink" if target.is_symlink() else "a file"
+            raise ModelError(f"cannot write the model cache: {target} is {kind}, not a folder (remove it, or set "
+                             "XDG_CACHE_HOME to another folder)")
+        _remove_stale_work(target)
+        free = shutil.disk_usage(target.parent).free
+        if free < need_bytes:
+            raise OSError(errno.ENOSPC, f"the model needs about {_size(need_bytes)}, {_size(free)} free")
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as exc:
         raise _cache_error(target.parent, exc) from None
     try:
-        out = work / "model"
-        build(out)
-        files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file()}
-        (out / COMPLETE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}))
-        if target.exists():
-            if _cache_is_complete(target):  # another process finished first
-                return target
-            shutil.rmtree(target, ignore_errors=True)  # a broken cache: replace it
-        try:
-            os.replace(out, target)
-        except OSError:
-            if not _cache_is_complete(target):
-                raise
-        return target
-    except OSError as exc:
-        raise _cache_error(target.parent, exc) from None
+        with open(work / LOCK_FILE, "wb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the build ends, however it ends
+            out = work / "model"
+            build(out)
+            paths = [p for p in out.rglob("*") if p.is_file()]
+            files = {str(p.relative_to(out)): p.stat().st_size for p in paths}
+            sums = {str(p.relative_to(out)): _sha256(p) for p in paths}
+            (out / COMPLETE_MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "files": files, "sha256": sums}))
+            if target.exists():
+                if _cache_is_complete(target):  # another process finished first
+                    return target
+                shutil.rmtree(target, ignore_errors=True)  # a broken cache: replace it
+            try:
+                os.replace(out, target)
+            except OSError:
+                if not _cache_is_complete(target):
+                    raise
+            return target
+    except Exception as exc:
+        failed_write = _write_error(exc)
+        if failed_write is None:
+            raise
+        raise _cache_error(target.parent, failed_write) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -105,17 +199,11 @@ def convert_packaged_gguf(out: Path, dtype: str = "float32", report: Optional[Ca
     say("assembling the packaged GGUF")
     gguf = packaged.assemble(output_path=out.parent / "gguf" / packaged.MODEL_NAME)
     say("reading the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **NO_REMOTE_CODE)
     say("dequantising the weights (once; about a minute)")
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own bar, which our status line replaces
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+    with _gguf_bar_off():  # transformers' GGUF reader draws its own bar, which our status line replaces
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype),
+                                                     **NO_REMOTE_CODE)
     # The weights are dense now: drop the GGUF quantizer so save_pretrained writes plain tensors.
     model.hf_quantizer = None
     model.config.quantization_config = None
@@ -127,9 +215,35 @@ def convert_packaged_gguf(out: Path, dtype: str = "float32", report: Optional[Ca
     shutil.rmtree(gguf.parent, ignore_errors=True)
 
 
+# Disk space the conversion needs: float32 weights (1.07 GB), the transposed embedding (0.67 GB), the tokenizer
+# and the assembled GGUF while it is read (0.25 GB).
+DEFAULT_MODEL_BYTES = 2_100_000_000
+
+
+@contextlib.contextmanager
+def _gguf_bar_off() -> Any:
+    """Silence the tqdm bar of transformers' GGUF reader. TQDM_DISABLE cannot: tqdm reads it when it is first
+    imported, which happens long before (huggingface_hub imports it)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # pragma: no cover - another transformers layout
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:  # pragma: no cover
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str], None]] = None) -> Path:
     """The converted default model's folder, converting the packaged GGUF on first use."""
-    return build_cache(default_model_dir(dtype), lambda out: convert_packaged_gguf(out, dtype, report))
+    return build_cache(default_model_dir(dtype), lambda out: convert_packaged_gguf(out, dtype, report),
+                       need_bytes=DEFAULT_MODEL_BYTES)
 
 
 def write_embed_t(folder: Path, embed: Any) -> None:
@@ -150,6 +264,7 @@ class LoadedModel:
     dtype: str
     engine: str = "transformers"  # whose forward runs: "llmsample" (gemma3.py) or "transformers"
     quantize: Optional[str] = None
+    cache: Optional[Path] = None  # llmsample's cache folder it was loaded from (the default model)
 
 
 def _quiet_transformers() -> None:
@@ -167,6 +282,9 @@ def _quiet_transformers() -> None:
 def _explain_load_failure(spec: str, exc: Exception) -> ModelError:
     text = str(exc)
     lowered = text.lower()
+    if "custom code" in lowered or "trust_remote_code" in lowered:
+        return ModelError(f"{spec} needs custom code (its own Python files, named by auto_map in its config), "
+                          "which llmsample does not run")
     if isinstance(exc, (OSError, ValueError)) and Path(spec).expanduser().exists():
         return ModelError(f"cannot load a model from {spec}: {first_line(exc)}")
     if any(word in lowered for word in ("connection", "resolve", "offline", "network", "timed out", "max retries")):
@@ -245,14 +363,19 @@ def load(
         source: Path | str = ensure_default_model("float32", report)
         name = DEFAULT_MODEL
         try:
-            return _load_from(source, model or name, name, kwargs, torch_dtype, device, device_map, dtype, report,
-                              **options)
+            lm = _load_from(source, model or name, name, kwargs, torch_dtype, device, device_map, dtype, report,
+                            **options)
         except ModelError:
-            # A complete-looking cache that does not load (damaged on disk): rebuild it once.
+            # A complete-looking cache whose files do not load (damaged on disk): convert it again, once; a second
+            # failure is the error, with the folder in it.
             if report:
                 report("the cached default model is damaged: converting it again")
             shutil.rmtree(source, ignore_errors=True)
             source = ensure_default_model("float32", report)
+            lm = _load_from(source, str(source), name, kwargs, torch_dtype, device, device_map, dtype, report,
+                            **options)
+        lm.cache = Path(source)
+        return lm
     elif model.endswith(".gguf"):
         path = Path(model).expanduser()
         if not path.is_file():
@@ -291,13 +414,14 @@ def _load_from(source: Any, spec: str, name: str, kwargs: dict[str, Any], torch_
     try:
         if report:
             report("loading the tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs, **NO_REMOTE_CODE)
         if report:
             report("loading the weights")
         if device_map:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs,
+                                                      **NO_REMOTE_CODE)
         else:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **NO_REMOTE_CODE).to(device)
     except ModelError:
         raise
     except Exception as exc:  # transformers raises many types here; each becomes one clear line
@@ -325,6 +449,7 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
         return "no .safetensors weights in the folder"
     if report:
         report("loading the weights")
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
@@ -338,7 +463,7 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
         if (folder / "generation_config.json").is_file():
             generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
             model.generation_config.eos_token_id = generation.get("eos_token_id", config.eos_token_id)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"cannot load a model from {folder}: {first_line(exc)}") from exc
     if quantize:  # before the tokenizer: the int8 head's packing threads overlap its loading
         model = _quantized(model, folder, report)
@@ -353,7 +478,7 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
         except Exception as exc:  # transformers raises many types here
             raise _explain_load_failure(str(folder), exc) from exc
     check_vocab(tokenizer, model, name)
@@ -361,12 +486,16 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files; an index that does not read is a damaged folder (not a reason to try another engine)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError):
-            return []
+            if not all(isinstance(shard, str) and "/" not in shard for shard in shards):
+                raise ValueError("a shard name is not a file name in the folder")
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise ModelError(f"cannot load a model from {folder}: {index.name} does not read "
+                             f"({first_line(exc)})") from None
         return [folder / shard for shard in shards]
     return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
 
@@ -384,19 +513,53 @@ def _quantized(model: Any, folder: Path, report: Optional[Callable[[str], None]]
     if cached.is_file():
         try:
             return quantize.from_int8_state(model, load_file(cached))
-        except (OSError, ValueError, KeyError, RuntimeError):
-            pass  # unreadable or from another model: quantize again below
+        except Exception:  # unreadable (SafetensorError …) or from another model: quantize again, and replace it
+            pass
     if report:
         report("quantizing the weights to int8 (saved for next time when the folder is llmsample's cache)")
     model = quantize.quantize_int8(model)
     if folder.parent == cache_root():
+        partial = folder / f".{INT8_FILE}.{os.getpid()}"
         try:  # written beside and renamed: a reader never sees half a file
-            partial = folder / f".{INT8_FILE}.{os.getpid()}"
             save_file(quantize.int8_state(model), str(partial))
             os.replace(partial, cached)
-        except OSError:
-            pass  # a read-only cache only costs the quantization next time
+        except Exception:  # a read-only or full cache only costs the quantization next time
+            with contextlib.suppress(OSError):
+                partial.unlink()
     return model
+
+
+def _int8_file_is_finite(folder: Path) -> bool:
+    """Whether the cached int8 state's float tensors (the scales) hold no NaN or inf; int8 values cannot."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(folder / INT8_FILE)
+    except Exception:
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def damaged_cache_error(lm: LoadedModel) -> Optional[ModelError]:
+    """After the model gave unusable logits: if it came from llmsample's cache and the cache is damaged (a file
+    no longer matches its checksum, or the int8 scales hold NaN), remove the damage and say so; else None."""
+    folder = lm.cache
+    if folder is None or not folder.is_dir():
+        return None
+    bad = damaged_file(folder)
+    if bad is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        why = ("its marker records no checksums to check it against" if bad == COMPLETE_MARKER
+               else f"{bad} does not match the checksum recorded when it was written")
+        again = "converts it again"
+    elif lm.quantize and (folder / INT8_FILE).is_file() and not _int8_file_is_finite(folder):
+        with contextlib.suppress(OSError):
+            (folder / INT8_FILE).unlink()
+        why, again = f"{INT8_FILE} holds NaN or inf scales", "quantizes it again"
+    else:
+        return None
+    return ModelError(f"the cached default model in {folder} is damaged ({why}): removed it; the next run {again}")
 
 
 def check_vocab(tokenizer: Any, model: Any, name: str) -> None:

@@ -21,9 +21,12 @@ override a built-in of the same name.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -121,6 +124,8 @@ def read(preset: PresetFile) -> dict[str, Any]:
         raise ConfigError(f"{preset.path}: not valid UTF-8 at byte offset {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{preset.path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"{preset.path}: not valid TOML here: arrays or tables nested too deeply") from None
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise _unknown_key(str(preset.path), key, TOP_LEVEL_KEYS)
@@ -207,19 +212,23 @@ RANGES = {
 
 
 def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
+    """One value as TOML, written by tomli_w (arrays and tables on one line, so that a comment can follow them)."""
+    import tomli_w
+
     if isinstance(value, dict):
-        pairs = (f"{_toml_value(','.join(map(str, k)) if isinstance(k, tuple) else str(k))} = {_toml_value(v)}"
-                 for k, v in value.items())
+        pairs = (f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
         return "{" + ", ".join(pairs) + "}"
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
+    return tomli_w.dumps({"v": value}).partition(" = ")[2].rstrip("\n")
+
+
+def _toml_key(key: Any) -> str:
+    """A table key as TOML: a token-id sequence as "1,2,3", anything else as its text, quoted as needed."""
+    import tomli_w
+
+    text = ",".join(map(str, key)) if isinstance(key, tuple) else str(key)
+    return tomli_w.dumps({text: 0}).partition(" = ")[0]
 
 
 def render_new(name: str, settings: Settings, base: Optional[str]) -> str:
@@ -228,7 +237,7 @@ def render_new(name: str, settings: Settings, base: Optional[str]) -> str:
     lines = [
         f"# llmsample preset {name!r}. {origin}",
         "# Keys: see `man llmsample` (PRESETS). Delete a line to fall back to the default.",
-        f'description = "{name}: describe its intent and where its numbers come from"',
+        f"description = {_toml_value(f'{name}: describe its intent and where its numbers come from')}",
         "",
         "[sampling]",
     ]
@@ -252,15 +261,32 @@ def render_new(name: str, settings: Settings, base: Optional[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PRESET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def write_new(name: str, base: Optional[str], force: bool) -> Path:
-    """Write a new user preset; refuse to overwrite unless ``force``."""
-    if not name or "/" in name or name.startswith(".") or name.endswith(".toml"):
-        raise ConfigError(f"a preset name is a plain word like 'mystyle', got {name!r}")
+    """Write a new user preset; refuse to overwrite unless ``force``.
+
+    The file is written beside the target and renamed over it: a symlink in its place is replaced, never written
+    through.
+    """
+    if not PRESET_NAME.fullmatch(name):
+        raise ConfigError(f"a preset name is 1 to 64 letters, digits, '-' or '_', like 'my-style', got {name!r}")
     settings = resolve_settings(base)
     target = user_dir() / f"{name}.toml"
-    if target.exists() and not force:
+    if os.path.lexists(target) and not force:
         raise ConfigError(f"{target} already exists (use --force to overwrite it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_new(name, settings, base), encoding="utf-8")
+    partial = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(render_new(name, settings, base))
+        os.replace(partial, target)
+    except OSError as exc:
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+        raise ConfigError(f"cannot write the preset {target}: {exc.strerror or exc}") from None
     return target
 

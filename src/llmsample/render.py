@@ -246,6 +246,8 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False) if value else "—"
     if isinstance(value, list) and value and isinstance(value[0], tuple):
         return ", ".join(f"{a}→{b:g}" for a, b in value)  # schedule: from token → temperature
     if isinstance(value, (list, tuple)):

@@ -26,8 +26,27 @@ class Interrupted(LlmsampleError):
         self.exit_code = exit_code
 
 
-class _Terminated(Exception):
-    """Raised from the SIGTERM handler inside the decode loop."""
+class _Terminated(BaseException):
+    """Raised from the SIGTERM handler, while loading and decoding. Like KeyboardInterrupt, no ``except Exception``
+    on its way swallows it, and every ``finally`` on its way (the model cache's clean-up) runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into ``_Terminated`` for the block."""
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: SIGTERM keeps its default
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -166,11 +185,13 @@ def load_model(model: Optional[str], device: str, dtype: str, device_map: Option
     device, dtype = resolve_device(device, dtype)
     started = time.perf_counter()
     try:
-        with err.status("loading the model…", spinner="dots") as status:
+        with _sigterm_raises(), err.status("loading the model…", spinner="dots") as status:
             lm = models.load(model, device=device, dtype=dtype, device_map=device_map,
                              report=lambda message: status.update(message), engine=engine, quantize=quantize)
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(device) from None
+    except _Terminated:  # a first-use conversion has removed its temporary folder on the way out
+        raise Interrupted("terminated", ExitCode.TERMINATED) from None
     return lm, time.perf_counter() - started
 
 
@@ -232,6 +253,8 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
         interrupted, failure = _until_stopped(
             lambda: _decode_samples(run, state, seed, opts.settings.schedule, decode_start), device)
     decode_s = time.perf_counter() - decode_start
+    if isinstance(failure, SamplingError):  # from a damaged cache? Its checksums say; the next run heals it
+        failure = models.damaged_cache_error(lm) or failure
     _finish_records(run, state, cfg.num_beams > 1, "error" if failure else interrupted[0] if interrupted else None)
 
     new_tokens = sum(len(r.token_ids) for r in run.records)
@@ -258,15 +281,9 @@ def _until_stopped(decode: Any, device: str) -> tuple[Optional[tuple[str, ExitCo
     """Run the decode loop; Ctrl-C, SIGTERM, unusable logits and out-of-memory end it but keep what it made."""
     import torch
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise _Terminated()
-
     try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: SIGTERM keeps its default
-        previous = None
-    try:
-        decode()
+        with _sigterm_raises():
+            decode()
         return None, None
     except KeyboardInterrupt:
         return ("interrupted", ExitCode.INTERRUPTED), None
@@ -276,9 +293,6 @@ def _until_stopped(decode: Any, device: str) -> tuple[Optional[tuple[str, ExitCo
         return None, exc
     except torch.cuda.OutOfMemoryError:
         return None, out_of_memory(device)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -386,6 +400,20 @@ def _finish_records(run: _Decoding, state: Any, beams: bool, cut_short: Optional
                 reason = "stop" if stopped else reason
             record.finish_reason = reason or cut_short or "length"
         run.renderer.sample_done(record)
+
+
+@contextlib.contextmanager
+def cache_checked(lm: Any) -> Iterator[None]:
+    """Unusable logits from a damaged model cache become that error (and the damage is removed), as in generate."""
+    from llmsample import models
+
+    try:
+        yield
+    except SamplingError as exc:
+        damaged = models.damaged_cache_error(lm)
+        if damaged is None:
+            raise
+        raise damaged from exc
 
 
 def peak_memory(device: str) -> dict[str, float]:
