@@ -20,7 +20,8 @@ except ImportError:  # pragma: no cover
 
 from llmsample import __version__
 from llmsample import presets, process
-from llmsample.errors import ConfigError, ExitCode, LlmsampleError, first_line
+from llmsample.errors import OUT_OF_MEMORY_ADVICE, ConfigError, ExitCode, LlmsampleError, first_line, is_out_of_memory
+from llmsample.config import MAX_SEED
 from llmsample.models import ENGINES, QUANTIZE_MODES
 
 USAGE_ERRORS = (click.exceptions.UsageError, _vendored_click.UsageError)
@@ -329,12 +330,15 @@ def sweep(
         raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens}")
     if seed < 0:
         raise ConfigError(f"--seed must be an integer >= 0, got {seed}")
+    if seed > MAX_SEED:
+        raise ConfigError(f"--seed must be an integer in [0, {MAX_SEED}], got {seed}")
     parsed = lab.parse_grid(grid)
     points = lab.grid_points(parsed)
     for point in points:  # every point must be valid before anything is loaded
         presets.resolve_settings(preset, {"sampling": point})
     out, err = render.make_consoles()
     lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
+    lab.ensure_sweep_fits(lm, prompt, samples, max_new_tokens)
     progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True)
     with progress, run.cache_checked(lm):
@@ -519,6 +523,9 @@ def _main(argv: Optional[list[str]]) -> int:
     except Exception as exc:  # an unexpected failure: one line, the traceback only with --debug
         if debug:
             raise
+        if is_out_of_memory(exc):  # outside generate's decode loop (inspect, sweep, …)
+            _error(f"out of memory: {OUT_OF_MEMORY_ADVICE}")
+            return int(ExitCode.MODEL)
         _error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return 1
 
