@@ -20,8 +20,8 @@ except ImportError:  # pragma: no cover
 
 from llmsample import __version__
 from llmsample import presets, process
-from llmsample.errors import OUT_OF_MEMORY_ADVICE, ConfigError, ExitCode, LlmsampleError, first_line, is_out_of_memory
 from llmsample.config import MAX_SEED
+from llmsample.errors import OUT_OF_MEMORY_ADVICE, ConfigError, ExitCode, LlmsampleError, first_line, is_out_of_memory
 from llmsample.models import ENGINES, QUANTIZE_MODES
 
 USAGE_ERRORS = (click.exceptions.UsageError, _vendored_click.UsageError)
@@ -480,7 +480,7 @@ def _error(message: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the command line; return the exit code (the console script exits with it)."""
-    with process.guarded():  # Ctrl-C interrupts once; a closed stderr does not change the outcome
+    with process.guarded():  # a quick second Ctrl-C is ignored; a closed stderr does not change the outcome
         return _main(argv)
 
 
@@ -523,6 +523,9 @@ def _main(argv: Optional[list[str]]) -> int:
     except Exception as exc:  # an unexpected failure: one line, the traceback only with --debug
         if debug:
             raise
+        if process.was_interrupted():  # the KeyboardInterrupt was swallowed, and this is what came of it
+            _error("interrupted")
+            return int(ExitCode.INTERRUPTED)
         if is_out_of_memory(exc):  # outside generate's decode loop (inspect, sweep, …)
             _error(f"out of memory: {OUT_OF_MEMORY_ADVICE}")
             return int(ExitCode.MODEL)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from llmsample import events
+from llmsample import events, process
 from llmsample.config import Settings, temperature_at
 from llmsample.errors import (
     OUT_OF_MEMORY_ADVICE,
@@ -201,6 +201,8 @@ def load_model(model: Optional[str], device: str, dtype: str, device_map: Option
         raise out_of_memory(device) from None
     except _Terminated:  # a first-use conversion has removed its temporary folder on the way out
         raise Interrupted("terminated", ExitCode.TERMINATED) from None
+    if process.was_interrupted():  # Ctrl-C during an import that swallowed the KeyboardInterrupt: honour it now
+        raise Interrupted("interrupted", ExitCode.INTERRUPTED)
     return lm, time.perf_counter() - started
 
 
