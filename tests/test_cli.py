@@ -121,6 +121,7 @@ def test_length_penalty_without_beams_warns(cli, tiny):
         (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["--early-stopping", "soon"], "--early-stopping must be true, false or never, got 'soon'"),
         (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+        (["--seed", str(2**64)], f"--seed must be an integer in [0, {2**64 - 1}], got {2**64}"),
         (["--preset", "tecnical"], "unknown preset 'tecnical' (did you mean 'technical'?)"),
         (["--presence-penalty", "3"], "--presence-penalty must be in [-2, 2], got 3.0"),
     ],
@@ -227,6 +228,26 @@ def test_signal_mid_generation_keeps_valid_json(tiny, sig, code, reason):
     assert summary["type"] == "summary" and summary["finish_reason"] == reason
     assert len(summary["samples"][0]["token_ids"]) == len(lines) - 1
     assert "Traceback" not in err and f"llmsample: error: {reason}" in err
+
+
+def test_seeds_up_to_64_bits_and_sweep_checks_them_before_loading(cli, tiny):
+    assert cli("hello", *tiny, "--seed", str(2**64 - 1), "--max-new-tokens", "2")[0] == 0
+    code, out, err = cli("sweep", "hello", "--grid", "top_p=0.5", "--seed", str(2**64), "--model", "/nowhere")
+    assert code == 2 and out == "" and f"--seed must be an integer in [0, {2**64 - 1}], got {2**64}" in err
+
+
+@pytest.mark.parametrize("args, code", [(["--stats", "--format", "json"], 0), (["--top-p", "2"], 2)])
+def test_a_closed_stderr_changes_neither_the_answer_nor_the_exit_code(tiny, args, code):
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads stderr
+    command = [sys.executable, "-m", "llmsample", "The quick", *tiny, "--max-new-tokens", "3", "--seed", "1", *args]
+    try:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=writer, timeout=120)
+    finally:
+        os.close(writer)
+    assert result.returncode == code
+    if code == 0:
+        assert len(json.loads(result.stdout)["samples"][0]["token_ids"]) == 3
 
 
 def test_unreachable_hub_fails_fast_with_advice(cli, monkeypatch, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +135,114 @@ def test_out_of_memory_mid_run_says_what_to_try(cli, tiny_model_dir, monkeypatch
     assert "cpu ran out of memory: try --dtype bfloat16 or float16, fewer samples (-n)" in err
     result = json.loads(out)
     assert result["finish_reason"] == "error" and len(result["samples"][0]["token_ids"]) == 3
+
+
+# ---- out of memory: exit 3, advice, JSON completed ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["torch's CPU allocator", "MemoryError"])
+def test_a_cpu_allocation_failure_mid_run_is_exit_3_with_json_completed(cli, tiny_model_dir, monkeypatch, failure):
+    from llmsample import decode
+
+    real_forward, calls = decode._forward, []
+
+    def failing_forward(model, input_ids, past):
+        calls.append(1)
+        if len(calls) == 4:
+            if failure == "MemoryError":
+                raise MemoryError()
+            torch.empty(2**62, dtype=torch.uint8)  # the allocator's own RuntimeError, whatever its text
+        return real_forward(model, input_ids, past)
+
+    monkeypatch.setattr(decode, "_forward", failing_forward)
+    code, out, err = cli("The quick", "--model", str(tiny_model_dir), "--device", "cpu", "--format", "json",
+                         "--max-new-tokens", "10", "--ignore-eos", "--seed", "1")
+    assert code == 3 and err.count("\n") == 1, err
+    assert "llmsample: error: cpu ran out of memory: try --dtype bfloat16 or float16, fewer samples (-n)" in err
+    result = json.loads(out)
+    assert result["finish_reason"] == "error" and len(result["samples"][0]["token_ids"]) == 3
+
+
+def test_inspect_out_of_memory_is_exit_3(cli, tiny_model_dir, monkeypatch):
+    from llmsample import lab
+
+    monkeypatch.setattr(lab, "inspect_steps", lambda *a, **k: torch.empty(2**62, dtype=torch.uint8))
+    code, out, err = cli("inspect", "The quick", "--model", str(tiny_model_dir))
+    assert code == 3 and out == "" and err.startswith("llmsample: error: out of memory: try --dtype")
+
+
+LIMITED = """
+import re, resource, sys
+limit = int(sys.argv[1])
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from llmsample.cli import main
+code = main(sys.argv[2:])
+sys.stderr.write("VmPeak " + re.search(r"VmPeak:\\s+(\\d+)", open("/proc/self/status").read()).group(1) + "\\n")
+sys.exit(code)
+"""
+
+
+def run_limited(args: list[str], limit: int = 0):
+    """``llmsample ARGS`` in a subprocess whose address space is capped at ``limit`` bytes (0: no cap); returns
+    (exit code, stdout, stderr without the VmPeak line, VmPeak in bytes)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LIMITED, str(limit), *args], capture_output=True, text=True,
+                            timeout=300)
+    lines = result.stderr.splitlines()
+    peak = int(lines[-1].split()[1]) * 1024 if lines and lines[-1].startswith("VmPeak") else 0
+    return result.returncode, result.stdout, "\n".join(lines[:-1] if peak else lines), peak
+
+
+@pytest.fixture(scope="module")
+def limited():
+    """``limited(args)``: run with the address space capped at 1 GiB above a short run's peak."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/status")
+    baseline = {}
+
+    def run(model: Path, args: list[str]):
+        if model not in baseline:
+            code, _, err, peak = run_limited(["Hi", "--model", str(model), "--max-new-tokens", "2"])
+            assert code == 0 and peak, err
+            baseline[model] = peak
+        return run_limited([*args, "--model", str(model)], baseline[model] + 2**30)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def long_context_gemma(tmp_path_factory):
+    from tiny_model import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("long-gemma"), max_position_embeddings=65536)
+
+
+def test_a_long_prompt_is_read_without_a_prompt_by_prompt_mask(limited, long_context_gemma, tmp_path):
+    """20,000 tokens: one [prompt, prompt] float mask alone would be 3.4 GB; read in chunks it fits in 1 GiB more
+    than a two-token run."""
+    from tiny_model import CORPUS
+
+    prompt = tmp_path / "long.txt"
+    prompt.write_text(" ".join(CORPUS) * 360)
+    code, out, err, _ = limited(long_context_gemma, ["-f", str(prompt), "--max-new-tokens", "2", "--format", "json"])
+    assert code == 0, err
+    assert json.loads(out)["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("args, what", [
+    (["-n", "1000000"], "-n 1000000"),
+    (["--num-beams", "200000", "--max-new-tokens", "4"], "--num-beams 200000"),
+    (["sweep", "--grid", "top_p=0.5", "--samples", "1000000"], "--samples 1000000"),
+])
+def test_a_batch_that_cannot_fit_is_refused_up_front_with_an_estimate(limited, tiny_model_dir, args, what):
+    command = ["sweep", "Hi", *args[1:]] if args[0] == "sweep" else ["Hi", *args, "--format", "json"]
+    code, out, err, _ = limited(tiny_model_dir, command)
+    assert code == 3 and out == "" and err.count("\n") == 0, err
+    assert re.match(rf"llmsample: error: {re.escape(what)} needs at least about [\d.]+ GB for its KV cache and "
+                    r"logits \(\d+ \+ \d+ positions\), more than the [\d.]+ [MG]B cpu has left: use fewer samples",
+                    err), err

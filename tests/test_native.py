@@ -64,6 +64,28 @@ def test_a_prompt_fed_in_pieces_equals_one_prefill():
     close(pieces, whole, 1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 16])
+def test_a_long_prompt_read_in_chunks_gives_the_logits_of_one_pass(monkeypatch, chunk):
+    """Chunks smaller than, equal to and larger than the sliding window (4); all positions, the last, the last 3;
+    then decoding on from the chunked cache. The reference is transformers' forward (itself one pass)."""
+    hf, native = hf_and_native()
+    ids = torch.randint(3, 300, (2, 41))
+    monkeypatch.setattr(gemma3, "PREFILL_CHUNK", chunk)
+    with torch.inference_mode():
+        theirs = hf(input_ids=ids, use_cache=True)
+        for keep in (0, 1, 3):
+            close(native(input_ids=ids, logits_to_keep=keep).logits, theirs.logits[:, -keep:] if keep else
+                  theirs.logits, 1e-4)
+        ours = native(input_ids=ids)
+        token = ours.logits[:, -1].argmax(-1, keepdim=True)
+        after_theirs = hf(input_ids=token, use_cache=True, **{_cache_keyword(hf): theirs.past_key_values}).logits
+        after_ours = native(input_ids=token, past_key_values=ours.past_key_values).logits
+    close(after_ours[:, -1], after_theirs[:, -1], 1e-4)
+    monkeypatch.setattr(gemma3, "PREFILL_CHUNK", 10_000)  # the same model in one pass
+    with torch.inference_mode():
+        close(native(input_ids=ids, logits_to_keep=0).logits, theirs.logits, 1e-4)
+
+
 def test_beam_reorder_follows_the_rows_like_transformers():
     hf, native = hf_and_native()
     ids = torch.randint(3, hf.config.vocab_size, (3, 7))

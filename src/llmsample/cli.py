@@ -20,7 +20,8 @@ except ImportError:  # pragma: no cover
 
 from llmsample import __version__
 from llmsample import presets, process
-from llmsample.errors import ConfigError, ExitCode, LlmsampleError, first_line
+from llmsample.config import MAX_SEED
+from llmsample.errors import OUT_OF_MEMORY_ADVICE, ConfigError, ExitCode, LlmsampleError, first_line, is_out_of_memory
 from llmsample.models import ENGINES, QUANTIZE_MODES
 from llmsample.options import stage_options, to_layer, to_variants
 
@@ -289,12 +290,15 @@ def sweep(
         raise ConfigError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens}")
     if seed < 0:
         raise ConfigError(f"--seed must be an integer >= 0, got {seed}")
+    if seed > MAX_SEED:
+        raise ConfigError(f"--seed must be an integer in [0, {MAX_SEED}], got {seed}")
     parsed = lab.parse_grid(grid)
     points = lab.grid_points(parsed)
     for point in points:  # every point must be valid before anything is loaded
         presets.resolve_settings(preset, {"sampling": point})
     out, err = render.make_consoles()
     lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
+    lab.ensure_sweep_fits(lm, prompt, samples, max_new_tokens)
     progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True)
     with progress, run.cache_checked(lm):
@@ -436,7 +440,7 @@ def _error(message: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the command line; return the exit code (the console script exits with it)."""
-    with process.guarded():  # Ctrl-C interrupts once; a closed stderr does not change the outcome
+    with process.guarded():  # a quick second Ctrl-C is ignored; a closed stderr does not change the outcome
         return _main(argv)
 
 
@@ -479,6 +483,12 @@ def _main(argv: Optional[list[str]]) -> int:
     except Exception as exc:  # an unexpected failure: one line, the traceback only with --debug
         if debug:
             raise
+        if process.was_interrupted():  # the KeyboardInterrupt was swallowed, and this is what came of it
+            _error("interrupted")
+            return int(ExitCode.INTERRUPTED)
+        if is_out_of_memory(exc):  # outside generate's decode loop (inspect, sweep, …)
+            _error(f"out of memory: {OUT_OF_MEMORY_ADVICE}")
+            return int(ExitCode.MODEL)
         _error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return 1
 

@@ -219,6 +219,7 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(SamplingConfig))
 # ---- generation settings, schedule, and the one resolve ---------------------------------------------------------
 
 GENERATION_FIELDS = ("max_new_tokens", "stop", "seed", "num_samples")
+MAX_SEED = 2**64 - 1
 SCHEDULE_FIELDS = ("from_token", "temperature")
 
 
@@ -236,6 +237,8 @@ class GenerationSettings:
         object.__setattr__(self, "num_samples", _integer("num_samples", self.num_samples, 1))
         if self.seed is not None:
             object.__setattr__(self, "seed", _integer("seed", self.seed, 0))
+            if self.seed > MAX_SEED:  # torch.Generator takes 64 bits
+                raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
         stop = self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise ConfigError(f"stop must be a list of strings, got {stop!r}")

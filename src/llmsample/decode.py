@@ -54,6 +54,7 @@ class DecodeState:
 
 
 _CACHE_KEYWORD: dict[type, str] = {}
+_KEEPS_LOGITS: dict[type, bool] = {}
 
 
 def _cache_keyword(model) -> str:
@@ -62,11 +63,15 @@ def _cache_keyword(model) -> str:
     if kind not in _CACHE_KEYWORD:
         parameters = inspect.signature(model.forward).parameters
         _CACHE_KEYWORD[kind] = "cache" if "cache" in parameters else "past_key_values"
+        _KEEPS_LOGITS[kind] = "logits_to_keep" in parameters
     return _CACHE_KEYWORD[kind]
 
 
 def _forward(model, input_ids: torch.Tensor, past) -> tuple[torch.Tensor, object]:
-    out = model(input_ids=input_ids, use_cache=True, **{_cache_keyword(model): past})
+    keyword = _cache_keyword(model)
+    # Only the last position's logits: a transformers model otherwise returns [batch, prompt, vocab] for a prompt.
+    keep = {"logits_to_keep": 1} if _KEEPS_LOGITS[type(model)] else {}
+    out = model(input_ids=input_ids, use_cache=True, **{keyword: past}, **keep)
     return out.logits[:, -1, :], out.past_key_values
 
 

@@ -44,6 +44,19 @@ class SamplingError(LlmsampleError, ValueError):
     exit_code = ExitCode.GENERATION
 
 
+OUT_OF_MEMORY_ADVICE = ("try --dtype bfloat16 or float16, fewer samples (-n) or beams, a shorter --max-new-tokens, "
+                        "or a smaller model")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text
+                                              or "out of memory" in text.lower())
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one line for the user: its message's first line, or its type when it has none."""
     text = str(exc)

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 CACHE_BLOCK = 256  # KV cache capacity grows in steps of this many positions
+# A long prompt is read in chunks of this many positions, each attending to the cache so far: the attention mask
+# and scores of a chunk are [chunk, keys], never [prompt, prompt] (17 GB for Gemma's 32k context).
+PREFILL_CHUNK = 512
 TRANSPOSED_HEAD_MAX_BATCH = 2  # measured: [hidden, vocab] is faster up to here, [vocab, hidden] from 3 rows on
 
 
@@ -214,8 +217,12 @@ class Attention(nn.Module):
                 keys, values = keys[:, :, total - self.window :], values[:, :, total - self.window :]
             mask = None
         else:
+            first = 0
+            if self.window is not None:  # keys before every query's window: not attended, not computed
+                first = max(0, start - self.window + 1)
+                keys, values = keys[:, :, first:], values[:, :, first:]
             query_pos = torch.arange(start, start + new, device=x.device)[:, None]
-            key_pos = torch.arange(total, device=x.device)[None, :]
+            key_pos = torch.arange(first, total, device=x.device)[None, :]
             mask = key_pos <= query_pos
             if self.window is not None:
                 mask = mask & (key_pos > query_pos - self.window)
@@ -333,25 +340,37 @@ class Gemma3ForCausalLM(nn.Module):
             return hidden @ embed.weight_t
         return F.linear(hidden, embed.weight)
 
+    def _decoder(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The decoder layers over ``input_ids`` ``[batch, new]`` after the cache: hidden states ``[batch, new,
+        hidden]`` (before the final norm); the cache grows by ``new``."""
+        embed = self.model.embed_tokens
+        # As transformers: the scale is a float32 tensor cast to the weights' dtype before the multiply.
+        scale = torch.tensor(self.config.hidden_size ** 0.5).to(embed.weight.dtype)
+        x = embed(input_ids) * scale
+        positions = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
+        rope = {True: self._rope(self.inv_freq_sliding, positions, x.dtype),
+                False: self._rope(self.inv_freq_full, positions, x.dtype)}
+        for layer, sliding in zip(self.model.layers, self.config.sliding):
+            x = layer(x, rope[sliding], cache)
+        cache.length += input_ids.shape[1]
+        return x
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = True,
                 logits_to_keep: int = 1, **_: Any) -> ForwardOutput:
         """Logits of the last ``logits_to_keep`` positions (0 = all, as in transformers; perplexity needs them)."""
         cache = past_key_values if past_key_values is not None else KVCache(self.config.num_hidden_layers)
         batch, new = input_ids.shape
-        embed = self.model.embed_tokens
-        # As transformers: the scale is a float32 tensor cast to the weights' dtype before the multiply.
-        scale = torch.tensor(self.config.hidden_size ** 0.5).to(embed.weight.dtype)
-        x = embed(input_ids) * scale
-        positions = torch.arange(cache.length, cache.length + new, device=input_ids.device)
-        rope = {True: self._rope(self.inv_freq_sliding, positions, x.dtype),
-                False: self._rope(self.inv_freq_full, positions, x.dtype)}
-        for layer, sliding in zip(self.model.layers, self.config.sliding):
-            x = layer(x, rope[sliding], cache)
-        cache.length += new
-        kept = x[:, -logits_to_keep:, :] if logits_to_keep else x
-        hidden = self.model.norm(kept).reshape(-1, x.shape[-1])
-        logits = self.project(hidden).view(batch, kept.shape[1], -1)
+        keep = min(logits_to_keep, new) if logits_to_keep else new
+        kept = []  # the hidden states of the last ``keep`` positions, chunk by chunk
+        for start in range(0, new, PREFILL_CHUNK):
+            end = min(start + PREFILL_CHUNK, new)
+            x = self._decoder(input_ids[:, start:end], cache)
+            if end > new - keep:
+                kept.append(x[:, max(start, new - keep) - start :])
+        x = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
+        hidden = self.model.norm(x).reshape(-1, x.shape[-1])
+        logits = self.project(hidden).view(batch, keep, -1)
         return ForwardOutput(logits=logits, past_key_values=cache)
 
 

@@ -178,6 +178,14 @@ def point_metrics(samples: list[list[int]], raw_logprobs: list[float], entropies
     }
 
 
+def ensure_sweep_fits(lm: Any, prompt: str, samples: int, max_new_tokens: int) -> None:
+    """Refuse up front (exit 3, with an estimate) a batch of ``samples`` that cannot fit in memory."""
+    from llmsample.models import ensure_fits
+
+    prompt_len = len(lm.tokenizer(prompt, return_tensors="pt").input_ids[0])
+    ensure_fits(lm, samples, prompt_len, max_new_tokens, f"--samples {samples}")
+
+
 def sweep(lm: Any, prompt: str, base_preset: Optional[str], base_flags: dict, grid: dict[str, list], samples: int,
           seed: int, max_new_tokens: int, eos_token_ids: Sequence[int] = (),
           on_step: Optional[Callable[[], None]] = None) -> list[dict[str, Any]]:

@@ -573,6 +573,82 @@ def check_vocab(tokenizer: Any, model: Any, name: str) -> None:
         )
 
 
+# ---- will a batch fit? ------------------------------------------------------------------------------------------
+
+# [batch, vocab] float32 tensors alive at once in a step: the logits, the sampler's softmax and working copies
+# (measured: 2-4 for the usual chains, up to 11 for top_p alone, which sorts the whole vocabulary), and for beam
+# search also its log-probabilities and their sums with the beam scores (10 measured).
+LOGITS_COPIES = {"sample": 4, "beam": 10}
+
+
+def available_memory(device: Any) -> Optional[int]:
+    """Bytes this process may still allocate on ``device``: CUDA's free memory; on the CPU the least of the memory
+    available (MemAvailable), what the cgroup leaves and what RLIMIT_AS leaves of the address space. None if
+    unknown."""
+    import resource
+
+    kind = str(device)
+    if kind.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(kind))[0])
+    limits = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        cgroup = Path("/sys/fs/cgroup")
+        high = (cgroup / "memory.max").read_text().strip()
+        if high != "max":
+            limits.append(int(high) - int((cgroup / "memory.current").read_text()))
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            used = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            limits.append(soft - used)
+    return max(0, min(limits)) if limits else None
+
+
+def decode_memory(model: Any, batch: int, prompt_len: int, new_tokens: int, beams: bool = False) -> int:
+    """At least the bytes that decoding ``batch`` rows needs beyond the weights: the KV cache of every position,
+    the prompt's activations (a chunk at a time on llmsample's engine) and each step's ``[batch, vocab]`` logits
+    with the sampler's copies of them. An estimate from the config; 0 where the config does not say."""
+    import torch
+
+    from llmsample import gemma3
+
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        layers, hidden, vocab = int(text.num_hidden_layers), int(text.hidden_size), int(text.vocab_size)
+        heads = int(text.num_attention_heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return 0
+    element = torch.finfo(getattr(model, "dtype", torch.float32)).bits // 8
+    chunk = min(prompt_len, gemma3.PREFILL_CHUNK) if isinstance(model, gemma3.Gemma3ForCausalLM) else prompt_len
+    kv = batch * (prompt_len + new_tokens) * layers * 2 * kv_heads * head_dim * element
+    prefill = batch * chunk * (3 * intermediate + 4 * hidden + 3 * heads * head_dim) * element
+    logits = batch * vocab * 4 * LOGITS_COPIES["beam" if beams else "sample"]
+    return kv + prefill + logits
+
+
+def ensure_fits(lm: LoadedModel, batch: int, prompt_len: int, new_tokens: int, what: str,
+                beams: bool = False) -> None:
+    """Refuse up front (``OutOfMemory``, exit 3) a batch whose decoding cannot fit in the memory left."""
+    from llmsample.errors import OutOfMemory
+
+    need = decode_memory(lm.model, batch, prompt_len, new_tokens, beams)
+    free = available_memory(lm.device) if need else None
+    if free is not None and need > free:
+        raise OutOfMemory(f"{what} needs at least about {_size(need)} for its KV cache and logits "
+                          f"({prompt_len} + {new_tokens} positions), more than the {_size(free)} {lm.device} has "
+                          "left: use fewer samples (-n) or beams, or a shorter prompt or --max-new-tokens")
+
+
 def context_length(model: Any) -> Optional[int]:
     """The longest sequence the model was built for, if its config says."""
     config = getattr(model, "config", None)

@@ -1,4 +1,4 @@
-"""How the process meets its shell: Ctrl-C once, and a standard error whose reader may have gone.
+"""How the process meets its shell: Ctrl-C pressed twice, and a standard error whose reader may have gone.
 
 No torch import here: ``cli.main`` uses it before anything else.
 """
@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from typing import Any, Iterator
 
 
@@ -46,21 +47,38 @@ class QuietStderr:
         return getattr(self._stream, name)
 
 
-def _interrupt_once(signum: int, frame: Any) -> None:
-    """The first Ctrl-C interrupts (KeyboardInterrupt); later ones, while llmsample completes its output and
-    removes what it half-built, are ignored, instead of breaking that off with a traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+GRACE_S = 2.0  # after a Ctrl-C, further ones are ignored this long
+_last_interrupt = -GRACE_S
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C raises KeyboardInterrupt, except within ``GRACE_S`` of the last one: while llmsample completes its
+    output and removes what it half-built, a second quick Ctrl-C would break that off with a traceback. Later ones
+    interrupt again (a library that swallowed the first, as some imports do, cannot make Ctrl-C useless)."""
+    global _last_interrupt
+    now = time.monotonic()
+    if now - _last_interrupt < GRACE_S:
+        return
+    _last_interrupt = now
     raise KeyboardInterrupt
+
+
+def was_interrupted() -> bool:
+    """Whether Ctrl-C was pressed during this command (a library may have swallowed its KeyboardInterrupt and failed
+    otherwise later, as an import broken off halfway does)."""
+    return _last_interrupt >= 0
 
 
 @contextlib.contextmanager
 def guarded() -> Iterator[None]:
-    """For the length of one command: Ctrl-C interrupts once, and a closed stderr is dropped quietly."""
+    """For the length of one command: quick repeated Ctrl-C count once, and a closed stderr is dropped quietly."""
+    global _last_interrupt
+    _last_interrupt = -GRACE_S
     saved_stderr = sys.stderr
     if sys.stderr is not None and not isinstance(sys.stderr, QuietStderr):
         sys.stderr = QuietStderr(sys.stderr)
     try:
-        previous = signal.signal(signal.SIGINT, _interrupt_once)
+        previous = signal.signal(signal.SIGINT, _interrupt)
     except ValueError:  # not the main thread
         previous = None
     try:

@@ -12,9 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from llmsample import events
+from llmsample import events, process
 from llmsample.config import Settings, temperature_at
-from llmsample.errors import ConfigError, ExitCode, LlmsampleError, ModelError, OutOfMemory, SamplingError
+from llmsample.errors import (
+    OUT_OF_MEMORY_ADVICE,
+    ConfigError,
+    ExitCode,
+    LlmsampleError,
+    ModelError,
+    OutOfMemory,
+    SamplingError,
+    is_out_of_memory,
+)
 from llmsample.render import Renderer, format_stats
 
 
@@ -178,8 +187,6 @@ def eos_ids(lm: Any) -> list[int]:
 def load_model(model: Optional[str], device: str, dtype: str, device_map: Optional[str], err: Any,
                engine: str = "auto", quantize: Optional[str] = None) -> tuple[Any, float]:
     """Resolve the device, load with a status line on stderr; returns the model and the seconds it took."""
-    import torch
-
     from llmsample import models
 
     device, dtype = resolve_device(device, dtype)
@@ -188,10 +195,14 @@ def load_model(model: Optional[str], device: str, dtype: str, device_map: Option
         with _sigterm_raises(), err.status("loading the model…", spinner="dots") as status:
             lm = models.load(model, device=device, dtype=dtype, device_map=device_map,
                              report=lambda message: status.update(message), engine=engine, quantize=quantize)
-    except torch.cuda.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         raise out_of_memory(device) from None
     except _Terminated:  # a first-use conversion has removed its temporary folder on the way out
         raise Interrupted("terminated", ExitCode.TERMINATED) from None
+    if process.was_interrupted():  # Ctrl-C during an import that swallowed the KeyboardInterrupt: honour it now
+        raise Interrupted("interrupted", ExitCode.INTERRUPTED)
     return lm, time.perf_counter() - started
 
 
@@ -237,6 +248,9 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
         raise ConfigError("the prompt has no tokens")
     prompt_ids, max_new_tokens = fit_context(prompt_ids, gen.max_new_tokens, models.context_length(lm.model),
                                              opts.truncate, renderer)
+    beams = cfg.num_beams > 1
+    models.ensure_fits(lm, cfg.num_beams if beams else gen.num_samples, prompt_ids.shape[1], max_new_tokens,
+                       f"--num-beams {cfg.num_beams}" if beams else f"-n {gen.num_samples}", beams)
     samples = range(gen.num_samples)
     run = _Decoding(lm, prompt_ids, Sampler(for_model(lm, cfg)), max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
@@ -279,8 +293,6 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
 
 def _until_stopped(decode: Any, device: str) -> tuple[Optional[tuple[str, ExitCode]], Optional[LlmsampleError]]:
     """Run the decode loop; Ctrl-C, SIGTERM, unusable logits and out-of-memory end it but keep what it made."""
-    import torch
-
     try:
         with _sigterm_raises():
             decode()
@@ -291,7 +303,9 @@ def _until_stopped(decode: Any, device: str) -> tuple[Optional[tuple[str, ExitCo
         return ("terminated", ExitCode.TERMINATED), None
     except SamplingError as exc:
         return None, exc
-    except torch.cuda.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as exc:  # CUDA's and the CPU allocator's out-of-memory, Python's MemoryError
+        if not is_out_of_memory(exc):
+            raise
         return None, out_of_memory(device)
 
 
@@ -429,8 +443,7 @@ def peak_memory(device: str) -> dict[str, float]:
 
 
 def out_of_memory(device: str) -> OutOfMemory:
-    return OutOfMemory(f"{device} ran out of memory: try --dtype bfloat16 or float16, fewer samples (-n) or beams, "
-                       "a shorter --max-new-tokens, or a smaller model")
+    return OutOfMemory(f"{device} ran out of memory: {OUT_OF_MEMORY_ADVICE}")
 
 
 def quiet_broken_pipe() -> None:
