@@ -121,7 +121,8 @@ class Sampler:
         prompt_len: int = 0,
     ) -> torch.Tensor:
         """``[batch]`` next token ids: argmax when greedy, else one draw from the processed distribution."""
-        return self.step(input_ids, logits, generator, prompt_len).token_ids
+        history, c = self._run(input_ids, logits, prompt_len, generator)
+        return c.to_vocab(self._draw(c, generator, history))
 
     def step(
         self,
@@ -132,10 +133,7 @@ class Sampler:
     ) -> Choice:
         """Pick the next tokens and report their processed and raw probabilities (what the decode loop needs)."""
         history, c = self._run(input_ids, logits, prompt_len, generator)
-        columns = self._select_columns(c, generator)
-        if self._after_draw is not None:
-            self._after_draw(c, columns, history)
-        self.last_record = history.record
+        columns = self._draw(c, generator, history)
         log_probs = torch.log_softmax(c.logits, dim=-1)
         prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
         entropy = -(log_probs.exp() * log_probs).nansum(-1)
@@ -143,6 +141,14 @@ class Sampler:
         raw = logits.float()
         raw_prob = torch.exp(raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - torch.logsumexp(raw, dim=-1))
         return Choice(token_ids, prob, raw_prob, entropy, history.record)
+
+    def _draw(self, c: Candidates, generator: Optional[torch.Generator], history: History) -> torch.Tensor:
+        """Select columns, let a selector with state (mirostat) learn from the draw, keep the step's record."""
+        columns = self._select_columns(c, generator)
+        if self._after_draw is not None:
+            self._after_draw(c, columns, history)
+        self.last_record = history.record
+        return columns
 
     def select(self, c: Candidates, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Turn processed candidates into ``[batch]`` token ids (no selector state is updated)."""

@@ -20,6 +20,9 @@ from llmsample.sampling.candidates import NEG_INF, Candidates
 SMALL_ROW = 2048
 FIRST_WINDOW = 256
 WINDOW_GROWTH = 4
+# keep_from compacts a wide row when at most this many survive: gathering more costs more than the later stages
+# save by working on fewer columns.
+COMPACT_LIMIT = 8192
 # fast_topk splits a row into chunks this wide and needs at least this many of them to pay off.
 CHUNK = 256
 FAST_TOPK_MIN_CHUNKS = 64
@@ -109,20 +112,16 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def keep_from(c: Candidates, threshold: torch.Tensor) -> Candidates:
     """Keep the tokens whose logit is ``>= threshold`` (``[batch, 1]``); remove the rest.
 
-    A wide dense row is compacted: a ``topk`` window grows until its smallest value is below every row's
-    threshold, so only the survivors (and their ties) are gathered.
+    A wide row whose survivors are few (``COMPACT_LIMIT``) is compacted: one pass counts them, and a ``topk`` of
+    exactly that size gathers them (ties at the threshold included, since the count is of ``>=``).
     """
     logits = c.logits
     width = logits.shape[-1]
     if width > SMALL_ROW:
-        window = FIRST_WINDOW
-        while window < width:
-            values, columns = fast_topk(logits, window)
-            if bool((values[:, -1:] < threshold).all()):
-                needed = int((values >= threshold).sum(-1).max())
-                values, columns = values[:, :needed], columns[:, :needed]
-                return c.take(columns, values.masked_fill(values < threshold, NEG_INF))
-            window *= WINDOW_GROWTH
+        needed = int((logits >= threshold).sum(-1).max())
+        if needed <= COMPACT_LIMIT:
+            values, columns = fast_topk(logits, max(needed, 1))
+            return c.take(columns, values.masked_fill(values < threshold, NEG_INF))
     return c.with_logits(logits.masked_fill(logits < threshold, NEG_INF))
 
 
