@@ -70,14 +70,14 @@ def inspect_steps(lm: Any, prompt: str, chosen: Sequence[Variant], steps: int, t
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(lm.device)
     prompt_len = ids.shape[1]
     result: dict[str, Any] = {"prompt": prompt, "steps": []}
+    configs = [for_model(lm, variant.settings.sampling) for variant in chosen]  # texts tokenised once, not per step
     for step in range(steps):
         with torch.inference_mode():
             logits = lm.model(ids).logits[:, -1].float()  # [1, vocab]
         raw = torch.softmax(logits, -1)[0]
         step_out: dict[str, Any] = {"index": step, "context": tokenizer.decode(ids[0, prompt_len:]), "variants": []}
         kept_sets = []
-        for variant in chosen:
-            cfg = for_model(lm, variant.settings.sampling)
+        for variant, cfg in zip(chosen, configs):
             # XTC draws: a fixed generator shows the same decision on every run.
             processed = Sampler(cfg).process(ids, logits, prompt_len=prompt_len,
                                              generator=torch.Generator(device=logits.device).manual_seed(0))[0]

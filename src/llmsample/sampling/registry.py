@@ -52,6 +52,14 @@ def _token_key(name: str, key: Any) -> Any:
     raise ConfigError(f"{name} keys must be token ids or texts, got {key!r}")
 
 
+def _bias(name: str, key: Any, value: Any) -> float:
+    """A bias: any finite number, or −inf to remove the token (+inf would make it the only choice by accident)."""
+    bias = _number(f"{name}[{key!r}]", value)
+    if math.isinf(bias) and bias > 0:
+        raise ConfigError(f"{name}[{key!r}] must be finite or -inf, got {bias}")
+    return bias
+
+
 def _id_sequence(name: str, value: Any, allow_text: bool) -> Any:
     """A tuple of token ids (or, where allowed, a text to tokenise later)."""
     if isinstance(value, str):
@@ -171,13 +179,7 @@ class Field:
         if self.kind == "token_bias":
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} must be a table of token: bias, got {value!r}")
-            out = {}
-            for key, bias in value.items():
-                bias = _number(f"{name}[{key!r}]", bias)
-                if math.isinf(bias) and bias > 0:
-                    raise ConfigError(f"{name}[{key!r}] must be finite or -inf, got {bias}")
-                out[_token_key(name, key)] = bias
-            return out
+            return {_token_key(name, key): _bias(name, key, bias) for key, bias in value.items()}
         if self.kind == "sequence_bias":
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} must be a table of token-id sequence: bias, got {value!r}")
@@ -188,11 +190,7 @@ class Field:
                         key = tuple(int(part) for part in key.split(","))
                     except ValueError:
                         raise ConfigError(f"{name} keys are comma-separated token ids, got {key!r}") from None
-                ids = _id_sequence(name, key, allow_text=False)
-                bias = _number(f"{name}[{key!r}]", bias)
-                if math.isinf(bias) and bias > 0:
-                    raise ConfigError(f"{name}[{key!r}] must be finite or -inf, got {bias}")
-                out[ids] = bias
+                out[_id_sequence(name, key, allow_text=False)] = _bias(name, key, bias)
             return out
         if self.kind == "sequences":
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
