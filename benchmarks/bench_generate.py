@@ -55,9 +55,11 @@ def perplexity(model, tokenizer, text: str) -> float:
     """exp(mean negative log-likelihood) of ``text`` under ``model`` (teacher forcing, one forward)."""
     import torch
 
+    from llmsample.language_model import wrap
+
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.inference_mode():
-        logits = model(input_ids=ids, logits_to_keep=0).logits[0, :-1].float()
+        logits = wrap(model).all_logits(ids)[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
     return float(torch.exp(nll))
 
@@ -74,7 +76,7 @@ def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tupl
     lm = load(device=device)  # llmsample's engine
     reference = load(device=device, engine="transformers")
     quantized = load(device="cpu", quantize="int8") if int8 else None
-    model, tok = lm.model, lm.tokenizer
+    model, tok = lm.language_model, lm.tokenizer
     ids = tok(PROMPT, return_tensors="pt").input_ids.to(lm.device)
     batch_ids = ids.expand(batch, -1)
 
@@ -94,15 +96,13 @@ def decode_speeds(tokens: int, repeats: int, batch: int, device: str, only: tupl
 
     def bare(_: dict) -> None:
         with torch.inference_mode():
-            out = model(input_ids=batch_ids, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            logits, cache = model.forward(batch_ids)
             for _ in range(tokens - 1):
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                logits, cache = model.forward(logits.argmax(-1, keepdim=True), cache)
 
     contenders = [("llmsample", ours), ("transformers", theirs), ("bare_loop", bare)]
     if quantized is not None:
-        contenders.append(("llmsample_int8", lambda settings: ours(settings, quantized.model)))
+        contenders.append(("llmsample_int8", lambda settings: ours(settings, quantized.language_model)))
     rows = []
     chosen = {name: settings for name, settings in SETTINGS.items() if not only or name in only}
     for _, fn in contenders:

@@ -61,7 +61,7 @@ def real_logits(device: str) -> torch.Tensor:
     lm = load(device=device)
     ids = lm.tokenizer(TEXT, return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
-        return lm.model(ids).logits[0].float()  # [positions, vocab]
+        return lm.language_model.all_logits(ids)[0].float()  # [positions, vocab]
 
 
 def random_logits(n: int, vocab: int, device: str) -> torch.Tensor:

@@ -117,18 +117,26 @@ def test_nan_logits_in_beam_search(cli, tiny_model_dir, tmp_path):
     assert json.loads(out)["finish_reason"] == "error"
 
 
+def fail_at_forward(monkeypatch, call: int, fail) -> None:
+    """Make the model's ``call``-th forward (through the LanguageModel contract, either engine) run ``fail``."""
+    from llmsample import language_model
+
+    calls = []
+    for adapter in (language_model.NativeModel, language_model.TransformersModel):
+        def failing_forward(self, input_ids, cache=None, progress=None, _real=adapter.forward):
+            calls.append(1)
+            if len(calls) == call:
+                fail()
+            return _real(self, input_ids, cache, progress)
+
+        monkeypatch.setattr(adapter, "forward", failing_forward)
+
+
 def test_out_of_memory_mid_run_says_what_to_try(cli, tiny_model_dir, monkeypatch):
-    from llmsample import decode
+    def fail() -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    real_forward, calls = decode._forward, []
-
-    def failing_forward(model, input_ids, past):
-        calls.append(1)
-        if len(calls) == 4:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(model, input_ids, past)
-
-    monkeypatch.setattr(decode, "_forward", failing_forward)
+    fail_at_forward(monkeypatch, 4, fail)
     code, out, err = cli("The quick", "--model", str(tiny_model_dir), "--device", "cpu", "--format", "json",
                          "--max-new-tokens", "10", "--ignore-eos", "--seed", "1")
     assert code == 3
@@ -142,19 +150,12 @@ def test_out_of_memory_mid_run_says_what_to_try(cli, tiny_model_dir, monkeypatch
 
 @pytest.mark.parametrize("failure", ["torch's CPU allocator", "MemoryError"])
 def test_a_cpu_allocation_failure_mid_run_is_exit_3_with_json_completed(cli, tiny_model_dir, monkeypatch, failure):
-    from llmsample import decode
+    def fail() -> None:
+        if failure == "MemoryError":
+            raise MemoryError()
+        torch.empty(2**62, dtype=torch.uint8)  # the allocator's own RuntimeError, whatever its text
 
-    real_forward, calls = decode._forward, []
-
-    def failing_forward(model, input_ids, past):
-        calls.append(1)
-        if len(calls) == 4:
-            if failure == "MemoryError":
-                raise MemoryError()
-            torch.empty(2**62, dtype=torch.uint8)  # the allocator's own RuntimeError, whatever its text
-        return real_forward(model, input_ids, past)
-
-    monkeypatch.setattr(decode, "_forward", failing_forward)
+    fail_at_forward(monkeypatch, 4, fail)
     code, out, err = cli("The quick", "--model", str(tiny_model_dir), "--device", "cpu", "--format", "json",
                          "--max-new-tokens", "10", "--ignore-eos", "--seed", "1")
     assert code == 3 and err.count("\n") == 1, err

@@ -9,7 +9,7 @@ import torch
 from tiny_model import tiny_gemma3_config
 
 from llmsample import gemma3, models, quantize
-from llmsample.decode import _cache_keyword  # transformers 5.24 renamed past_key_values
+from llmsample.language_model import TransformersModel
 from llmsample.errors import ConfigError
 
 
@@ -48,7 +48,7 @@ def test_prefill_and_decode_logits_equal_transformers(overrides):
         hf_cache, cache = theirs.past_key_values, ours.past_key_values
         token = theirs.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(8):  # decode steps past the window, so the sliding layers drop old keys
-            theirs = hf(input_ids=token, use_cache=True, **{_cache_keyword(hf): hf_cache})
+            theirs = hf(input_ids=token, use_cache=True, **{TransformersModel(hf).cache_keyword: hf_cache})
             ours = native(input_ids=token, past_key_values=cache)
             close(ours.logits[:, -1], theirs.logits[:, -1], 1e-5)
             token = theirs.logits[:, -1].argmax(-1, keepdim=True)
@@ -78,7 +78,7 @@ def test_a_long_prompt_read_in_chunks_gives_the_logits_of_one_pass(monkeypatch, 
                   theirs.logits, 1e-4)
         ours = native(input_ids=ids)
         token = ours.logits[:, -1].argmax(-1, keepdim=True)
-        after_theirs = hf(input_ids=token, use_cache=True, **{_cache_keyword(hf): theirs.past_key_values}).logits
+        after_theirs = hf(input_ids=token, use_cache=True, **{TransformersModel(hf).cache_keyword: theirs.past_key_values}).logits
         after_ours = native(input_ids=token, past_key_values=ours.past_key_values).logits
     close(after_ours[:, -1], after_theirs[:, -1], 1e-4)
     monkeypatch.setattr(gemma3, "PREFILL_CHUNK", 10_000)  # the same model in one pass
@@ -95,7 +95,7 @@ def test_beam_reorder_follows_the_rows_like_transformers():
         theirs.past_key_values.reorder_cache(order)
         ours.past_key_values.reorder_cache(order)
         token = torch.tensor([[5], [6], [7]])
-        after_theirs = hf(input_ids=token, use_cache=True, **{_cache_keyword(hf): theirs.past_key_values}).logits
+        after_theirs = hf(input_ids=token, use_cache=True, **{TransformersModel(hf).cache_keyword: theirs.past_key_values}).logits
         after_ours = native(input_ids=token, past_key_values=ours.past_key_values).logits
     close(after_ours[:, -1], after_theirs[:, -1], 1e-5)
 

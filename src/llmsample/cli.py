@@ -151,7 +151,7 @@ def generate(
                                             "in every jsonl token event).", rich_help_panel=OUTPUT)] = 0,
     explain: Annotated[bool, typer.Option("--explain", help="Print the resolved settings, where each came from, and the chain (stderr).",
                                           rich_help_panel=OUTPUT)] = False,
-    stats: Annotated[bool, typer.Option("--stats", help="Print load time, time to first token, tokens/s, peak memory and the engine to stderr.",
+    stats: Annotated[bool, typer.Option("--stats", help="Print load time (from start), prompt reading and generation apart (tokens, s, tok/s), peak memory and the engine to stderr.",
                                         rich_help_panel=OUTPUT)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", rich_help_panel=OUTPUT)] = False,
     stage_values: Optional[dict] = None,

@@ -5,18 +5,21 @@ They yield step records and never print; rendering is the consumer's job.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from llmsample.errors import SamplingError
+from llmsample.language_model import LanguageModel, wrap
 from llmsample.sampling import Sampler, StepTrace
 from llmsample.sampling.beam import BeamSearch, Hypothesis
 
 # Given the number of tokens generated so far, the temperature for the next one (None = the config's own).
 TemperatureSchedule = Callable[[int], Optional[float]]
+# Told how far a slow phase has gone: ("prompt", positions read, prompt length) while the prompt is read, and
+# ("beam", steps done, most steps) during beam search. The prompt's last call marks the end of the prefill.
+PhaseProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -53,31 +56,13 @@ class DecodeState:
         return all(reason is not None for reason in self.finish_reasons)
 
 
-_CACHE_KEYWORD: dict[type, str] = {}
-_KEEPS_LOGITS: dict[type, bool] = {}
-
-
-def _cache_keyword(model) -> str:
-    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns)."""
-    kind = type(model)
-    if kind not in _CACHE_KEYWORD:
-        parameters = inspect.signature(model.forward).parameters
-        _CACHE_KEYWORD[kind] = "cache" if "cache" in parameters else "past_key_values"
-        _KEEPS_LOGITS[kind] = "logits_to_keep" in parameters
-    return _CACHE_KEYWORD[kind]
-
-
-def _forward(model, input_ids: torch.Tensor, past) -> tuple[torch.Tensor, object]:
-    keyword = _cache_keyword(model)
-    # Only the last position's logits: a transformers model otherwise returns [batch, prompt, vocab] for a prompt.
-    keep = {"logits_to_keep": 1} if _KEEPS_LOGITS[type(model)] else {}
-    out = model(input_ids=input_ids, use_cache=True, **{keyword: past}, **keep)
-    return out.logits[:, -1, :], out.past_key_values
+def _phase(progress: Optional[PhaseProgress], phase: str) -> Optional[Callable[[int, int], None]]:
+    return None if progress is None else lambda done, total: progress(phase, done, total)
 
 
 @torch.inference_mode()
 def sample_loop(
-    model,
+    model: LanguageModel,
     input_ids: torch.Tensor,
     sampler: Sampler,
     max_new_tokens: int,
@@ -86,19 +71,22 @@ def sample_loop(
     state: Optional[DecodeState] = None,
     schedule: Optional[TemperatureSchedule] = None,
     trace_top_n: int = 0,
+    progress: Optional[PhaseProgress] = None,
 ) -> Iterator[Step]:
-    """Greedy or sampled decoding of ``input_ids`` (``[batch, prompt_len]``, one row per sample).
+    """Greedy or sampled decoding of ``input_ids`` (``[batch, prompt_len]``, one row per sample) with ``model``
+    (a ``LanguageModel``, or a loaded module, which is wrapped).
 
     Yields one ``Step`` per generated position. Rows end on EOS, at ``max_new_tokens``, or when the consumer calls
     ``state.finish(row, reason)``.
     """
+    model = wrap(model)
     batch, prompt_len = input_ids.shape
     state = state or DecodeState(batch)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=input_ids.device)
     pad = int(eos[0]) if len(eos) else 0
     samplers: dict[float, Sampler] = {}
     sequence = input_ids
-    logits, past = _forward(model, sequence, None)  # prefill: [batch, vocab]
+    logits, past = model.forward(sequence, progress=_phase(progress, "prompt"))  # prefill: [batch, vocab]
     for index in range(max_new_tokens):
         # Pick this step's sampler: a schedule may change the temperature from some token on.
         step_sampler = sampler
@@ -135,14 +123,14 @@ def sample_loop(
         if index + 1 == max_new_tokens:
             break
         sequence = torch.cat((sequence, tokens[:, None]), dim=1)  # [batch, length + 1]
-        logits, past = _forward(model, tokens[:, None], past)
+        logits, past = model.forward(tokens[:, None], past)
     for row in range(batch):
         state.finish(row, "length")
 
 
 @torch.inference_mode()
 def beam_search(
-    model,
+    model: LanguageModel,
     input_ids: torch.Tensor,
     sampler: Sampler,
     max_new_tokens: int,
@@ -150,19 +138,23 @@ def beam_search(
     num_return_sequences: int = 1,
     trace_top_n: int = 0,
     on_trace: Optional[Callable[[int, StepTrace, torch.Tensor, int], None]] = None,
+    progress: Optional[PhaseProgress] = None,
 ) -> list[Hypothesis]:
     """Beam search from one prompt (``[1, prompt_len]``); returns the best hypotheses, best first.
 
     With ``trace_top_n``, ``on_trace(step, trace, running_scores, generated_length)`` gets the candidates of every
     running beam before each step (for the candidate tables).
     """
+    model = wrap(model)
     num_beams = sampler.config.num_beams
     prompt_len = input_ids.shape[1]
     search = BeamSearch(sampler, prompt_len, max_new_tokens, eos_token_ids, num_return_sequences)
     sequences = input_ids.expand(num_beams, -1).contiguous()  # [beams, prompt_len]
-    logits, past = _forward(model, sequences, None)
+    logits, past = model.forward(sequences, progress=_phase(progress, "prompt"))
     step = 0
     while True:
+        if progress is not None:
+            progress("beam", step, max_new_tokens)
         if trace_top_n and on_trace is not None:
             trace = sampler.trace(sequences, logits, trace_top_n, prompt_len=prompt_len)
             on_trace(step, trace, search.running_scores.clone(), sequences.shape[1] - prompt_len)
@@ -174,6 +166,6 @@ def beam_search(
         if search.done:
             break
         sequences = torch.cat((sequences[order], tokens[:, None]), dim=1)
-        past.reorder_cache(order)
-        logits, past = _forward(model, tokens[:, None], past)
+        past = model.reorder(past, order)
+        logits, past = model.forward(tokens[:, None], past)
     return search.results()

@@ -19,7 +19,7 @@ Configurations this module does not implement (soft-capping, other RoPE types, b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -357,8 +357,12 @@ class Gemma3ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = True,
-                logits_to_keep: int = 1, **_: Any) -> ForwardOutput:
-        """Logits of the last ``logits_to_keep`` positions (0 = all, as in transformers; perplexity needs them)."""
+                logits_to_keep: int = 1, progress: Optional[Callable[[int, int], None]] = None,
+                **_: Any) -> ForwardOutput:
+        """Logits of the last ``logits_to_keep`` positions (0 = all, as in transformers; perplexity needs them).
+
+        ``progress(done, total)`` hears of every chunk of a long input read.
+        """
         cache = past_key_values if past_key_values is not None else KVCache(self.config.num_hidden_layers)
         batch, new = input_ids.shape
         keep = min(logits_to_keep, new) if logits_to_keep else new
@@ -368,6 +372,8 @@ class Gemma3ForCausalLM(nn.Module):
             x = self._decoder(input_ids[:, start:end], cache)
             if end > new - keep:
                 kept.append(x[:, max(start, new - keep) - start :])
+            if progress is not None:
+                progress(end, new)
         x = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
         hidden = self.model.norm(x).reshape(-1, x.shape[-1])
         logits = self.project(hidden).view(batch, keep, -1)

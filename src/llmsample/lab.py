@@ -71,9 +71,11 @@ def inspect_steps(lm: Any, prompt: str, chosen: Sequence[Variant], steps: int, t
     prompt_len = ids.shape[1]
     result: dict[str, Any] = {"prompt": prompt, "steps": []}
     configs = [for_model(lm, variant.settings.sampling) for variant in chosen]  # texts tokenised once, not per step
+    model, cache, new_ids = lm.language_model, None, ids
     for step in range(steps):
         with torch.inference_mode():
-            logits = lm.model(ids).logits[:, -1].float()  # [1, vocab]
+            logits, cache = model.forward(new_ids, cache)
+        logits = logits.float()  # [1, vocab]
         raw = torch.softmax(logits, -1)[0]
         step_out: dict[str, Any] = {"index": step, "context": tokenizer.decode(ids[0, prompt_len:]), "variants": []}
         kept_sets = []
@@ -105,7 +107,8 @@ def inspect_steps(lm: Any, prompt: str, chosen: Sequence[Variant], steps: int, t
         ]
         step_out["differing_count"] = len(differing)
         result["steps"].append(step_out)
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)  # follow the greedy path
+        new_ids = logits.argmax(-1, keepdim=True)  # follow the greedy path
+        ids = torch.cat([ids, new_ids], dim=1)
     return result
 
 
@@ -207,7 +210,7 @@ def sweep(lm: Any, prompt: str, base_preset: Optional[str], base_flags: dict, gr
         tokens: list[list[int]] = [[] for _ in range(samples)]
         logprobs: list[float] = []
         entropies: list[float] = []
-        for step in sample_loop(lm.model, batch, Sampler(for_model(lm, settings.sampling)), max_new_tokens,
+        for step in sample_loop(lm.language_model, batch, Sampler(for_model(lm, settings.sampling)), max_new_tokens,
                                 eos_token_ids,
                                 generator=generator):
             for row in step.active.nonzero().flatten().tolist():

@@ -266,6 +266,13 @@ class LoadedModel:
     quantize: Optional[str] = None
     cache: Optional[Path] = None  # llmsample's cache folder it was loaded from (the default model)
 
+    @functools.cached_property
+    def language_model(self) -> Any:
+        """The model behind the contract the decode loops use (``language_model.LanguageModel``)."""
+        from llmsample.language_model import wrap
+
+        return wrap(self.model)
+
 
 def _quiet_transformers() -> None:
     """Our own progress goes to stderr; transformers' bars and advice would only add noise there."""
@@ -617,9 +624,9 @@ def decode_memory(model: Any, batch: int, prompt_len: int, new_tokens: int, beam
     import torch
 
     from llmsample import gemma3
+    from llmsample.language_model import wrap
 
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = wrap(model).config
     try:
         layers, hidden, vocab = int(text.num_hidden_layers), int(text.hidden_size), int(text.vocab_size)
         heads = int(text.num_attention_heads)
@@ -647,14 +654,3 @@ def ensure_fits(lm: LoadedModel, batch: int, prompt_len: int, new_tokens: int, w
         raise OutOfMemory(f"{what} needs at least about {_size(need)} for its KV cache and logits "
                           f"({prompt_len} + {new_tokens} positions), more than the {_size(free)} {lm.device} has "
                           "left: use fewer samples (-n) or beams, or a shorter prompt or --max-new-tokens")
-
-
-def context_length(model: Any) -> Optional[int]:
-    """The longest sequence the model was built for, if its config says."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

@@ -101,3 +101,21 @@ def exit_quietly_on_sigint(code: int) -> None:
 
     with contextlib.suppress(ValueError):
         signal.signal(signal.SIGINT, now)
+
+
+_IMPORTED_AT = time.monotonic()
+
+
+def seconds_since_start() -> float:
+    """How long this process has run: from its start in the kernel's records (Linux), else from this module's
+    import (which the command line does first). ``--stats`` counts loading from here: what a person waits for.
+    """
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/stat", "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, clock ticks after boot
+        with open("/proc/uptime", "rb") as file:
+            uptime = float(file.read().split()[0])
+        if 0 <= uptime - started < 86400 * 365:
+            return uptime - started
+    return time.monotonic() - _IMPORTED_AT

@@ -75,6 +75,63 @@ class Renderer:
         self.err.print(Text(message, style="dim"))
 
 
+class PhaseBar:
+    """A transient progress bar on stderr for a phase that runs past ``delay`` seconds (reading a long prompt,
+    beam search): drawn only on a terminal, never on a pipe or a file, and gone when the phase ends.
+
+    A timer shows it: the phase's first report may come only after a long first chunk of work.
+
+    >>> import io
+    >>> bar = PhaseBar(Console(file=io.StringIO()), "reading the prompt")
+    >>> bar.update(5, 10); bar.update(10, 10); bar.shown
+    False
+    """
+
+    def __init__(self, err: Console, label: str, delay: float = 1.0):
+        import threading
+
+        self.err, self.label, self.delay = err, label, delay
+        self.shown = False
+        self._lock = threading.Lock()
+        self._done, self._total = 0, 0
+        self._bar: Any = None
+        self._task: Any = None
+        self._timer: Any = None
+        if err.is_terminal:
+            self._timer = threading.Timer(delay, self._show)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _show(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with self._lock:
+            if self._timer is None:  # closed meanwhile
+                return
+            self._bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 console=self.err, transient=True)
+            self._task = self._bar.add_task(self.label, total=self._total or None, completed=self._done)
+            self._bar.start()
+            self.shown = True
+
+    def update(self, done: int, total: int) -> None:
+        with self._lock:
+            self._done, self._total = done, total
+            if self._bar is not None:
+                self._bar.update(self._task, completed=done, total=total)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._bar is not None:
+                self._bar.stop()
+                self._bar = None
+
+
 class TextRenderer(Renderer):
     """Plain text; on a colour terminal each token is coloured by its sampled probability."""
 
@@ -225,12 +282,13 @@ def make_renderer(fmt: str, out: Console, err: Console) -> Renderer:
 def format_stats(stats: dict[str, Any]) -> str:
     parts = []
     if stats.get("load_s") is not None:
-        parts.append(f"load {stats['load_s']:.2f} s")
-    if stats.get("first_token_s") is not None:
-        parts.append(f"first token {stats['first_token_s']:.3f} s")
+        parts.append(f"loaded {stats['load_s']:.2f} s after start")
+    if stats.get("prefill_tokens"):
+        parts.append(f"prompt {stats['prefill_tokens']} tokens in {stats['prefill_s']:.2f} s "
+                     f"({stats['prefill_tokens_per_s']:.0f} tok/s)")
     if stats.get("new_tokens"):
         parts.append(
-            f"{stats['new_tokens']} tokens in {stats['decode_s']:.2f} s ({stats['tokens_per_s']:.1f} tok/s)"
+            f"generated {stats['new_tokens']} tokens in {stats['decode_s']:.2f} s ({stats['tokens_per_s']:.1f} tok/s)"
         )
     if stats.get("finish_reason"):
         parts.append(f"finish: {stats['finish_reason']}")

@@ -172,12 +172,9 @@ def fit_context(prompt_ids: Any, max_new_tokens: int, context: Optional[int], tr
 
 def eos_ids(lm: Any) -> list[int]:
     """EOS ids from the generation config and the tokenizer (Gemma ends turns with a second one)."""
-    ids: set[int] = set()
-    for value in (getattr(lm.model.generation_config, "eos_token_id", None), lm.tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(int(v) for v in value)
+    ids = set(lm.language_model.eos_token_ids)
+    if isinstance(lm.tokenizer.eos_token_id, int):
+        ids.add(lm.tokenizer.eos_token_id)
     return sorted(ids)
 
 
@@ -186,11 +183,11 @@ def eos_ids(lm: Any) -> list[int]:
 
 def load_model(model: Optional[str], device: str, dtype: str, device_map: Optional[str], err: Any,
                engine: str = "auto", quantize: Optional[str] = None) -> tuple[Any, float]:
-    """Resolve the device, load with a status line on stderr; returns the model and the seconds it took."""
+    """Resolve the device, load with a status line on stderr; returns the model and the seconds from the process's
+    start until it was ready (imports included: what a person waits for)."""
     from llmsample import models
 
     device, dtype = resolve_device(device, dtype)
-    started = time.perf_counter()
     try:
         with _sigterm_raises(), err.status("loading the model…", spinner="dots") as status:
             lm = models.load(model, device=device, dtype=dtype, device_map=device_map,
@@ -203,7 +200,7 @@ def load_model(model: Optional[str], device: str, dtype: str, device_map: Option
         raise Interrupted("terminated", ExitCode.TERMINATED) from None
     if process.was_interrupted():  # Ctrl-C during an import that swallowed the KeyboardInterrupt: honour it now
         raise Interrupted("interrupted", ExitCode.INTERRUPTED)
-    return lm, time.perf_counter() - started
+    return lm, process.seconds_since_start()
 
 
 @dataclass
@@ -222,6 +219,12 @@ class _Decoding:
     stats: dict[str, Any]
     stops: list[Any]  # one StopMatcher per sample
     detoks: list[Any]  # one IncrementalDetokenizer per sample
+
+    @property
+    def rows(self) -> int:
+        """Rows the model runs at once: the beams in beam search, else the samples."""
+        beams = self.sampler.config.num_beams
+        return beams if beams > 1 else len(self.records)
 
 
 def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
@@ -246,7 +249,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     prompt_ids = lm.tokenizer(opts.prompt, return_tensors="pt").input_ids.to(lm.device)
     if prompt_ids.shape[1] == 0:
         raise ConfigError("the prompt has no tokens")
-    prompt_ids, max_new_tokens = fit_context(prompt_ids, gen.max_new_tokens, models.context_length(lm.model),
+    prompt_ids, max_new_tokens = fit_context(prompt_ids, gen.max_new_tokens, lm.language_model.context_length,
                                              opts.truncate, renderer)
     beams = cfg.num_beams > 1
     models.ensure_fits(lm, cfg.num_beams if beams else gen.num_samples, prompt_ids.shape[1], max_new_tokens,
@@ -266,14 +269,14 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     else:
         interrupted, failure = _until_stopped(
             lambda: _decode_samples(run, state, seed, opts.settings.schedule, decode_start), device)
-    decode_s = time.perf_counter() - decode_start
+    elapsed = time.perf_counter() - decode_start
     if isinstance(failure, SamplingError):  # from a damaged cache? Its checksums say; the next run heals it
         failure = models.damaged_cache_error(lm) or failure
     _finish_records(run, state, cfg.num_beams > 1, "error" if failure else interrupted[0] if interrupted else None)
 
     new_tokens = sum(len(r.token_ids) for r in run.records)
-    run.stats.update(decode_s=decode_s, new_tokens=new_tokens, finish_reason=run.records[0].finish_reason,
-                     tokens_per_s=new_tokens / decode_s if decode_s > 0 else 0.0, **peak_memory(device))
+    run.stats.update(phase_stats(run.stats.get("prefill_s"), elapsed, prompt_ids.shape[1] * run.rows, new_tokens),
+                     new_tokens=new_tokens, finish_reason=run.records[0].finish_reason, **peak_memory(device))
     settings = cfg.to_dict() | {"max_new_tokens": max_new_tokens, "stop": run.stops_text,
                                 "num_samples": gen.num_samples, "chain": run.sampler.describe(),
                                 "schedule": [[e.from_token, e.temperature] for e in opts.settings.schedule]}
@@ -334,15 +337,50 @@ def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode
     samples = len(run.records)
     run.renderer.start(samples, streaming=samples == 1)
     generator = torch.Generator(device=run.lm.device).manual_seed(seed)
-    loop = sample_loop(run.lm.model, run.prompt_ids.expand(samples, -1), run.sampler, run.max_new_tokens,
+    loop = sample_loop(run.lm.language_model, run.prompt_ids.expand(samples, -1), run.sampler, run.max_new_tokens,
                        run.stop_ids, generator=generator, state=state,
                        schedule=(lambda i: temperature_at(schedule, i)) if schedule else None,
-                       trace_top_n=run.candidates)
+                       trace_top_n=run.candidates, progress=_phase_reporter(run, decode_start))
     for step in loop:
         if run.stats["first_token_s"] is None:
             run.stats["first_token_s"] = time.perf_counter() - decode_start
         with _signals_deferred():  # a token is recorded and streamed, or neither: the JSON summary matches the stream
             _record_step(run, step, state, tokenizer)
+
+
+PHASE_LABELS = {"prompt": "reading the prompt", "beam": "beam search"}
+
+
+def _phase_reporter(run: _Decoding, decode_start: float) -> Any:
+    """The decode loop's progress callback: a bar on stderr for a slow phase, and the prefill's end for --stats."""
+    from llmsample.render import PhaseBar
+
+    bars: dict[str, PhaseBar] = {}
+
+    def report(phase: str, done: int, total: int) -> None:
+        if phase == "prompt" and done >= total:
+            run.stats["prefill_s"] = time.perf_counter() - decode_start
+        if phase not in bars:
+            bars[phase] = PhaseBar(run.renderer.err, PHASE_LABELS.get(phase, phase))
+        bars[phase].update(done, total)
+
+    return report
+
+
+def phase_stats(prefill_s: Optional[float], elapsed: float, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
+    """Reading the prompt and generating, apart: tokens, seconds and tokens per second of each.
+
+    The prefill is the forward over the prompt (every row's copy of it); decoding is the rest, each generated
+    token's draw and the forwards after the first.
+
+    >>> phase_stats(0.5, 2.5, 100, 40)["prefill_tokens_per_s"], phase_stats(0.5, 2.5, 100, 40)["tokens_per_s"]
+    (200.0, 20.0)
+    """
+    prefill_s = elapsed if prefill_s is None else min(prefill_s, elapsed)  # no prefill end heard: all of it
+    decode_s = elapsed - prefill_s
+    return {"prefill_tokens": prompt_tokens, "prefill_s": prefill_s,
+            "prefill_tokens_per_s": prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+            "decode_s": decode_s, "tokens_per_s": new_tokens / decode_s if decode_s > 0 else 0.0}
 
 
 def _record_step(run: _Decoding, step: Any, state: Any, tokenizer: Any) -> None:
@@ -386,8 +424,9 @@ def _decode_beams(run: _Decoding, decode_start: float) -> None:
         ]
         run.renderer.beam_step(step, beams)
 
-    hypotheses = beam_search(run.lm.model, run.prompt_ids, run.sampler, run.max_new_tokens, run.stop_ids,
-                             num_return_sequences=len(run.records), trace_top_n=run.candidates, on_trace=on_trace)
+    hypotheses = beam_search(run.lm.language_model, run.prompt_ids, run.sampler, run.max_new_tokens, run.stop_ids,
+                             num_return_sequences=len(run.records), trace_top_n=run.candidates, on_trace=on_trace,
+                             progress=_phase_reporter(run, decode_start))
     run.stats["first_token_s"] = time.perf_counter() - decode_start
     for record, hyp in zip(run.records, hypotheses):
         text = tokenizer.decode(hyp.token_ids, skip_special_tokens=True)

@@ -83,10 +83,7 @@ def tokenize_settings(cfg: Any, tokenizer: Any, vocab_size: int) -> Any:
 
 def vocab_size(lm: Any) -> int:
     """The model's output width (it may exceed the tokenizer's size: padding rows)."""
-    config = getattr(lm.model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    size = getattr(text, "vocab_size", None)
-    return int(size) if isinstance(size, int) and size > 0 else len(lm.tokenizer)
+    return lm.language_model.vocab_size
 
 
 def for_model(lm: Any, cfg: Any) -> Any:

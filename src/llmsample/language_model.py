@@ -1,0 +1,154 @@
+"""The one contract between the decode loops and a model: ``LanguageModel``.
+
+decode.py, lab.py and the benchmarks run a model only through it; every engine meets it:
+
+- ``forward(input_ids, cache, progress)``: read ``input_ids`` ``[batch, new]`` after what ``cache`` holds (``None``
+  starts one) and return the logits of the last position, ``[batch, vocab]``, with the cache grown by ``new``;
+  ``progress(done, total)`` hears how far a long input has been read (at least once, at the end);
+- ``all_logits(input_ids)``: the logits of every position, ``[batch, length, vocab]`` (perplexity, benchmarks);
+- ``reorder(cache, order)``: beam search, row ``i`` continues from row ``order[i]``;
+- ``eos_token_ids``, ``context_length``, ``vocab_size``, ``device``, ``dtype``.
+
+The two engines here are llmsample's own Gemma 3 (``gemma3.py``) and any transformers causal LM. A serving engine
+reached over HTTP would meet the same contract.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+Progress = Callable[[int, int], None]
+
+import torch
+
+
+class LanguageModel:
+    """A causal LM behind the contract. ``wrap(module)`` picks the adapter for a loaded module.
+
+    >>> from llmsample import gemma3
+    >>> cfg = gemma3.Gemma3Config.from_dict({"model_type": "gemma3_text", "vocab_size": 16, "hidden_size": 8,
+    ...     "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+    ...     "head_dim": 4, "sliding_window": 2, "eos_token_id": [1, 2]})
+    >>> lm = wrap(gemma3.Gemma3ForCausalLM(cfg))
+    >>> logits, cache = lm.forward(torch.tensor([[3, 4, 5]]))
+    >>> tuple(logits.shape), lm.cache_length(cache), lm.eos_token_ids, lm.context_length
+    ((1, 16), 3, (1, 2), 32768)
+    >>> tuple(lm.all_logits(torch.tensor([[3, 4, 5]])).shape)
+    (1, 3, 16)
+    """
+
+    engine = "abstract"
+
+    def __init__(self, module: Any):
+        self.module = module
+
+    # ---- what the model is ----------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.dtype
+
+    @property
+    def config(self) -> Any:
+        """The model's (text) config, for estimates such as the KV cache's size."""
+        config = getattr(self.module, "config", None)
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
+    def vocab_size(self) -> int:
+        """The logits' width (it may exceed the tokenizer's size: padding rows)."""
+        size = getattr(self.config, "vocab_size", None)
+        return size if isinstance(size, int) and size > 0 else int(self.module.get_input_embeddings().num_embeddings)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a sequence, from the model's generation config (the tokenizer may add its own)."""
+        value = getattr(getattr(self.module, "generation_config", None), "eos_token_id", None)
+        if value is None:
+            value = getattr(self.config, "eos_token_id", None)
+        if isinstance(value, int):
+            return (value,)
+        return tuple(sorted({int(v) for v in value})) if value else ()
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """The longest sequence the model was built for, if its config says."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    # ---- running it ----------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None,
+                progress: Optional[Progress] = None) -> tuple[torch.Tensor, Any]:
+        """Last-position logits ``[batch, vocab]`` after ``input_ids``, and the cache grown by them."""
+        raise NotImplementedError
+
+    def all_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every position of ``input_ids``, ``[batch, length, vocab]`` (no cache kept)."""
+        raise NotImplementedError
+
+    def reorder(self, cache: Any, order: torch.Tensor) -> Any:
+        """Beam search: row ``i`` of the cache continues from row ``order[i]``; returns the cache."""
+        cache.reorder_cache(order)
+        return cache
+
+    @staticmethod
+    def cache_length(cache: Any) -> int:
+        return 0 if cache is None else int(cache.get_seq_length())
+
+
+class NativeModel(LanguageModel):
+    """llmsample's pure-torch Gemma 3 (``gemma3.Gemma3ForCausalLM``): its own KV cache, no transformers."""
+
+    engine = "llmsample"
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None,
+                progress: Optional[Progress] = None) -> tuple[torch.Tensor, Any]:
+        out = self.module(input_ids=input_ids, past_key_values=cache, logits_to_keep=1, progress=progress)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def all_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=input_ids, logits_to_keep=0).logits
+
+
+class TransformersModel(LanguageModel):
+    """Any transformers causal LM; the forward's keywords are read off its signature once."""
+
+    engine = "transformers"
+
+    def __init__(self, module: Any):
+        super().__init__(module)
+        parameters = inspect.signature(module.forward).parameters
+        # transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns).
+        self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        # Only the last position's logits: otherwise a prompt's forward returns [batch, prompt, vocab].
+        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None,
+                progress: Optional[Progress] = None) -> tuple[torch.Tensor, Any]:
+        with torch.inference_mode():
+            out = self.module(input_ids=input_ids, use_cache=True, **{self.cache_keyword: cache}, **self._keep_last)
+        if progress is not None:  # read in one forward: there is only the end to report
+            progress(input_ids.shape[1], input_ids.shape[1])
+        return out.logits[:, -1, :], out.past_key_values
+
+    def all_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module(input_ids=input_ids, use_cache=False).logits
+
+
+def wrap(module: Any) -> LanguageModel:
+    """The adapter for ``module``; a ``LanguageModel`` is returned as it is."""
+    if isinstance(module, LanguageModel):
+        return module
+    from llmsample import gemma3
+
+    return NativeModel(module) if isinstance(module, gemma3.Gemma3ForCausalLM) else TransformersModel(module)
