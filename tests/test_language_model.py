@@ -131,3 +131,82 @@ def test_the_bar_is_drawn_on_a_terminal_once_a_phase_outlasts_its_delay():
     quick = PhaseBar(Console(file=io.StringIO(), force_terminal=True), "beam search", delay=5)
     quick.update(3, 3)
     assert not quick.shown
+
+
+# ---- the static cache and the fixed-shape decode step (what a CUDA graph captures) ---------------------------
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: reading a value (``.item()``, ``bool()``,
+    ``int()``), and those whose output shape depends on the data. On the CPU they are cheap, but each would stall
+    a CUDA step and none may be captured in a CUDA graph."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNCING or (name == "_to_copy" and "device" in (kwargs or {})):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def native_module(tiny_gemma_dir):
+    return models.load(str(tiny_gemma_dir), engine="llmsample").model
+
+
+def _greedy_and_sampled(lm, ids, steps=12, seed=None):
+    cfg = SamplingConfig(do_sample=seed is not None, temperature=0.9, top_k=20)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return torch.stack([s.token_ids for s in sample_loop(lm, ids, Sampler(cfg), steps, generator=generator)], 1)
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_the_fixed_shape_step_on_a_static_cache_decodes_what_the_growing_cache_does(native_module, seed):
+    ids = torch.tensor([[5, 9, 13, 2, 7], [3, 4, 5, 6, 8]])
+    fixed = NativeModel(native_module, fixed_step=True)
+    assert isinstance(fixed.new_cache(2, 20), gemma3.StaticKVCache)
+    assert torch.equal(_greedy_and_sampled(fixed, ids, seed=seed), _greedy_and_sampled(NativeModel(native_module,
+                                                                                                    fixed_step=False), ids, seed=seed))
+
+
+def test_the_fixed_shape_step_gives_the_eager_logits_past_the_sliding_window(native_module):
+    window = native_module.config.sliding_window
+    ids = torch.arange(3, 3 + window + 2)[None] % native_module.config.vocab_size
+    cache = native_module.static_cache(1, window + 12)
+    eager_logits, eager_cache = NativeModel(native_module, fixed_step=False).forward(ids)
+    fixed_logits, _ = native_module(input_ids=ids, past_key_values=cache).logits[:, -1], cache
+    torch.testing.assert_close(fixed_logits, eager_logits)
+    token = eager_logits.argmax(-1, keepdim=True)
+    for _ in range(8):  # every step now crosses the window's edge
+        eager_logits, eager_cache = NativeModel(native_module, fixed_step=False).forward(token, eager_cache)
+        fixed_logits = native_module.decode_step(token, cache)
+        torch.testing.assert_close(fixed_logits, eager_logits, atol=1e-5, rtol=1e-4)
+        token = eager_logits.argmax(-1, keepdim=True)
+    assert cache.length == eager_cache.length and int(cache.position) == cache.length
+
+
+def test_beam_search_on_the_static_cache_reorders_in_place(native_module):
+    from llmsample.decode import beam_search
+
+    cfg = SamplingConfig(num_beams=3)
+    ids = torch.tensor([[5, 9, 13, 2]])
+    fixed = beam_search(NativeModel(native_module, fixed_step=True), ids, Sampler(cfg), 10, num_return_sequences=3)
+    eager = beam_search(NativeModel(native_module, fixed_step=False), ids, Sampler(cfg), 10, num_return_sequences=3)
+    assert [h.token_ids for h in fixed] == [h.token_ids for h in eager]
+
+
+def test_the_decode_step_never_waits_for_the_device(native_module):
+    cache = native_module.static_cache(2, 16)
+    native_module(input_ids=torch.tensor([[5, 9, 13], [2, 7, 4]]), past_key_values=cache)
+    with HostSyncs() as syncs:
+        for _ in range(3):
+            native_module.decode_step(torch.tensor([[3], [4]]), cache)
+    assert syncs.seen == []
+    with HostSyncs() as syncs:  # the guard does see one
+        bool(cache.position.sum() > 0)
+    assert syncs.seen == ["_local_scalar_dense"]

@@ -86,7 +86,8 @@ def sample_loop(
     pad = int(eos[0]) if len(eos) else 0
     samplers: dict[float, Sampler] = {}
     sequence = input_ids
-    logits, past = model.forward(sequence, progress=_phase(progress, "prompt"))  # prefill: [batch, vocab]
+    past = model.new_cache(batch, prompt_len + max_new_tokens)  # a static one where the engine has it
+    logits, past = model.forward(sequence, past, progress=_phase(progress, "prompt"))  # prefill: [batch, vocab]
     for index in range(max_new_tokens):
         # Pick this step's sampler: a schedule may change the temperature from some token on.
         step_sampler = sampler
@@ -150,7 +151,8 @@ def beam_search(
     prompt_len = input_ids.shape[1]
     search = BeamSearch(sampler, prompt_len, max_new_tokens, eos_token_ids, num_return_sequences)
     sequences = input_ids.expand(num_beams, -1).contiguous()  # [beams, prompt_len]
-    logits, past = model.forward(sequences, progress=_phase(progress, "prompt"))
+    past = model.new_cache(num_beams, prompt_len + max_new_tokens)
+    logits, past = model.forward(sequences, past, progress=_phase(progress, "prompt"))
     step = 0
     while True:
         if progress is not None:

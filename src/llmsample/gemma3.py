@@ -29,6 +29,7 @@ CACHE_BLOCK = 256  # KV cache capacity grows in steps of this many positions
 # A long prompt is read in chunks of this many positions, each attending to the cache so far: the attention mask
 # and scores of a chunk are [chunk, keys], never [prompt, prompt] (17 GB for Gemma's 32k context).
 PREFILL_CHUNK = 512
+ROPE_BLOCK = 4096  # the RoPE table grows in steps of this many positions
 TRANSPOSED_HEAD_MAX_BATCH = 2  # measured: [hidden, vocab] is faster up to here, [vocab, hidden] from 3 rows on
 
 
@@ -143,6 +144,7 @@ class KVCache:
         self.keys: list[Optional[torch.Tensor]] = [None] * layers
         self.values: list[Optional[torch.Tensor]] = [None] * layers
         self.length = 0  # positions stored (the same in every layer once a forward has finished)
+        self.fixed = False  # a StaticKVCache never grows
 
     def get_seq_length(self) -> int:
         return self.length
@@ -151,6 +153,8 @@ class KVCache:
         """Store ``[batch, kv_heads, new, head_dim]`` after the first ``self.length``; return all stored so far."""
         end = self.length + key.shape[2]
         keys, values = self.keys[layer], self.values[layer]
+        if self.fixed and (keys is None or keys.shape[2] < end):
+            raise ValueError(f"the static KV cache holds {self.capacity} positions, {end} asked for")
         if keys is None or keys.shape[2] < end:
             capacity = -(-end // CACHE_BLOCK) * CACHE_BLOCK
             grown_k = key.new_empty(key.shape[0], key.shape[1], capacity, key.shape[3])
@@ -171,17 +175,52 @@ class KVCache:
                 self.values[layer] = self.values[layer].index_select(0, order.to(keys.device))
 
 
+def _normalise(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """As transformers' Gemma RMSNorm: normalise in float32, scale by the float32 gain (1 + w), cast back."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * gain).type_as(x)
+
+
+class StaticKVCache(KVCache):
+    """A KV cache of fixed capacity, allocated up front: its buffers never move or grow, and the next position is
+    also kept on the device (``position``), so that ``Gemma3ForCausalLM.decode_step`` runs with fixed shapes and
+    no host synchronisation (what a CUDA graph needs). The eager forward reads and writes it like a ``KVCache``.
+    """
+
+    def __init__(self, config: "Gemma3Config", batch: int, capacity: int, dtype: torch.dtype, device: Any):
+        super().__init__(config.num_hidden_layers)
+        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.fixed = True
+        self.capacity = capacity
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # == length, on the device
+        self.key_positions = torch.arange(capacity, device=device)
+
+    def reorder_cache(self, order: torch.Tensor) -> None:
+        """Beam search, in place: the buffers keep their addresses (a captured step reads them there)."""
+        for keys, values in zip(self.keys, self.values):
+            keys.copy_(keys.index_select(0, order.to(keys.device)))
+            values.copy_(values.index_select(0, order.to(values.device)))
+
+    def sync_position(self) -> None:
+        """After an eager forward moved ``length``: the device copy follows (a fill, no read back)."""
+        self.position.fill_(self.length)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.gain = torch.ones(dim)  # 1 + weight in float32, made once by ``prepare`` (not at every call)
+
+    def prepare(self) -> None:
+        self.gain = 1.0 + self.weight.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As transformers: normalise in float32 and scale by (1 + w) before casting back.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        return _normalise(x, self.gain, self.eps)
 
 
 class Attention(nn.Module):
@@ -192,20 +231,28 @@ class Attention(nn.Module):
         self.window = config.sliding_window if config.sliding[layer] else None
         self.scale = config.query_pre_attn_scalar ** -0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        # q, k and v in one product (transformers' q_proj, k_proj and v_proj stacked by rows: ``fuse_weights``).
+        self.qkv_proj = nn.Linear(hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_gain = torch.ones(self.heads + self.kv_heads, 1, self.head_dim)  # q_norm's gain per query head, …
+
+    def prepare(self) -> None:
+        """Both norms' gains stacked per head, so that q and k are normalised (and rotated) in one pass."""
+        self.q_norm.prepare()
+        self.k_norm.prepare()
+        self.qk_gain = torch.cat((self.q_norm.gain.expand(self.heads, -1), self.k_norm.gain.expand(self.kv_heads, -1)))
+        self.qk_gain = self.qk_gain[:, None, :]  # [heads + kv_heads, 1, head_dim]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
         batch, new, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, new, self.heads, self.head_dim).transpose(1, 2))
-        k = self.k_norm(self.k_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2))
-        v = self.v_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv_proj(x).view(batch, new, -1, self.head_dim).transpose(1, 2)  # [batch, heads+2kv, new, dim]
+        qk = _normalise(qkv[:, : self.heads + self.kv_heads], self.qk_gain, self.q_norm.eps)
+        v = qkv[:, self.heads + self.kv_heads :]
         cos, sin = rope
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
         start = cache.length
         keys, values = cache.append(self.layer, k, v)
         total = keys.shape[2]
@@ -231,6 +278,24 @@ class Attention(nn.Module):
         out = out.reshape(batch, self.heads, new, self.head_dim).transpose(1, 2).reshape(batch, new, -1)
         return self.o_proj(out)
 
+    def step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
+             mask: torch.Tensor) -> torch.Tensor:
+        """One new position (``x``: ``[batch, 1, hidden]``) against the whole static cache: the position to write
+        and the keys to attend (``mask``, ``[1, capacity]`` bool) come from device tensors, never from Python."""
+        batch = x.shape[0]
+        qkv = self.qkv_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+        qk = _normalise(qkv[:, : self.heads + self.kv_heads], self.qk_gain, self.q_norm.eps)
+        v = qkv[:, self.heads + self.kv_heads :]
+        cos, sin = rope
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        keys, values = cache.keys[self.layer], cache.values[self.layer]
+        keys.index_copy_(2, cache.position, k)
+        values.index_copy_(2, cache.position, v)
+        q = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        return self.o_proj(out.reshape(batch, 1, -1))
+
 
 def _inv_freqs(config: Gemma3Config, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE inverse frequencies (float32) of full and sliding layers, as transformers computes them."""
@@ -248,12 +313,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     def __init__(self, config: Gemma3Config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        # gate and up in one product (transformers' gate_proj and up_proj stacked by rows: ``fuse_weights``).
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class DecoderLayer(nn.Module):
@@ -269,6 +335,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+    def step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
+             mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn.step(self.input_layernorm(x), rope, cache, mask))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -314,6 +385,15 @@ class Gemma3ForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.inv_freq_full, self.inv_freq_sliding = _inv_freqs(config, "cpu")
+        self._rope_table: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # sliding? → cos, sin by position
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Derive what the forward reads from the weights (the norms' gains); again after the weights change."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention)):
+                module.prepare()
+        self._rope_table = {}
 
     @property
     def device(self) -> torch.device:
@@ -326,10 +406,18 @@ class Gemma3ForCausalLM(nn.Module):
     def get_input_embeddings(self) -> Embedding:
         return self.model.embed_tokens
 
-    def _rope(self, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = positions[:, None].float() * inv_freq[None, :].float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def _rope(self, sliding: bool, start: int, new: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin ``[new, head_dim]`` for positions ``start…start+new-1``, from a table of every
+        position so far (grown in blocks; each entry computed as transformers computes it)."""
+        table = self._rope_table.get(sliding)
+        if table is None or table[0].shape[0] < start + new or table[0].dtype != dtype:
+            inv_freq = self.inv_freq_sliding if sliding else self.inv_freq_full
+            length = -(-(start + new) // ROPE_BLOCK) * ROPE_BLOCK
+            positions = torch.arange(length, device=inv_freq.device)
+            freqs = positions[:, None].float() * inv_freq[None, :].float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_table[sliding] = table = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return table[0][start : start + new], table[1][start : start + new]
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[rows, hidden]`` to logits ``[rows, vocab]``."""
@@ -347,13 +435,44 @@ class Gemma3ForCausalLM(nn.Module):
         # As transformers: the scale is a float32 tensor cast to the weights' dtype before the multiply.
         scale = torch.tensor(self.config.hidden_size ** 0.5).to(embed.weight.dtype)
         x = embed(input_ids) * scale
-        positions = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
-        rope = {True: self._rope(self.inv_freq_sliding, positions, x.dtype),
-                False: self._rope(self.inv_freq_full, positions, x.dtype)}
+        rope = {sliding: self._rope(sliding, cache.length, input_ids.shape[1], x.dtype) for sliding in (True, False)}
         for layer, sliding in zip(self.model.layers, self.config.sliding):
             x = layer(x, rope[sliding], cache)
         cache.length += input_ids.shape[1]
         return x
+
+    def static_cache(self, batch: int, capacity: int) -> StaticKVCache:
+        """A cache of ``capacity`` positions for ``batch`` rows, with the RoPE table made for all of them (so that
+        ``decode_step`` only reads it)."""
+        cache = StaticKVCache(self.config, batch, capacity, self.dtype, self.device)
+        for sliding in (True, False):
+            self._rope(sliding, 0, capacity, self.dtype)
+        return cache
+
+    @torch.inference_mode()
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Logits ``[batch, vocab]`` after one new token per row (``input_ids`` ``[batch, 1]``) at
+        ``cache.position``, which then moves on by one.
+
+        Fixed shapes and no host synchronisation: the position is a device tensor, the cache is attended in full
+        under a mask, and the rope table is indexed on the device. So the step can be captured as a CUDA graph
+        and replayed; on the CPU it gives the eager forward's logits (the test compares them token for token).
+        The host's ``cache.length`` is moved too, without reading the device.
+        """
+        embed = self.model.embed_tokens
+        scale = torch.tensor(self.config.hidden_size ** 0.5).to(embed.weight.dtype)
+        x = embed(input_ids) * scale
+        seen = (cache.key_positions <= cache.position)[None, :]  # [1, capacity]: one query row against every key
+        masks = {False: seen, True: seen & (cache.key_positions > cache.position - self.config.sliding_window)}
+        rope = {}
+        for sliding in (True, False):
+            cos, sin = self._rope_table[sliding]
+            rope[sliding] = cos.index_select(0, cache.position), sin.index_select(0, cache.position)
+        for layer, sliding in zip(self.model.layers, self.config.sliding):
+            x = layer.step(x, rope[sliding], cache, masks[sliding])
+        cache.position.add_(1)
+        cache.length += 1
+        return self.project(self.model.norm(x).reshape(-1, x.shape[-1]))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None, use_cache: bool = True,
@@ -374,6 +493,8 @@ class Gemma3ForCausalLM(nn.Module):
                 kept.append(x[:, max(start, new - keep) - start :])
             if progress is not None:
                 progress(end, new)
+        if isinstance(cache, StaticKVCache):
+            cache.sync_position()
         x = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
         hidden = self.model.norm(x).reshape(-1, x.shape[-1])
         logits = self.project(hidden).view(batch, keep, -1)
@@ -392,14 +513,40 @@ def load_native(state_dict: dict[str, torch.Tensor], config: Gemma3Config, dtype
         model = Gemma3ForCausalLM(config)
     weights = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state_dict.items()
                if name != "lm_head.weight" or not config.tie_word_embeddings}
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(fuse_weights(weights), strict=False, assign=True)
     if missing or unexpected:
         raise Unsupported(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.inv_freq_full, model.inv_freq_sliding = _inv_freqs(config, device)
+    model.prepare()
     embed = model.model.embed_tokens
     if transposed_head and config.tie_word_embeddings and torch.device(device).type == "cpu":
         embed.weight_t = embed_t.to(dtype) if embed_t is not None else transpose_blocked(embed.weight.data)
     return model.eval()
+
+
+# transformers' separate projections, and the fused one of this module that stacks them by rows (in this order).
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fuse_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' weight names → this module's: per layer, q/k/v and gate/up stacked into one matrix each
+    (one product where there were three and two; each output row is computed as before).
+
+    >>> out = fuse_weights({"model.layers.0.mlp.gate_proj.weight": torch.ones(2, 3),
+    ...                     "model.layers.0.mlp.up_proj.weight": torch.zeros(2, 3)})
+    >>> list(out), out["model.layers.0.mlp.gate_up_proj.weight"].shape
+    (['model.layers.0.mlp.gate_up_proj.weight'], torch.Size([4, 3]))
+    """
+    out = dict(state)
+    for name in state:
+        for fused, parts in FUSED.items():
+            suffix = f"{parts[0]}.weight"
+            if name.endswith(suffix):
+                prefix = name[: -len(suffix)]
+                if all(f"{prefix}{part}.weight" in out for part in parts):
+                    out[f"{prefix}{fused}.weight"] = torch.cat([out.pop(f"{prefix}{part}.weight") for part in parts])
+    return out
 
 
 def transpose_blocked(matrix: torch.Tensor, rows: int = 8192) -> torch.Tensor:

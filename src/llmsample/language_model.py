@@ -95,6 +95,11 @@ class LanguageModel:
         """Logits of every position of ``input_ids``, ``[batch, length, vocab]`` (no cache kept)."""
         raise NotImplementedError
 
+    def new_cache(self, batch: int, capacity: int) -> Any:
+        """A cache of fixed ``capacity`` for ``batch`` rows where the engine has one (else None: the forward
+        starts a growing one)."""
+        return None
+
     def reorder(self, cache: Any, order: torch.Tensor) -> Any:
         """Beam search: row ``i`` of the cache continues from row ``order[i]``; returns the cache."""
         cache.reorder_cache(order)
@@ -106,14 +111,58 @@ class LanguageModel:
 
 
 class NativeModel(LanguageModel):
-    """llmsample's pure-torch Gemma 3 (``gemma3.Gemma3ForCausalLM``): its own KV cache, no transformers."""
+    """llmsample's pure-torch Gemma 3 (``gemma3.Gemma3ForCausalLM``): its own KV cache, no transformers.
+
+    With ``fixed_step`` (the default on CUDA) a cache from ``new_cache`` is static and each one-token forward runs
+    ``decode_step`` (fixed shapes, no host synchronisation), captured once as a CUDA graph and replayed on CUDA.
+    On the CPU the eager forward is faster (it attends only the positions filled), so it is used there.
+    """
 
     engine = "llmsample"
 
+    def __init__(self, module: Any, fixed_step: Optional[bool] = None):
+        super().__init__(module)
+        self.fixed_step = module.device.type == "cuda" if fixed_step is None else fixed_step
+        self.cuda_graphs = module.device.type == "cuda"
+        self._graph: Any = None  # (cache, graph, input ids buffer, logits buffer) of the captured step
+
+    def new_cache(self, batch: int, capacity: int) -> Any:
+        return self.module.static_cache(batch, capacity) if self.fixed_step else None
+
     def forward(self, input_ids: torch.Tensor, cache: Any = None,
                 progress: Optional[Progress] = None) -> tuple[torch.Tensor, Any]:
+        from llmsample.gemma3 import StaticKVCache
+
+        if self.fixed_step and isinstance(cache, StaticKVCache) and input_ids.shape[1] == 1:
+            if not self.cuda_graphs:
+                return self.module.decode_step(input_ids, cache), cache
+            return self._replay(input_ids, cache), cache
         out = self.module(input_ids=input_ids, past_key_values=cache, logits_to_keep=1, progress=progress)
         return out.logits[:, -1, :], out.past_key_values
+
+    def _replay(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The decode step as a CUDA graph, captured at the first step of each cache and replayed after."""
+        if self._graph is None or self._graph[0] is not cache:
+            self._graph = None
+            ids = input_ids.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's CUDA graph notes ask
+                self.module.decode_step(ids, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.module.decode_step(ids, cache)
+            # The warm-up wrote this position and both runs moved the host's length on: undo that (the replay
+            # below writes the position again with the real token).
+            cache.position.sub_(1)
+            cache.length -= 2
+            self._graph = (cache, graph, ids, logits)
+        _, graph, ids, logits = self._graph
+        ids.copy_(input_ids)
+        graph.replay()
+        cache.length += 1
+        return logits
 
     def all_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.module(input_ids=input_ids, logits_to_keep=0).logits
