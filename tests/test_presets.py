@@ -36,7 +36,8 @@ def test_the_builtins_are_there_and_each_validates_with_a_description_and_the_de
     assert sorted(presets.available()) == BUILTINS
     for name in BUILTINS:
         data = presets.read(presets.find(name))
-        assert "seed" in data["description"] or "llama.cpp" in data["description"]  # cites its numbers' source
+        assert data["description"] and "seed" not in data["description"]  # says what it is for, no jargon
+        assert "seed 00" in data["source"] or "llama.cpp" in data["source"]  # cites its numbers' source
         settings = presets.resolve_settings(name)
         # No built-in pins an order: a new stage joins every preset's chain in its registry place.
         assert settings.sources["sampling.order"] == "default"

@@ -2,7 +2,8 @@
 
 A preset file:
 
-    description = "one line: intent and where the numbers come from"
+    description = "one line: what it is for"
+    source = "where its numbers come from"   # optional; shown by `presets show`
     extends = "balanced"            # optional
 
     [sampling]                      # SamplingConfig fields
@@ -49,7 +50,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_LEVEL_KEYS = ("description", "extends", "sampling", "generation", "schedule")
+TOP_LEVEL_KEYS = ("description", "source", "extends", "sampling", "generation", "schedule")
 SECTION_KEYS = {"sampling": FIELD_NAMES, "generation": GENERATION_FIELDS}
 
 
@@ -129,7 +130,7 @@ def read(preset: PresetFile) -> dict[str, Any]:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise _unknown_key(str(preset.path), key, TOP_LEVEL_KEYS)
-    for key in ("description", "extends"):
+    for key in ("description", "source", "extends"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{preset.path}: {key} must be a string, got {data[key]!r}")
     for section, known in SECTION_KEYS.items():
@@ -193,8 +194,9 @@ def resolve_settings(name_or_path: Optional[str], command_line: Optional[dict] =
     return resolve(all_layers)
 
 
-def description(name_or_path: str) -> str:
-    return str(read(find(name_or_path)).get("description", ""))
+def description(name_or_path: str, key: str = "description") -> str:
+    """The preset's one-line description (``presets list``), or with ``key="source"`` where its numbers come from."""
+    return str(read(find(name_or_path)).get(key, ""))
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -237,7 +239,8 @@ def render_new(name: str, settings: Settings, base: Optional[str]) -> str:
     lines = [
         f"# llmsample preset {name!r}. {origin}",
         "# Keys: see `man llmsample` (PRESETS). Delete a line to fall back to the default.",
-        f"description = {_toml_value(f'{name}: describe its intent and where its numbers come from')}",
+        f"description = {_toml_value(f'{name}: describe what it is for')}",
+        f"source = {_toml_value('where its numbers come from')}",
         "",
         "[sampling]",
     ]
