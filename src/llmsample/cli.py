@@ -112,6 +112,17 @@ def command_line_layer(sampling: dict, generation: dict, explicit_sample: Option
     return layer
 
 
+NO_MODEL_DEFAULTS_HELP = ("Leave out the model's own recommended sampling (its generation_config.json; for the "
+                          "packaged Gemma 3: top_k 64, top_p 0.95): the pure distribution, plus presets and flags.")
+
+
+def model_sampling(model: Optional[str], no_model_defaults: bool) -> dict:
+    """The model layer of the settings: the model's recommended sampling values, unless turned off."""
+    from llmsample.model_defaults import sampling_defaults
+
+    return {} if no_model_defaults else sampling_defaults(model)
+
+
 @app.command()
 @stage_options()
 def generate(
@@ -121,6 +132,8 @@ def generate(
                                                 rich_help_panel=GENERATION)] = None,
     sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Draw from the distribution, or take the argmax \\[default: --sample].",
                                                    show_default=False, rich_help_panel=SAMPLING)] = None,
+    no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help=NO_MODEL_DEFAULTS_HELP,
+                                                    rich_help_panel=SAMPLING)] = False,
     preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="A preset name or TOML file (see 'llmsample presets list') \\[default: none].",
                                                   rich_help_panel=GENERATION)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many new tokens \\[default: 128].",
@@ -183,7 +196,7 @@ def generate(
         dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples),
         sample,
     )
-    settings = presets.resolve_settings(preset, layer)
+    settings = presets.resolve_settings(preset, layer, model_sampling(model, no_model_defaults))
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
     renderer = render.make_renderer(output_format.value, out, err)
@@ -357,13 +370,18 @@ def presets_list() -> None:
 def presets_show(
     name: Annotated[str, typer.Argument(help="A preset name or TOML file.")],
     output_format: Annotated[ReportFormat, typer.Option("--format", help="text or json.")] = ReportFormat.text,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL",
+                                                 help="The model whose own sampling values lie under the preset "
+                                                 "(read from its folder, not loaded) \\[default: packaged Gemma 3 "
+                                                 "270M].")] = None,
+    no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help=NO_MODEL_DEFAULTS_HELP)] = False,
 ) -> None:
     """Show a preset's resolved settings, where each value came from, and the chain."""
     import json
 
     from llmsample import presets, render
 
-    settings = presets.resolve_settings(name)
+    settings = presets.resolve_settings(name, model_sampling=model_sampling(model, no_model_defaults))
     out, _ = render.make_consoles()
     if output_format == ReportFormat.text:
         preset = presets.find(name)

@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 from llmsample.config import (
     ALL_FIELDS,
+    COMMAND_LINE,
     DEFAULT_ORDER,
     FIELD_NAMES,
     FIELDS,
@@ -44,6 +45,7 @@ from llmsample.config import (
     resolve,
 )
 from llmsample.errors import ConfigError
+from llmsample.model_defaults import MODEL_SOURCE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -176,22 +178,30 @@ def chain(name_or_path: str) -> list[tuple[PresetFile, dict[str, Any]]]:
     return list(reversed(out))
 
 
-def layers(name_or_path: Optional[str]) -> list[Layer]:
-    """The built-in default layer, then the preset chain."""
+def layers(name_or_path: Optional[str], model_sampling: Optional[dict] = None) -> tuple[list[Layer], set[str]]:
+    """The built-in default layer, the model's own sampling values (if any), then the preset chain; and the labels
+    of the layers that are the user's own (their user or file presets)."""
     out: list[Layer] = [("default", {"sampling": {"do_sample": True}})]
+    if model_sampling:
+        out.append((MODEL_SOURCE, {"sampling": dict(model_sampling)}))
+    own = set()
     if name_or_path is not None:
         for preset, data in chain(name_or_path):
             layer = {k: data[k] for k in ("sampling", "generation", "schedule") if k in data}
             out.append((preset.label, layer))
-    return out
+            if preset.origin != "built-in":
+                own.add(preset.label)
+    return out, own
 
 
-def resolve_settings(name_or_path: Optional[str], command_line: Optional[dict] = None) -> Settings:
-    """Defaults ← preset (after ``extends``) ← command line."""
-    all_layers = layers(name_or_path)
+def resolve_settings(name_or_path: Optional[str], command_line: Optional[dict] = None,
+                     model_sampling: Optional[dict] = None) -> Settings:
+    """Defaults ← the model's values (``model_defaults.sampling_defaults``) ← preset (after ``extends``) ← command
+    line."""
+    all_layers, own = layers(name_or_path, model_sampling)
     if command_line:
-        all_layers.append(("command line", command_line))
-    return resolve(all_layers)
+        all_layers.append((COMMAND_LINE, command_line))
+    return resolve(all_layers, own | {COMMAND_LINE})
 
 
 def description(name_or_path: str, key: str = "description") -> str:

@@ -234,7 +234,7 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
 
     cfg, gen = opts.settings.sampling, opts.settings.generation
     values = {key: value for key, value, _ in opts.settings.rows()}
-    for key, why in opts.settings.inactive():
+    for key, why in opts.settings.warnings():  # the user's own choices; the others show in --explain
         renderer.warn(f"{key.split('.')[-1]}={values[key]} has no effect: {why}")
     if cfg.num_beams > 1 and gen.num_samples > cfg.num_beams:
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
