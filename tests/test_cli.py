@@ -266,3 +266,12 @@ def test_device_map_auto_hands_placement_to_accelerate(cli, tiny_model_dir):
                          "--greedy", "--max-new-tokens", "4", "--format", "json")
     assert code == 0, err
     assert json.loads(out)["samples"][0]["token_ids"]
+
+
+def test_a_stop_string_does_not_end_the_run_before_any_text(cli, tiny):
+    """The dialogue preset stops at a blank line; a model that opens with one must still get to say something."""
+    code, out, err = cli("The quick", *tiny, "--stop", "\\n\\n", "--logit-bias", "\\n=100", "--max-new-tokens", "4",
+                         "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["finish_reason"] == "length" and result["text"] == "\n" * 4  # only whitespace: no stop yet

@@ -44,6 +44,10 @@ def test_incomplete_character_at_the_end_is_flushed_as_replacement(tiny_lm):
         (["END"], ["abc E", "N", "X"], ["abc ", "", "ENX"], False),
         (["\n\n", "。"], ["第一句", "。第二"], ["第一句", ""], True),
         ([], ["a", "b"], ["a", "b"], False),
+        # No stop before the first non-whitespace text: a run that opens with the stop string goes on.
+        (["\n\n"], ["\n\n", " \n", "Hi", "\n\n"], ["\n\n", " \n", "Hi", ""], True),
+        (["\n\n"], ["\n\nHi\n\nmore"], ["\n\nHi"], True),
+        (["\nQ:"], ["\nQ: x"], ["\nQ: x"], False),  # the stop would begin before the text: no match there
     ],
 )
 def test_stop_matcher_holds_back_possible_prefixes(stops, chunks, expected, stopped):

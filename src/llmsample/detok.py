@@ -55,21 +55,33 @@ class IncrementalDetokenizer:
 class StopMatcher:
     """Holds back text that could be the start of a stop string; reports when one appears.
 
-    The stop string itself is never emitted.
+    The stop string itself is never emitted. Stop strings are looked for only from the first non-whitespace
+    character on: a model that opens with the stop string (a base model often starts with "\\n\\n", the
+    dialogue preset's stop) would otherwise end the run before it said anything. The leading whitespace is emitted.
 
     >>> m = StopMatcher(["\\n\\n"])
-    >>> m.feed("Hello\\n"), m.feed("\\nWorld")
-    (('Hello', False), ('', True))
+    >>> m.feed("\\n\\n"), m.feed("Hello\\n"), m.feed("\\nWorld")
+    (('\\n\\n', False), ('Hello', False), ('', True))
     """
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.started = False  # whether non-whitespace text has come (stop strings count only from there)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return ``(safe_to_emit, stopped)``."""
         if not self.stops:
             return text, False
+        lead = ""
+        if not self.started:
+            body = text.lstrip()
+            lead, text = text[: len(text) - len(body)], body
+            self.started = bool(body)
+        emit, stopped = self._match(text)
+        return lead + emit, stopped
+
+    def _match(self, text: str) -> tuple[str, bool]:
         self.pending += text
         hits = [(self.pending.find(s), s) for s in self.stops]
         hits = [(i, s) for i, s in hits if i >= 0]
