@@ -275,3 +275,25 @@ def test_a_stop_string_does_not_end_the_run_before_any_text(cli, tiny):
     assert code == 0, err
     result = json.loads(out)
     assert result["finish_reason"] == "length" and result["text"] == "\n" * 4  # only whitespace: no stop yet
+
+
+@pytest.mark.parametrize("flags, end", [(["-0"], "\0"), (["--separator", "\\n---\\n"], "\n---\n"),
+                                        (["--separator", "|"], "|")])
+def test_samples_can_be_split_on_a_separator(cli, tiny, flags, end):
+    """Each sample, exactly as JSON has it, followed by the separator: a blank line inside one does not split it."""
+    args = ["The quick", *tiny, "-n", "3", "--seed", "3", "--max-new-tokens", "8"]
+    code, out, err = cli(*args, *flags)
+    assert code == 0, err
+    texts = [s["text"] for s in json.loads(cli(*args, "--format", "json")[1])["samples"]]
+    assert out == "".join(text + end for text in texts)
+    code, out, _ = cli("The quick", *tiny, "--seed", "3", "--max-new-tokens", "8", *flags)  # one sample: the same
+    assert code == 0 and out.endswith(end) and out.count(end) == 1
+
+
+def test_a_separator_is_for_text_output(cli, tiny):
+    code, out, err = cli("The quick", *tiny, "-0", "--format", "json")
+    assert code == 2 and out == ""
+    assert err == ("llmsample: error: -0 applies to --format text, got --format json (JSON keeps the samples apart "
+                   "itself)\n")
+    code, _, err = cli("The quick", *tiny, "-0", "--separator", ",")
+    assert code == 2 and "--separator and -0 both" in err

@@ -112,6 +112,18 @@ def command_line_layer(sampling: dict, generation: dict, explicit_sample: Option
     return layer
 
 
+def sample_separator(separator: Optional[str], null: bool, output_format: "Format") -> Optional[str]:
+    """What ends each sample of text output: ``--separator`` (escapes understood), NUL for ``-0``, or None."""
+    from llmsample.options import unescape
+
+    if separator is not None and null:
+        raise ConfigError("--separator and -0 both say what ends a sample: give one")
+    if (separator is not None or null) and output_format != Format.text:
+        raise ConfigError(f"{'-0' if null else '--separator'} applies to --format text, got --format "
+                          f"{output_format.value} (JSON keeps the samples apart itself)")
+    return "\0" if null else unescape(separator) if separator is not None else None
+
+
 NO_MODEL_DEFAULTS_HELP = ("Leave out the model's own recommended sampling (its generation_config.json; for the "
                           "packaged Gemma 3: top_k 64, top_p 0.95): the pure distribution, plus presets and flags.")
 
@@ -167,6 +179,12 @@ def generate(
                                                   rich_help_panel=OUTPUT)] = Format.text,
     no_color: Annotated[bool, typer.Option("--no-color", help="Never colour the output (NO_COLOR is honoured too).",
                                            rich_help_panel=OUTPUT)] = False,
+    separator: Annotated[Optional[str], typer.Option("--separator", metavar="STR", help="Write STR after each sample "
+                                                     "(\\n, \\t, \\0 understood), for scripts that split -n "
+                                                     "samples \\[default: a newline after each, a blank line between].",
+                                                     rich_help_panel=OUTPUT)] = None,
+    null: Annotated[bool, typer.Option("-0", "--null", help="End each sample with a NUL byte (--separator '\\0'), "
+                                       "for xargs -0 and read -d ''.", rich_help_panel=OUTPUT)] = False,
     candidates: Annotated[int, typer.Option("--candidates", metavar="N", help="After each token, a table of the top N "
                                             "candidates: raw probability, after each stage, final, what cut them (stderr; "
                                             "in every jsonl token event).", rich_help_panel=OUTPUT)] = 0,
@@ -185,6 +203,8 @@ def generate(
 
       echo "Write a haiku about rain" | llmsample --format json | jq -r .text
 
+      llmsample "Once upon a time" -n 3 -0 | xargs -0 -n 1 printf '[%s]\\n'
+
       llmsample "The capital of France is" --num-beams 4 -n 2
     """
     from llmsample import presets, render, run
@@ -199,7 +219,7 @@ def generate(
     settings = presets.resolve_settings(preset, layer, model_sampling(model, no_model_defaults))
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
-    renderer = render.make_renderer(output_format.value, out, err)
+    renderer = render.make_renderer(output_format.value, out, err, sample_separator(separator, null, output_format))
     if explain:
         err.print(render.settings_table(settings, title="settings"))
         err.print(f"chain: {settings.sampling.describe_chain()}")

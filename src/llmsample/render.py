@@ -76,10 +76,15 @@ class Renderer:
 
 
 class TextRenderer(Renderer):
-    """Plain text; on a colour terminal each token is coloured by its sampled probability."""
+    """Plain text; on a colour terminal each token is coloured by its sampled probability.
 
-    def __init__(self, out: Console, err: Console):
+    ``separator``: written after each sample as it is (``--separator``, ``-0``), instead of ending each sample with
+    a newline and putting a blank line between samples, which a script cannot split when a sample holds one.
+    """
+
+    def __init__(self, out: Console, err: Console, separator: Optional[str] = None):
         super().__init__(out, err)
+        self.separator = separator
         self.color = out.is_terminal and out.color_system is not None and not out.no_color
         self.streaming = True
         self.ended_with_newline = True
@@ -127,7 +132,7 @@ class TextRenderer(Renderer):
     def sample_done(self, record: events.SampleRecord) -> None:
         if self.streaming:
             return
-        if record.index > 0:
+        if record.index > 0 and self.separator is None:
             self._write("\n")
         if self.err.is_terminal:
             label = f"── sample {record.index + 1}"
@@ -135,12 +140,18 @@ class TextRenderer(Renderer):
                 label += f" (score {record.score:.4f})"
             self.err.print(Text(label + " ──", style="dim"))
         self._write(record.text)
-        if not record.text.endswith("\n"):
+        self._end_sample(record.text)
+
+    def _end_sample(self, text: str) -> None:
+        if self.separator is not None:
+            self.out.file.write(self.separator)
+            self.out.file.flush()
+        elif not text.endswith("\n"):
             self._write("\n")
 
     def finish(self, summary: dict[str, Any]) -> None:
-        if self.streaming and not self.ended_with_newline:
-            self._write("\n")
+        if self.streaming:
+            self._end_sample("\n" if self.ended_with_newline else "")
 
 
 STAGE_HEADERS = HEADERS  # from the stage registry
@@ -218,8 +229,9 @@ class JsonlRenderer(Renderer):
 RENDERERS = {"text": TextRenderer, "json": JsonRenderer, "jsonl": JsonlRenderer}
 
 
-def make_renderer(fmt: str, out: Console, err: Console) -> Renderer:
-    return RENDERERS[fmt](out, err)
+def make_renderer(fmt: str, out: Console, err: Console, separator: Optional[str] = None) -> Renderer:
+    """The renderer for ``--format``; ``separator`` (text only) ends each sample."""
+    return TextRenderer(out, err, separator) if fmt == "text" else RENDERERS[fmt](out, err)
 
 
 def format_stats(stats: dict[str, Any]) -> str:
