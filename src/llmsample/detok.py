@@ -24,8 +24,9 @@ class IncrementalDetokenizer:
     ['', '', '天']
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]):
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], hidden: frozenset = frozenset()):
         self.tokenizer = tokenizer
+        self.hidden = hidden  # control tokens that are not text (token_text.control_token_ids): never printed
         self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix = 0  # start of the decoding window
         self.read = len(self.ids)  # tokens before this are already emitted
@@ -35,6 +36,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append one token; return the new text it completes ('' while a character is incomplete)."""
+        if token_id in self.hidden:
+            return ""
         self.ids.append(int(token_id))
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
