@@ -297,3 +297,24 @@ def test_a_separator_is_for_text_output(cli, tiny):
                    "itself)\n")
     code, _, err = cli("The quick", *tiny, "-0", "--separator", ",")
     assert code == 2 and "--separator and -0 both" in err
+
+
+def test_the_legend_draws_each_band_exactly_as_its_tokens_are_drawn():
+    """The swatches were drawn dim while the tokens were not; and no band may look like an error (red)."""
+    import io
+
+    from rich.console import Console
+
+    from llmsample import render
+
+    def ansi(write) -> str:
+        file = io.StringIO()
+        write(Console(file=file, force_terminal=True, color_system="256", width=200))
+        return file.getvalue()
+
+    line = ansi(lambda c: c.print(render.legend()))
+    for bound, style, label in render.PROB_STYLES:
+        token = ansi(lambda c: render.TextRenderer(c, c)._write(label, render.style_for(bound)))
+        assert token in line, (label, token, line)  # the same escape codes around the same text
+        assert "red" not in style and "dim" not in style
+    assert render.style_for(0.95) == "" and render.style_for(0.01) == render.PROB_STYLES[-1][1]

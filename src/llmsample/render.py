@@ -17,13 +17,17 @@ from rich.text import Text
 from llmsample import events
 from llmsample.sampling.registry import HEADERS
 
-# Token colour by the probability it was sampled with: (lower bound, style, legend label).
+# Token colour by the probability it was sampled with: (lower bound, style, legend label). Likely tokens stay in
+# the terminal's own colour; the less likely a token, the further it moves along a blue -> orange ramp. Blue and
+# orange stay apart under red-green colour blindness (no red/green pair carries the meaning), each step differs in
+# lightness too, and the mid-luminance 256-colour shades read on dark and light backgrounds alike. Orange, not
+# red: an unlikely token is a surprise, not an error.
 PROB_STYLES = [
-    (0.9, "bold green", "≥90%"),
-    (0.5, "green", "≥50%"),
-    (0.2, "yellow", "≥20%"),
-    (0.05, "dark_orange", "≥5%"),
-    (0.0, "bold red", "<5%"),
+    (0.9, "", "≥90%"),
+    (0.5, "color(33)", "≥50%"),
+    (0.2, "color(38)", "≥20%"),
+    (0.05, "color(178)", "≥5%"),
+    (0.0, "bold color(166)", "<5%"),
 ]
 
 
@@ -44,6 +48,16 @@ def make_consoles(no_color: bool = False, stdout: Optional[TextIO] = None,
     out = Console(file=stdout or sys.stdout, **kwargs)
     err = Console(file=stderr or sys.stderr, stderr=stderr is None, **kwargs)
     return out, err
+
+
+def legend() -> Text:
+    """One line: each probability band drawn in exactly the style its tokens get (only the caption is dim)."""
+    line = Text()  # no base style: a Text's own style would apply to the swatches too (they were drawn dim)
+    line.append("probability:", style="dim")
+    for _, style, label in PROB_STYLES:
+        line.append(" ")
+        line.append(label, style=style or None)
+    return line
 
 
 class Renderer:
@@ -92,15 +106,12 @@ class TextRenderer(Renderer):
     def start(self, samples: int, streaming: bool) -> None:
         self.streaming = streaming
         if self.color and streaming:
-            legend = Text("probability: ", style="dim")
-            for _, style, label in PROB_STYLES:
-                legend += Text(f" {label} ", style=style)
-            self.err.print(legend)
+            self.err.print(legend())
 
     def _write(self, text: str, style: Optional[str] = None) -> None:
         if not text:
             return
-        if self.color and style:
+        if self.color and style:  # "" = the terminal's own colour (likely tokens)
             self.out.print(Text(text, style=style), end="")
         else:
             self.out.file.write(text)
