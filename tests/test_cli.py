@@ -266,3 +266,55 @@ def test_device_map_auto_hands_placement_to_accelerate(cli, tiny_model_dir):
                          "--greedy", "--max-new-tokens", "4", "--format", "json")
     assert code == 0, err
     assert json.loads(out)["samples"][0]["token_ids"]
+
+
+def test_a_stop_string_does_not_end_the_run_before_any_text(cli, tiny):
+    """The dialogue preset stops at a blank line; a model that opens with one must still get to say something."""
+    code, out, err = cli("The quick", *tiny, "--stop", "\\n\\n", "--logit-bias", "\\n=100", "--max-new-tokens", "4",
+                         "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["finish_reason"] == "length" and result["text"] == "\n" * 4  # only whitespace: no stop yet
+
+
+@pytest.mark.parametrize("flags, end", [(["-0"], "\0"), (["--separator", "\\n---\\n"], "\n---\n"),
+                                        (["--separator", "|"], "|")])
+def test_samples_can_be_split_on_a_separator(cli, tiny, flags, end):
+    """Each sample, exactly as JSON has it, followed by the separator: a blank line inside one does not split it."""
+    args = ["The quick", *tiny, "-n", "3", "--seed", "3", "--max-new-tokens", "8"]
+    code, out, err = cli(*args, *flags)
+    assert code == 0, err
+    texts = [s["text"] for s in json.loads(cli(*args, "--format", "json")[1])["samples"]]
+    assert out == "".join(text + end for text in texts)
+    code, out, _ = cli("The quick", *tiny, "--seed", "3", "--max-new-tokens", "8", *flags)  # one sample: the same
+    assert code == 0 and out.endswith(end) and out.count(end) == 1
+
+
+def test_a_separator_is_for_text_output(cli, tiny):
+    code, out, err = cli("The quick", *tiny, "-0", "--format", "json")
+    assert code == 2 and out == ""
+    assert err == ("llmsample: error: -0 applies to --format text, got --format json (JSON keeps the samples apart "
+                   "itself)\n")
+    code, _, err = cli("The quick", *tiny, "-0", "--separator", ",")
+    assert code == 2 and "--separator and -0 both" in err
+
+
+def test_the_legend_draws_each_band_exactly_as_its_tokens_are_drawn():
+    """The swatches were drawn dim while the tokens were not; and no band may look like an error (red)."""
+    import io
+
+    from rich.console import Console
+
+    from llmsample import render
+
+    def ansi(write) -> str:
+        file = io.StringIO()
+        write(Console(file=file, force_terminal=True, color_system="256", width=200))
+        return file.getvalue()
+
+    line = ansi(lambda c: c.print(render.legend()))
+    for bound, style, label in render.PROB_STYLES:
+        token = ansi(lambda c: render.TextRenderer(c, c)._write(label, render.style_for(bound)))
+        assert token in line, (label, token, line)  # the same escape codes around the same text
+        assert "red" not in style and "dim" not in style
+    assert render.style_for(0.95) == "" and render.style_for(0.01) == render.PROB_STYLES[-1][1]

@@ -147,3 +147,30 @@ def test_the_first_use_conversion_stopped_by_sigterm_leaves_nothing_and_the_next
     assert sorted(p.name for p in cache.iterdir()) == []
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() and result.stderr == "", result.stderr[-500:]
+
+
+def test_the_default_run_samples_with_gemmas_own_recommendation(cli):
+    """Gemma 3's published generation_config (top_k 64, top_p 0.95) is the model layer; --no-model-defaults
+    gives the model's pure distribution (the old default, T 1 untruncated)."""
+    args = ["The history of the printing press", "--max-new-tokens", "4", "--seed", "1", "--format", "json",
+            "--device", "cpu"]
+    settings = cli_json(cli, *args)["settings"]
+    assert (settings["top_k"], settings["top_p"], settings["chain"]) == (64, 0.95, "logits -> top_k -> top_p -> dist")
+    assert cli_json(cli, *args, "--no-model-defaults")["settings"]["chain"] == "logits -> dist"
+
+
+def test_gemmas_unmarked_control_tokens_are_never_printed(cli):
+    """<start_of_image> is no special token in the converted GGUF tokenizer: forced, it stays out of the text
+    (stdout and the JSON text) and in the ids."""
+    from llmsample import models
+    from llmsample.token_text import control_token_ids
+
+    lm = models.load(device="cpu", dtype="float32")
+    marker = lm.tokenizer.encode("<start_of_image>", add_special_tokens=False)
+    assert len(marker) == 1 and marker[0] in control_token_ids(lm.tokenizer)
+    args = ["The capital of France is", "--logit-bias", "<start_of_image>=100", "--max-new-tokens", "3",
+            "--device", "cpu", "--ignore-eos"]
+    result = cli_json(cli, *args, "--format", "json")
+    assert result["samples"][0]["token_ids"] == marker * 3 and result["text"] == ""
+    code, out, _ = cli(*args)
+    assert code == 0 and out.strip() == ""

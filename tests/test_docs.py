@@ -74,12 +74,42 @@ def test_the_man_page_sampling_options_are_the_registry():
     assert manpage.rewrite(MAN) == MAN, "run: python -m llmsample.manpage"
 
 
-@pytest.mark.parametrize("command", ["generate", "inspect", "sweep"])
-def test_help_keeps_its_defaults_and_ranges(cli, command):
-    """rich reads "[default: 1.0]" as markup and drops it, leaving "reaching mass p ]." behind: escaped, it stays."""
-    code, out, _ = cli(command, "--help")
+def all_commands() -> list[tuple[list[str], object]]:
+    """Every command and group, with the words that call it: ``([], app)``, ``(["presets", "show"], …)``."""
+    found = []
+
+    def walk(words: list[str], command: object) -> None:
+        found.append((words, command))
+        for name, sub in getattr(command, "commands", {}).items():
+            walk([*words, name], sub)
+
+    walk([], typer.main.get_command(app))
+    return found
+
+
+def shows_a_default(option: object) -> bool:
+    """Whether an option's help should carry "[default: …]": Typer's own, or one written into the help text."""
+    if "\\[default:" in (option.help or ""):
+        return True
+    return bool(option.show_default) and option.default is not None and not option.is_flag
+
+
+@pytest.mark.parametrize("words", [" ".join(words) for words, _ in all_commands()])
+def test_help_keeps_every_default_and_range(cli, monkeypatch, words):
+    """rich reads "[default: 1.0]" or "llmsample[plot]" as markup and drops it ("reaching mass p ]."): every
+    option's help must come out whole, with as many defaults as the options declare."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option: the help text is not wrapped apart
+    command = dict((" ".join(w), c) for w, c in all_commands())[words]
+    code, out, _ = cli(*words.split(), "--help")
     assert code == 0
     text = " ".join(out.replace("│", " ").split())
-    assert " ]." not in text and " ." not in text.replace(" .text", "").replace(" .gguf", "")
-    if command == "generate":
+    assert " ]." not in text and "[]" not in text
+    options = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
+    for option in options:
+        assert " ".join(option.help.replace("\\[", "[").split()) in text, f"{option.opts[0]}'s help lost text"
+    assert text.count("[default:") == sum(shows_a_default(o) for o in options), "a default was lost"
+    if words == "generate":
         assert "[default: 128]" in text and "[default: 1; > 0; 1.0 = off]" in text
+        assert "[default: 1; (0, 1]; 1.0 = off; repeatable" not in text
+    if words == "inspect":  # a repeatable flag keeps its default and range
+        assert "(repeatable: one value per variant) [default: 1; (0, 1]; 1.0 = off]" in text

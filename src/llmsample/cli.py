@@ -73,6 +73,13 @@ class Format(str, enum.Enum):
     jsonl = "jsonl"
 
 
+class ReportFormat(str, enum.Enum):
+    """Commands that print one report (inspect, presets show): no per-token stream, so no jsonl."""
+
+    text = "text"
+    json = "json"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"llmsample {__version__}")
@@ -105,6 +112,29 @@ def command_line_layer(sampling: dict, generation: dict, explicit_sample: Option
     return layer
 
 
+def sample_separator(separator: Optional[str], null: bool, output_format: "Format") -> Optional[str]:
+    """What ends each sample of text output: ``--separator`` (escapes understood), NUL for ``-0``, or None."""
+    from llmsample.options import unescape
+
+    if separator is not None and null:
+        raise ConfigError("--separator and -0 both say what ends a sample: give one")
+    if (separator is not None or null) and output_format != Format.text:
+        raise ConfigError(f"{'-0' if null else '--separator'} applies to --format text, got --format "
+                          f"{output_format.value} (JSON keeps the samples apart itself)")
+    return "\0" if null else unescape(separator) if separator is not None else None
+
+
+NO_MODEL_DEFAULTS_HELP = ("Leave out the model's own recommended sampling (its generation_config.json; for the "
+                          "packaged Gemma 3: top_k 64, top_p 0.95): the pure distribution, plus presets and flags.")
+
+
+def model_sampling(model: Optional[str], no_model_defaults: bool) -> dict:
+    """The model layer of the settings: the model's recommended sampling values, unless turned off."""
+    from llmsample.model_defaults import sampling_defaults
+
+    return {} if no_model_defaults else sampling_defaults(model)
+
+
 @app.command()
 @stage_options()
 def generate(
@@ -114,17 +144,20 @@ def generate(
                                                 rich_help_panel=GENERATION)] = None,
     sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Draw from the distribution, or take the argmax \\[default: --sample].",
                                                    show_default=False, rich_help_panel=SAMPLING)] = None,
-    preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="A preset name or TOML file (see 'llmsample presets list').",
+    no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help=NO_MODEL_DEFAULTS_HELP,
+                                                    rich_help_panel=SAMPLING)] = False,
+    preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="A preset name or TOML file (see 'llmsample presets list') \\[default: none].",
                                                   rich_help_panel=GENERATION)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many new tokens \\[default: 128].",
                                                           rich_help_panel=GENERATION)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this text (repeatable; not printed).",
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this text (repeatable; not printed) \\[default: none].",
                                                       rich_help_panel=GENERATION)] = None,
     truncate: Annotated[bool, typer.Option("--truncate", help="Drop the start of a prompt longer than the model's context "
                                            "(with a warning) instead of refusing it.", rich_help_panel=GENERATION)] = False,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence tokens "
                                              "(fixed-length runs, benchmarks).", rich_help_panel=GENERATION)] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, model, device and settings → same text).",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, model, device and settings → same text) "
+                                                "\\[default: a fresh one, reported in JSON; 0 to 2^64-1].",
                                                 rich_help_panel=GENERATION)] = None,
     num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch \\[default: 1].",
                                                        rich_help_panel=GENERATION)] = None,
@@ -146,6 +179,12 @@ def generate(
                                                   rich_help_panel=OUTPUT)] = Format.text,
     no_color: Annotated[bool, typer.Option("--no-color", help="Never colour the output (NO_COLOR is honoured too).",
                                            rich_help_panel=OUTPUT)] = False,
+    separator: Annotated[Optional[str], typer.Option("--separator", metavar="STR", help="Write STR after each sample "
+                                                     "(\\n, \\t, \\0 understood), for scripts that split -n "
+                                                     "samples \\[default: a newline after each, a blank line between].",
+                                                     rich_help_panel=OUTPUT)] = None,
+    null: Annotated[bool, typer.Option("-0", "--null", help="End each sample with a NUL byte (--separator '\\0'), "
+                                       "for xargs -0 and read -d ''.", rich_help_panel=OUTPUT)] = False,
     candidates: Annotated[int, typer.Option("--candidates", metavar="N", help="After each token, a table of the top N "
                                             "candidates: raw probability, after each stage, final, what cut them (stderr; "
                                             "in every jsonl token event).", rich_help_panel=OUTPUT)] = 0,
@@ -164,6 +203,8 @@ def generate(
 
       echo "Write a haiku about rain" | llmsample --format json | jq -r .text
 
+      llmsample "Once upon a time" -n 3 -0 | xargs -0 -n 1 printf '[%s]\\n'
+
       llmsample "The capital of France is" --num-beams 4 -n 2
     """
     from llmsample import presets, render, run
@@ -175,10 +216,10 @@ def generate(
         dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples),
         sample,
     )
-    settings = presets.resolve_settings(preset, layer)
+    settings = presets.resolve_settings(preset, layer, model_sampling(model, no_model_defaults))
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
-    renderer = render.make_renderer(output_format.value, out, err)
+    renderer = render.make_renderer(output_format.value, out, err, sample_separator(separator, null, output_format))
     if explain:
         err.print(render.settings_table(settings, title="settings"))
         err.print(f"chain: {settings.sampling.describe_chain()}")
@@ -204,8 +245,8 @@ def inspect(
     preset: Annotated[Optional[list[str]], typer.Option("-p", "--preset", help="A preset (repeatable).", rich_help_panel=LAB)] = None,
     steps: Annotated[int, typer.Option(help="Follow this many greedy steps \\[1, 64].")] = 1,
     top: Annotated[int, typer.Option(help="Show the top N probabilities \\[1, 100].")] = 20,
-    plot: Annotated[Optional[str], typer.Option(help="Also draw seed 002's figure to FILE.png (needs llmsample[plot]).")] = None,
-    output_format: Annotated[Format, typer.Option("--format", help="text or json.")] = Format.text,
+    plot: Annotated[Optional[str], typer.Option(help="Also draw the bar chart to FILE.png (needs the plot extra: pip install 'llmsample\\[plot]').")] = None,
+    output_format: Annotated[ReportFormat, typer.Option("--format", help="text or json.")] = ReportFormat.text,
     model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL", help="As for generate.",
                                                  rich_help_panel=MODEL)] = None,
     device: Annotated[str, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = "auto",
@@ -231,8 +272,6 @@ def inspect(
         raise ConfigError(f"--steps must be an integer in [1, 64], got {steps}")
     if not 1 <= top <= 100:
         raise ConfigError(f"--top must be an integer in [1, 100], got {top}")
-    if output_format == Format.jsonl:
-        raise ConfigError("--format for inspect is text or json, got 'jsonl'")
     chosen = lab.variants(preset or [], to_variants(stage_values or {}))
     out, err = render.make_consoles()
     lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
@@ -241,7 +280,7 @@ def inspect(
     if plot:
         plots.inspect_plot(result, plot)
         err.print(f"wrote {plot}")
-    if output_format == Format.json:
+    if output_format == ReportFormat.json:
         out.file.write(json.dumps({"schema": 1, **result}, ensure_ascii=False) + "\n")
     else:
         for block in render.inspect_view(result):
@@ -258,9 +297,9 @@ class SweepFormat(str, enum.Enum):
 def sweep(
     prompt: Annotated[str, typer.Argument(help="The prompt every grid point continues.")],
     grid: Annotated[list[str], typer.Option(help="NAME=V1,V2,… (repeatable: the grid is their product).")],
-    samples: Annotated[int, typer.Option(help="Samples per grid point, decoded as one batch.")] = 8,
-    seed: Annotated[int, typer.Option(help="The same seed at every grid point.")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 48,
+    samples: Annotated[int, typer.Option(help="Samples per grid point, decoded as one batch (>= 1).")] = 8,
+    seed: Annotated[int, typer.Option(help="The same seed at every grid point (0 to 2^64-1).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per sample (>= 1).")] = 48,
     preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="Settings the grid starts from.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Also draw each metric against the parameter to FILE.png.")] = None,
     output_format: Annotated[SweepFormat, typer.Option("--format", help="text, csv or json.")] = SweepFormat.text,
@@ -272,7 +311,9 @@ def sweep(
     quantize: Annotated[Quantize, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Quantize("none"),
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
 ) -> None:
-    """Seed 003's experiment: generate over a grid of settings and measure diversity at each point.
+    """Generate K samples at every point of a grid of settings and measure their diversity and quality.
+
+    Per point: distinct-1/2, repeated 3-grams, mean entropy, perplexity and length (a table, CSV or JSON).
 
     Example:
 
@@ -332,7 +373,7 @@ def presets_list() -> None:
 
     out, err = render.make_consoles()
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    for column in ("name", "source", "description"):
+    for column in ("name", "origin", "description"):
         table.add_column(column, overflow="fold")
     for name, preset in sorted(presets.available().items()):
         source = preset.origin + (" (overrides built-in)" if preset.overrides_builtin else "")
@@ -348,21 +389,27 @@ def presets_list() -> None:
 @presets_app.command("show")
 def presets_show(
     name: Annotated[str, typer.Argument(help="A preset name or TOML file.")],
-    output_format: Annotated[Format, typer.Option("--format", help="text or json.")] = Format.text,
+    output_format: Annotated[ReportFormat, typer.Option("--format", help="text or json.")] = ReportFormat.text,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL",
+                                                 help="The model whose own sampling values lie under the preset "
+                                                 "(read from its folder, not loaded) \\[default: packaged Gemma 3 "
+                                                 "270M].")] = None,
+    no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help=NO_MODEL_DEFAULTS_HELP)] = False,
 ) -> None:
     """Show a preset's resolved settings, where each value came from, and the chain."""
     import json
 
     from llmsample import presets, render
 
-    settings = presets.resolve_settings(name)
+    settings = presets.resolve_settings(name, model_sampling=model_sampling(model, no_model_defaults))
     out, _ = render.make_consoles()
-    if output_format == Format.text:
+    if output_format == ReportFormat.text:
         preset = presets.find(name)
         out.print(f"{preset.name} ({preset.origin}, {preset.path})")
-        description = presets.description(name)
-        if description:
-            out.print(description)
+        for key in ("description", "source"):
+            text = presets.description(name, key)
+            if text:
+                out.print(f"source: {text}" if key == "source" else text)
         out.print(render.settings_table(settings))
         out.print(f"chain: {settings.sampling.describe_chain()}")
     else:

@@ -281,7 +281,10 @@ class Settings:
     sampling: SamplingConfig
     generation: GenerationSettings
     schedule: tuple[ScheduleEntry, ...]
-    sources: dict[str, str]  # "sampling.top_p" → "default" | "preset NAME (PATH)" | "command line"
+    sources: dict[str, str]  # "sampling.top_p" → "default" | "model" | "preset NAME" | "command line"
+    # The sources that are the user's own choices (the command line, their own presets): a value from one of them
+    # that has no effect is warned about; one from the defaults, the model or a built-in preset is only shown.
+    own_sources: frozenset = frozenset({"command line"})
 
     def inactive(self) -> list[tuple[str, str]]:
         """``[(key, why)]`` for settings that are set but have no effect."""
@@ -291,6 +294,10 @@ class Settings:
         elif self.schedule and "temperature" not in self.sampling.order:
             notes.append(("schedule", "the stage 'temperature' is not in order"))
         return notes
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """The inactive settings the user chose (see ``own_sources``): ``[(key, why)]``."""
+        return [(key, why) for key, why in self.inactive() if self.sources[key] in self.own_sources]
 
     def rows(self) -> list[tuple[str, object, str]]:
         """``(key, value, source)`` for every setting, in a stable order."""
@@ -325,8 +332,9 @@ def _check_each(source: str, table: str, values: dict, build: Any) -> None:
             raise ConfigError(f"{source}: {table}.{message}") from None
 
 
-def resolve(layers: Iterable[Layer]) -> Settings:
-    """Merge layers, lowest precedence first (defaults ← preset chain ← command line), into validated settings.
+def resolve(layers: Iterable[Layer], own_sources: Iterable[str] = (COMMAND_LINE,)) -> Settings:
+    """Merge layers, lowest precedence first (defaults ← model ← preset chain ← command line), into validated
+    settings. ``own_sources``: the layers that are the user's own choices (their inactive values are warned about).
 
     >>> s = resolve([("default", {"sampling": {"do_sample": True}}), (COMMAND_LINE, {"sampling": {"top_p": 0.9}})])
     >>> s.sampling.top_p, s.sources["sampling.top_p"], s.sources["sampling.top_k"]
@@ -379,4 +387,4 @@ def resolve(layers: Iterable[Layer]) -> Settings:
         cfg = SamplingConfig(**sampling)
     except ConfigError as exc:
         raise ConfigError(str(exc) if last_mode_source == COMMAND_LINE else f"{last_mode_source}: {exc}") from None
-    return Settings(cfg, GenerationSettings(**generation), tuple(schedule), sources)
+    return Settings(cfg, GenerationSettings(**generation), tuple(schedule), sources, frozenset(own_sources))

@@ -24,8 +24,9 @@ class IncrementalDetokenizer:
     ['', '', '天']
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]):
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], hidden: frozenset = frozenset()):
         self.tokenizer = tokenizer
+        self.hidden = hidden  # control tokens that are not text (token_text.control_token_ids): never printed
         self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix = 0  # start of the decoding window
         self.read = len(self.ids)  # tokens before this are already emitted
@@ -35,6 +36,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append one token; return the new text it completes ('' while a character is incomplete)."""
+        if token_id in self.hidden:
+            return ""
         self.ids.append(int(token_id))
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
@@ -55,21 +58,33 @@ class IncrementalDetokenizer:
 class StopMatcher:
     """Holds back text that could be the start of a stop string; reports when one appears.
 
-    The stop string itself is never emitted.
+    The stop string itself is never emitted. Stop strings are looked for only from the first non-whitespace
+    character on: a model that opens with the stop string (a base model often starts with "\\n\\n", the
+    dialogue preset's stop) would otherwise end the run before it said anything. The leading whitespace is emitted.
 
     >>> m = StopMatcher(["\\n\\n"])
-    >>> m.feed("Hello\\n"), m.feed("\\nWorld")
-    (('Hello', False), ('', True))
+    >>> m.feed("\\n\\n"), m.feed("Hello\\n"), m.feed("\\nWorld")
+    (('\\n\\n', False), ('Hello', False), ('', True))
     """
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.started = False  # whether non-whitespace text has come (stop strings count only from there)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return ``(safe_to_emit, stopped)``."""
         if not self.stops:
             return text, False
+        lead = ""
+        if not self.started:
+            body = text.lstrip()
+            lead, text = text[: len(text) - len(body)], body
+            self.started = bool(body)
+        emit, stopped = self._match(text)
+        return lead + emit, stopped
+
+    def _match(self, text: str) -> tuple[str, bool]:
         self.pending += text
         hits = [(self.pending.find(s), s) for s in self.stops]
         hits = [(i, s) for i, s in hits if i >= 0]

@@ -15,7 +15,7 @@ from llmsample.sampling.registry import FIELDS, STAGE_FIELDS
 # Numeric stage settings: the ones a grid can vary (beam count and mode switches are not samplers).
 SWEEPABLE = tuple(f.name for f in STAGE_FIELDS if f.kind in ("float", "int", "choice")) + ("min_tokens_to_keep",)
 from llmsample.errors import ConfigError
-from llmsample.token_text import for_model
+from llmsample.token_text import decode_text, for_model
 
 # ---- settings variants ----------------------------------------------------------------------------------------
 
@@ -221,6 +221,6 @@ def sweep(lm: Any, prompt: str, base_preset: Optional[str], base_flags: dict, gr
                 on_step()
         row = {"point": point, **point_metrics(tokens, logprobs, entropies),
                "chain": settings.sampling.describe_chain(),
-               "sample": tokenizer.decode(tokens[0], skip_special_tokens=True)}
+               "sample": decode_text(tokenizer, tokens[0])}
         rows.append(row)
     return rows

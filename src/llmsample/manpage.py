@@ -40,6 +40,9 @@ def section() -> str:
         lines += _option(field)
     lines += [".TP", ".BR \\-\\-sample \" | \" \\-\\-greedy",
               "Draw from the processed distribution (default), or take the argmax after the penalties.",
+              ".TP", ".B \\-\\-no\\-model\\-defaults",
+              "Leave out the model\\(aqs own recommended sampling values (see MODEL DEFAULTS): the model\\(aqs pure",
+              "distribution, changed only by the preset and the options given.",
               ".SS Stages",
               "In the default order (llama.cpp's, with the stages it lacks in place); "
               f"\\fB\\-\\-order hf\\fR gives transformers' order:",

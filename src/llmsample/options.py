@@ -14,7 +14,6 @@ import typing
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.markup import escape
 
 from llmsample.errors import ConfigError
 from llmsample.sampling.registry import ALL_FIELDS, FIELDS, Field
@@ -59,14 +58,19 @@ def shown_default(field: Field) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def help_text(field: Field) -> str:
-    """The field's help with its default and range in brackets (escaped: rich would eat them as markup)."""
+def help_text(field: Field, usage: str = "") -> str:
+    """The field's help with its default and range in brackets (escaped: rich would eat them as markup).
+
+    ``usage``: a note on how the command takes the flag, put before the default (``inspect``'s repeatable flags).
+    """
     ranges = "" if field.kind in MULTI_VALUE_KINDS else field.range_text()
     extra = "; ".join(p for p in (ranges, field.off) if p)
     bracket = f"[default: {shown_default(field)}" + (f"; {extra}" if extra else "") + "]"
     if field.kind == "order":
         bracket = f"[default: llama.cpp's order, see --explain; {field.range_text()}]"
-    return f"{field.help} {escape(bracket)}"
+    # A backslash before the bracket makes rich print it as text; rich's own escape() leaves "[default: 0; [0, 1]]"
+    # alone (it contains another bracket), which then prints only because it is no valid tag.
+    return f"{field.help}{f' ({usage})' if usage else ''} \\{bracket}"
 
 
 def _python_type(field: Field) -> type:
@@ -78,7 +82,7 @@ def _annotation(field: Field, repeatable: bool) -> Any:
     many = field.kind in MULTI_VALUE_KINDS or (repeatable and field.kind in SCALAR_KINDS + ("order",))
     kind: Any = Optional[list[base]] if many else Optional[base]  # type: ignore[valid-type]
     help_ = help_text(field) if not repeatable or field.kind in MULTI_VALUE_KINDS else (
-        f"{field.help} (repeatable: one value per variant)")
+        help_text(field, "repeatable: one value per variant"))
     option = typer.Option(*field.all_flags, help=help_, metavar=field.metavar, show_default=False,
                           rich_help_panel=SAMPLING_PANEL)
     return Annotated[kind, option]

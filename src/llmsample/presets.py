@@ -2,7 +2,8 @@
 
 A preset file:
 
-    description = "one line: intent and where the numbers come from"
+    description = "one line: what it is for"
+    source = "where its numbers come from"   # optional; shown by `presets show`
     extends = "balanced"            # optional
 
     [sampling]                      # SamplingConfig fields
@@ -33,6 +34,7 @@ from typing import Any, Optional
 
 from llmsample.config import (
     ALL_FIELDS,
+    COMMAND_LINE,
     DEFAULT_ORDER,
     FIELD_NAMES,
     FIELDS,
@@ -43,13 +45,14 @@ from llmsample.config import (
     resolve,
 )
 from llmsample.errors import ConfigError
+from llmsample.model_defaults import MODEL_SOURCE
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_LEVEL_KEYS = ("description", "extends", "sampling", "generation", "schedule")
+TOP_LEVEL_KEYS = ("description", "source", "extends", "sampling", "generation", "schedule")
 SECTION_KEYS = {"sampling": FIELD_NAMES, "generation": GENERATION_FIELDS}
 
 
@@ -129,7 +132,7 @@ def read(preset: PresetFile) -> dict[str, Any]:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise _unknown_key(str(preset.path), key, TOP_LEVEL_KEYS)
-    for key in ("description", "extends"):
+    for key in ("description", "source", "extends"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{preset.path}: {key} must be a string, got {data[key]!r}")
     for section, known in SECTION_KEYS.items():
@@ -175,26 +178,35 @@ def chain(name_or_path: str) -> list[tuple[PresetFile, dict[str, Any]]]:
     return list(reversed(out))
 
 
-def layers(name_or_path: Optional[str]) -> list[Layer]:
-    """The built-in default layer, then the preset chain."""
+def layers(name_or_path: Optional[str], model_sampling: Optional[dict] = None) -> tuple[list[Layer], set[str]]:
+    """The built-in default layer, the model's own sampling values (if any), then the preset chain; and the labels
+    of the layers that are the user's own (their user or file presets)."""
     out: list[Layer] = [("default", {"sampling": {"do_sample": True}})]
+    if model_sampling:
+        out.append((MODEL_SOURCE, {"sampling": dict(model_sampling)}))
+    own = set()
     if name_or_path is not None:
         for preset, data in chain(name_or_path):
             layer = {k: data[k] for k in ("sampling", "generation", "schedule") if k in data}
             out.append((preset.label, layer))
-    return out
+            if preset.origin != "built-in":
+                own.add(preset.label)
+    return out, own
 
 
-def resolve_settings(name_or_path: Optional[str], command_line: Optional[dict] = None) -> Settings:
-    """Defaults ← preset (after ``extends``) ← command line."""
-    all_layers = layers(name_or_path)
+def resolve_settings(name_or_path: Optional[str], command_line: Optional[dict] = None,
+                     model_sampling: Optional[dict] = None) -> Settings:
+    """Defaults ← the model's values (``model_defaults.sampling_defaults``) ← preset (after ``extends``) ← command
+    line."""
+    all_layers, own = layers(name_or_path, model_sampling)
     if command_line:
-        all_layers.append(("command line", command_line))
-    return resolve(all_layers)
+        all_layers.append((COMMAND_LINE, command_line))
+    return resolve(all_layers, own | {COMMAND_LINE})
 
 
-def description(name_or_path: str) -> str:
-    return str(read(find(name_or_path)).get("description", ""))
+def description(name_or_path: str, key: str = "description") -> str:
+    """The preset's one-line description (``presets list``), or with ``key="source"`` where its numbers come from."""
+    return str(read(find(name_or_path)).get(key, ""))
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -237,7 +249,8 @@ def render_new(name: str, settings: Settings, base: Optional[str]) -> str:
     lines = [
         f"# llmsample preset {name!r}. {origin}",
         "# Keys: see `man llmsample` (PRESETS). Delete a line to fall back to the default.",
-        f"description = {_toml_value(f'{name}: describe its intent and where its numbers come from')}",
+        f"description = {_toml_value(f'{name}: describe what it is for')}",
+        f"source = {_toml_value('where its numbers come from')}",
         "",
         "[sampling]",
     ]

@@ -17,13 +17,17 @@ from rich.text import Text
 from llmsample import events
 from llmsample.sampling.registry import HEADERS
 
-# Token colour by the probability it was sampled with: (lower bound, style, legend label).
+# Token colour by the probability it was sampled with: (lower bound, style, legend label). Likely tokens stay in
+# the terminal's own colour; the less likely a token, the further it moves along a blue -> orange ramp. Blue and
+# orange stay apart under red-green colour blindness (no red/green pair carries the meaning), each step differs in
+# lightness too, and the mid-luminance 256-colour shades read on dark and light backgrounds alike. Orange, not
+# red: an unlikely token is a surprise, not an error.
 PROB_STYLES = [
-    (0.9, "bold green", "≥90%"),
-    (0.5, "green", "≥50%"),
-    (0.2, "yellow", "≥20%"),
-    (0.05, "dark_orange", "≥5%"),
-    (0.0, "bold red", "<5%"),
+    (0.9, "", "≥90%"),
+    (0.5, "color(33)", "≥50%"),
+    (0.2, "color(38)", "≥20%"),
+    (0.05, "color(178)", "≥5%"),
+    (0.0, "bold color(166)", "<5%"),
 ]
 
 
@@ -44,6 +48,16 @@ def make_consoles(no_color: bool = False, stdout: Optional[TextIO] = None,
     out = Console(file=stdout or sys.stdout, **kwargs)
     err = Console(file=stderr or sys.stderr, stderr=stderr is None, **kwargs)
     return out, err
+
+
+def legend() -> Text:
+    """One line: each probability band drawn in exactly the style its tokens get (only the caption is dim)."""
+    line = Text()  # no base style: a Text's own style would apply to the swatches too (they were drawn dim)
+    line.append("probability:", style="dim")
+    for _, style, label in PROB_STYLES:
+        line.append(" ")
+        line.append(label, style=style or None)
+    return line
 
 
 class Renderer:
@@ -133,10 +147,15 @@ class PhaseBar:
 
 
 class TextRenderer(Renderer):
-    """Plain text; on a colour terminal each token is coloured by its sampled probability."""
+    """Plain text; on a colour terminal each token is coloured by its sampled probability.
 
-    def __init__(self, out: Console, err: Console):
+    ``separator``: written after each sample as it is (``--separator``, ``-0``), instead of ending each sample with
+    a newline and putting a blank line between samples, which a script cannot split when a sample holds one.
+    """
+
+    def __init__(self, out: Console, err: Console, separator: Optional[str] = None):
         super().__init__(out, err)
+        self.separator = separator
         self.color = out.is_terminal and out.color_system is not None and not out.no_color
         self.streaming = True
         self.ended_with_newline = True
@@ -144,15 +163,12 @@ class TextRenderer(Renderer):
     def start(self, samples: int, streaming: bool) -> None:
         self.streaming = streaming
         if self.color and streaming:
-            legend = Text("probability: ", style="dim")
-            for _, style, label in PROB_STYLES:
-                legend += Text(f" {label} ", style=style)
-            self.err.print(legend)
+            self.err.print(legend())
 
     def _write(self, text: str, style: Optional[str] = None) -> None:
         if not text:
             return
-        if self.color and style:
+        if self.color and style:  # "" = the terminal's own colour (likely tokens)
             self.out.print(Text(text, style=style), end="")
         else:
             self.out.file.write(text)
@@ -184,7 +200,7 @@ class TextRenderer(Renderer):
     def sample_done(self, record: events.SampleRecord) -> None:
         if self.streaming:
             return
-        if record.index > 0:
+        if record.index > 0 and self.separator is None:
             self._write("\n")
         if self.err.is_terminal:
             label = f"── sample {record.index + 1}"
@@ -192,12 +208,18 @@ class TextRenderer(Renderer):
                 label += f" (score {record.score:.4f})"
             self.err.print(Text(label + " ──", style="dim"))
         self._write(record.text)
-        if not record.text.endswith("\n"):
+        self._end_sample(record.text)
+
+    def _end_sample(self, text: str) -> None:
+        if self.separator is not None:
+            self.out.file.write(self.separator)
+            self.out.file.flush()
+        elif not text.endswith("\n"):
             self._write("\n")
 
     def finish(self, summary: dict[str, Any]) -> None:
-        if self.streaming and not self.ended_with_newline:
-            self._write("\n")
+        if self.streaming:
+            self._end_sample("\n" if self.ended_with_newline else "")
 
 
 STAGE_HEADERS = HEADERS  # from the stage registry
@@ -275,8 +297,9 @@ class JsonlRenderer(Renderer):
 RENDERERS = {"text": TextRenderer, "json": JsonRenderer, "jsonl": JsonlRenderer}
 
 
-def make_renderer(fmt: str, out: Console, err: Console) -> Renderer:
-    return RENDERERS[fmt](out, err)
+def make_renderer(fmt: str, out: Console, err: Console, separator: Optional[str] = None) -> Renderer:
+    """The renderer for ``--format``; ``separator`` (text only) ends each sample."""
+    return TextRenderer(out, err, separator) if fmt == "text" else RENDERERS[fmt](out, err)
 
 
 def format_stats(stats: dict[str, Any]) -> str:

@@ -233,11 +233,11 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     from llmsample.decode import DecodeState
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
     from llmsample.sampling import Sampler
-    from llmsample.token_text import for_model
+    from llmsample.token_text import control_token_ids, for_model
 
     cfg, gen = opts.settings.sampling, opts.settings.generation
     values = {key: value for key, value, _ in opts.settings.rows()}
-    for key, why in opts.settings.inactive():
+    for key, why in opts.settings.warnings():  # the user's own choices; the others show in --explain
         renderer.warn(f"{key.split('.')[-1]}={values[key]} has no effect: {why}")
     if cfg.num_beams > 1 and gen.num_samples > cfg.num_beams:
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
@@ -255,12 +255,13 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     models.ensure_fits(lm, cfg.num_beams if beams else gen.num_samples, prompt_ids.shape[1], max_new_tokens,
                        f"--num-beams {cfg.num_beams}" if beams else f"-n {gen.num_samples}", beams)
     samples = range(gen.num_samples)
+    hidden = control_token_ids(lm.tokenizer)  # printed as nothing; kept in the JSON ids
     run = _Decoding(lm, prompt_ids, Sampler(for_model(lm, cfg)), max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
                     {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None,
                      "engine": lm.engine, "quantize": lm.quantize},
                     stops=[StopMatcher(gen.stop) for _ in samples],
-                    detoks=[IncrementalDetokenizer(lm.tokenizer, prompt_ids[0].tolist()) for _ in samples])
+                    detoks=[IncrementalDetokenizer(lm.tokenizer, prompt_ids[0].tolist(), hidden) for _ in samples])
     state = DecodeState(gen.num_samples)
 
     decode_start = time.perf_counter()
@@ -410,6 +411,7 @@ def _decode_beams(run: _Decoding, decode_start: float) -> None:
     """Beam search; the hypotheses become the records (no streaming: the best beam is known only at the end)."""
     from llmsample.decode import beam_search
     from llmsample.detok import StopMatcher
+    from llmsample.token_text import decode_text
 
     tokenizer = run.lm.tokenizer
     length_penalty = run.sampler.config.length_penalty
@@ -429,7 +431,7 @@ def _decode_beams(run: _Decoding, decode_start: float) -> None:
                              progress=_phase_reporter(run, decode_start))
     run.stats["first_token_s"] = time.perf_counter() - decode_start
     for record, hyp in zip(run.records, hypotheses):
-        text = tokenizer.decode(hyp.token_ids, skip_special_tokens=True)
+        text = decode_text(tokenizer, hyp.token_ids)
         emitted, stopped = StopMatcher(run.stops_text).feed(text)
         record.text = emitted if stopped else text
         record.token_ids = hyp.token_ids

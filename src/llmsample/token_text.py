@@ -8,12 +8,37 @@ multi-token breaker whose tail is the rest of the text, tokenised (at most ``MAX
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 MAX_CHARS = 40  # llama.cpp's limits on a breaker
 MAX_TAIL = 20
 
 _VOCAB_TEXTS: dict[int, list[str]] = {}
+
+
+# Added tokens shaped like markers rather than text: <unused12>, <|im_start|>, <start_of_image>, [multimodal]. A
+# tokenizer converted from GGUF leaves some of them unmarked as special (Gemma 3's image markers), so decoding with
+# skip_special_tokens would print them. HTML tags, which Gemma also adds (<table>, <h1>), have no underscore: text.
+CONTROL_SHAPE = re.compile(r"<unused\d+>|<\|[^|<>\s]+\|>|<[a-z0-9]+(?:_[a-z0-9]+)+>|\[[a-z_]+\]")
+
+
+def control_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of added tokens that are control markers but not marked special (never printed as text).
+
+    Special tokens are left out: decoding with ``skip_special_tokens`` already drops them.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if added is None:  # llmsample's own tokenizer: ask the tokenizers library
+        added = tokenizer.backend.get_added_tokens_decoder()
+    return frozenset(int(i) for i, token in added.items()
+                     if not token.special and CONTROL_SHAPE.fullmatch(str(token.content)))
+
+
+def decode_text(tokenizer: Any, ids: list[int]) -> str:
+    """The text of ``ids`` as a reader sees it: no special tokens, no control markers."""
+    hidden = control_token_ids(tokenizer)
+    return tokenizer.decode([i for i in ids if i not in hidden], skip_special_tokens=True)
 
 
 def encoder(tokenizer: Any) -> Callable[[str], list[int]]:
