@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from host_syncs import HostSyncs
+
 from llmsample import gemma3, models
 from llmsample.decode import sample_loop
 from llmsample.language_model import NativeModel, TransformersModel, wrap
@@ -134,24 +136,6 @@ def test_the_bar_is_drawn_on_a_terminal_once_a_phase_outlasts_its_delay():
 
 
 # ---- the static cache and the fixed-shape decode step (what a CUDA graph captures) ---------------------------
-
-
-class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the operations that make the host wait for the device: reading a value (``.item()``, ``bool()``,
-    ``int()``), and those whose output shape depends on the data. On the CPU they are cheap, but each would stall
-    a CUDA step and none may be captured in a CUDA graph."""
-
-    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave")
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in self.SYNCING or (name == "_to_copy" and "device" in (kwargs or {})):
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")

@@ -97,10 +97,12 @@ def sample_loop(
             if scheduled is not None and scheduled != temperature:
                 temperature = scheduled
                 if scheduled not in samplers:
-                    samplers[scheduled] = Sampler(sampler.config.replace(temperature=scheduled), state=sampler.state)
+                    samplers[scheduled] = Sampler(sampler.config.replace(temperature=scheduled), state=sampler.state,
+                                                  sync_free=sampler.sync_free)
                 step_sampler = samplers[scheduled]
         try:
             choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len)
+            step_sampler.raise_if_invalid(logits, choice)  # a sync-free step's check, now that tokens are read
         except SamplingError as exc:
             raise SamplingError(f"{exc}, at generated token {index + 1}") from None
         trace = step_sampler.trace(sequence, logits, trace_top_n, prompt_len=prompt_len) if trace_top_n else None

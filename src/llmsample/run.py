@@ -256,7 +256,8 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
                        f"--num-beams {cfg.num_beams}" if beams else f"-n {gen.num_samples}", beams)
     samples = range(gen.num_samples)
     hidden = control_token_ids(lm.tokenizer)  # printed as nothing; kept in the JSON ids
-    run = _Decoding(lm, prompt_ids, Sampler(for_model(lm, cfg)), max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
+    sampler = Sampler(for_model(lm, cfg), sync_free=lm.device.type == "cuda")  # CUDA: never wait within a step
+    run = _Decoding(lm, prompt_ids, sampler, max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
                     {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None,
                      "engine": lm.engine, "quantize": lm.quantize},

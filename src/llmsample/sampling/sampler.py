@@ -21,6 +21,7 @@ class Choice:
     raw_prob: torch.Tensor  # model softmax at T=1, before any stage
     entropy: torch.Tensor  # nats, of the processed distribution
     record: dict = field(default_factory=dict)  # what stateful stages decided: "xtc" fired, "mirostat_mu" [batch]
+    valid: Optional[torch.Tensor] = None  # sync-free samplers: 0-d bool, the logits were usable (else raise)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,15 @@ class Sampler:
     tensor([[-inf, 6., 4.]])
     """
 
-    def __init__(self, config: Any, check_finite: bool = True, state: Optional[dict] = None):
+    def __init__(self, config: Any, check_finite: bool = True, state: Optional[dict] = None, sync_free: bool = False):
         if config.needs_tokenizer():
             raise ValueError("the settings still hold texts (logit bias, bans or DRY breakers): turn them into "
                              "token ids first with config.tokenized(encode)")
         self.config = config
         self.check_finite = check_finite
+        # Never read a value back to the host within a step (for CUDA): the stages take their fixed-shape paths,
+        # and unusable logits are reported through ``Choice.valid`` instead of raising at once.
+        self.sync_free = sync_free
         self.state: dict = {} if state is None else state
         self.last_record: dict = {}
         self.stage_names: tuple[str, ...] = registry.active_stages(config)
@@ -95,11 +99,15 @@ class Sampler:
 
     def _run(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int,
              generator: Optional[torch.Generator] = None, replay: Optional[dict] = None) -> tuple[History, Candidates]:
-        history, c = self._start(input_ids, logits, prompt_len, generator, replay)
-        raw = c
-        for stage in self._stages:
-            c = stage(c, history)
-        return history, _keep_best_if_emptied(c, raw)
+        token = stages._SYNC_FREE.set(self.sync_free)
+        try:
+            history, c = self._start(input_ids, logits, prompt_len, generator, replay)
+            raw = c
+            for stage in self._stages:
+                c = stage(c, history)
+            return history, _keep_best_if_emptied(c, raw)
+        finally:
+            stages._SYNC_FREE.reset(token)
 
     def candidates(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int = 0,
                    generator: Optional[torch.Generator] = None) -> Candidates:
@@ -139,8 +147,16 @@ class Sampler:
         entropy = -(log_probs.exp() * log_probs).nansum(-1)
         token_ids = c.to_vocab(columns)
         raw = logits.float()
-        raw_prob = torch.exp(raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - torch.logsumexp(raw, dim=-1))
-        return Choice(token_ids, prob, raw_prob, entropy, history.record)
+        log_total = torch.logsumexp(raw, dim=-1)
+        raw_prob = torch.exp(raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - log_total)
+        # logsumexp is finite exactly when the row has no NaN, no +inf and a finite value: the check, for free.
+        valid = torch.isfinite(log_total).all() if self.sync_free and self.check_finite else None
+        return Choice(token_ids, prob, raw_prob, entropy, history.record, valid)
+
+    def raise_if_invalid(self, logits: torch.Tensor, choice: Choice) -> None:
+        """After a sync-free step, once its tokens are read anyway: the error ``check_logits`` would have raised."""
+        if choice.valid is not None and not bool(choice.valid):
+            stages.check_logits(logits.float())
 
     def _draw(self, c: Candidates, generator: Optional[torch.Generator], history: History) -> torch.Tensor:
         """Select columns, let a selector with state (mirostat) learn from the draw, keep the step's record."""
@@ -211,7 +227,7 @@ class Sampler:
         if not 0 <= prompt_len <= input_ids.shape[1]:
             raise ValueError(f"prompt_len must be in [0, {input_ids.shape[1]}], got {prompt_len}")
         logits = logits.float()  # fp16/bf16 logits are processed in float32; float32 input is not copied
-        if self.check_finite:
+        if self.check_finite and not self.sync_free:
             stages.check_logits(logits)
         history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state)
         return history, Candidates.from_logits(logits)
@@ -224,6 +240,10 @@ def _keep_best_if_emptied(c: Candidates, raw: Candidates) -> Candidates:
     logit of a row to −inf).
     """
     emptied = torch.isneginf(c.logits.amax(-1))
+    if stages.sync_free():  # every row through the same ops: a row's best raw token where it was emptied
+        dense = c.dense()
+        best = torch.full_like(dense, float("-inf")).scatter_(1, raw.logits.argmax(-1, keepdim=True), 0.0)
+        return Candidates.from_logits(torch.where(emptied[:, None], best, dense))
     if not bool(emptied.any()):
         return c
     dense = c.dense().clone()

@@ -8,6 +8,7 @@ the logits within a row, so that keeps ties at the boundary (as transformers' to
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -29,6 +30,15 @@ FAST_TOPK_MIN_CHUNKS = 64
 
 
 Stage = Callable[[Candidates, "History"], Candidates]
+
+# Set by a Sampler made with ``sync_free=True`` (CUDA) for the length of its chain: the stages then take their
+# fixed-shape paths, which never read a value back to the host (no ``bool(tensor)``, no count that sizes a
+# tensor). Each decides the same tokens; the compacting paths only save work where the host is the device.
+_SYNC_FREE: contextvars.ContextVar[bool] = contextvars.ContextVar("sync_free", default=False)
+
+
+def sync_free() -> bool:
+    return _SYNC_FREE.get()
 
 
 @dataclass
@@ -117,7 +127,7 @@ def keep_from(c: Candidates, threshold: torch.Tensor) -> Candidates:
     """
     logits = c.logits
     width = logits.shape[-1]
-    if width > SMALL_ROW:
+    if width > SMALL_ROW and not sync_free():
         needed = int((logits >= threshold).sum(-1).max())
         if needed <= COMPACT_LIMIT:
             values, columns = fast_topk(logits, max(needed, 1))
@@ -232,6 +242,8 @@ def top_k(c: Candidates, k: int, min_keep: int = 1) -> Candidates:
         return c
     values, columns = fast_topk(c.logits, k + 1)
     kth = values[:, k - 1 : k]
+    if sync_free():
+        return keep_from(c, kth)
     if width > SMALL_ROW and bool((values[:, k:] < kth).all()):
         return c.take(columns[:, :k], values[:, :k])  # no tie crosses the boundary: the window is the answer
     return keep_from(c, kth)
@@ -256,7 +268,14 @@ def top_p(c: Candidates, p: float, min_keep: int = 1) -> Candidates:
     logits = c.logits
     width = logits.shape[-1]
     log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
-    cut = torch.tensor(1.0 - p, dtype=torch.float32)
+    cut = torch.tensor(1.0 - p, dtype=torch.float32, device=logits.device)
+    if sync_free():  # one sort of the whole row: fixed shapes, nothing read back (cheap on a GPU)
+        values, _ = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.exp(values - log_total).double()
+        mass_above = probs.cumsum(-1) - probs
+        total = probs.sum(-1, keepdim=True)
+        kept = ((total - mass_above).float() > cut).sum(-1, keepdim=True).clamp(min=min(min_keep, width))
+        return keep_from(c, values.gather(1, kept - 1))
     total = None  # the row's mass, ≈ 1 within float32 rounding: summed only when a cut lies that close
     window = FIRST_WINDOW if width > SMALL_ROW else width
     while True:
