@@ -194,3 +194,14 @@ def test_the_decode_step_never_waits_for_the_device(native_module):
     with HostSyncs() as syncs:  # the guard does see one
         bool(cache.position.sum() > 0)
     assert syncs.seen == ["_local_scalar_dense"]
+
+
+def test_a_static_cache_of_the_same_shape_is_reused_emptied_and_decodes_alike(native_module):
+    fixed = NativeModel(native_module, fixed_step=True)
+    ids = torch.tensor([[5, 9, 13, 2]])
+    first = _greedy_and_sampled(fixed, ids, seed=3)
+    cache = fixed._spare
+    second = _greedy_and_sampled(fixed, ids, seed=3)
+    assert fixed._spare is cache and torch.equal(first, second)
+    _greedy_and_sampled(fixed, torch.tensor([[5, 9, 13, 2], [1, 2, 3, 4]]), seed=3)
+    assert fixed._spare is not cache  # another batch: another cache

@@ -198,6 +198,11 @@ class StaticKVCache(KVCache):
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # == length, on the device
         self.key_positions = torch.arange(capacity, device=device)
 
+    def reset(self) -> None:
+        """Empty, for a new sequence: what the old one left is masked off until written again."""
+        self.length = 0
+        self.position.zero_()
+
     def reorder_cache(self, order: torch.Tensor) -> None:
         """Beam search, in place: the buffers keep their addresses (a captured step reads them there)."""
         for keys, values in zip(self.keys, self.values):

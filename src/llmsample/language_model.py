@@ -125,9 +125,18 @@ class NativeModel(LanguageModel):
         self.fixed_step = module.device.type == "cuda" if fixed_step is None else fixed_step
         self.cuda_graphs = module.device.type == "cuda"
         self._graph: Any = None  # (cache, graph, input ids buffer, logits buffer) of the captured step
+        self._spare: Any = None  # the last static cache handed out
 
     def new_cache(self, batch: int, capacity: int) -> Any:
-        return self.module.static_cache(batch, capacity) if self.fixed_step else None
+        """A static cache; the last one again (emptied) when its shape fits, so a captured graph stays valid."""
+        if not self.fixed_step:
+            return None
+        spare = self._spare
+        if spare is not None and spare.keys[0].shape[0] == batch and spare.capacity == capacity:
+            spare.reset()
+            return spare
+        self._spare = self.module.static_cache(batch, capacity)
+        return self._spare
 
     def forward(self, input_ids: torch.Tensor, cache: Any = None,
                 progress: Optional[Progress] = None) -> tuple[torch.Tensor, Any]:
