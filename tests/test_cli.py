@@ -216,12 +216,14 @@ def test_closed_pipe_ends_quietly(tiny, head_args, fmt):
 def test_signal_mid_generation_keeps_valid_json(tiny, sig, code, reason):
     command = [sys.executable, "-m", "llmsample", "The quick", *tiny, "--max-new-tokens", "100000", "--seed", "4",
                "--format", "jsonl", "--ignore-eos"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.readline()  # generation has started
+    # Unbuffered: communicate() reads the pipe's descriptor itself, so lines a buffered readline() had read ahead
+    # would be lost to it (they were, on a busy machine).
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    first = proc.stdout.readline().decode()  # generation has started
     assert json.loads(first)["type"] == "token"
     time.sleep(0.3)
     proc.send_signal(sig)
-    rest, err = proc.communicate(timeout=60)
+    rest, err = (data.decode() for data in proc.communicate(timeout=60))
     assert proc.returncode == code, err
     lines = [json.loads(line) for line in [first, *rest.splitlines()]]
     summary = lines[-1]
