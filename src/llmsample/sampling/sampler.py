@@ -146,17 +146,15 @@ class Sampler:
         prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
         entropy = -(log_probs.exp() * log_probs).nansum(-1)
         token_ids = c.to_vocab(columns)
-        raw = logits.float()
-        log_total = torch.logsumexp(raw, dim=-1)
-        raw_prob = torch.exp(raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - log_total)
-        # logsumexp is finite exactly when the row has no NaN, no +inf and a finite value: the check, for free.
+        log_total = history.raw_log_total.squeeze(1)
+        raw_prob = torch.exp(history.raw_logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - log_total)
         valid = torch.isfinite(log_total).all() if self.sync_free and self.check_finite else None
         return Choice(token_ids, prob, raw_prob, entropy, history.record, valid)
 
     def raise_if_invalid(self, logits: torch.Tensor, choice: Choice) -> None:
         """After a sync-free step, once its tokens are read anyway: the error ``check_logits`` would have raised."""
         if choice.valid is not None and not bool(choice.valid):
-            stages.check_logits(logits.float())
+            stages.diagnose_logits(logits.float())
 
     def _draw(self, c: Candidates, generator: Optional[torch.Generator], history: History) -> torch.Tensor:
         """Select columns, let a selector with state (mirostat) learn from the draw, keep the step's record."""
@@ -227,9 +225,13 @@ class Sampler:
         if not 0 <= prompt_len <= input_ids.shape[1]:
             raise ValueError(f"prompt_len must be in [0, {input_ids.shape[1]}], got {prompt_len}")
         logits = logits.float()  # fp16/bf16 logits are processed in float32; float32 input is not copied
-        if self.check_finite and not self.sync_free:
-            stages.check_logits(logits)
-        history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state)
+        # One logsumexp per row serves three needs: the check (it is finite exactly when the row has no NaN, no
+        # +inf and a finite value), the raw probability of the chosen token, and top_p on the raw row.
+        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+        if self.check_finite and not self.sync_free and not bool(torch.isfinite(log_total).all()):
+            stages.diagnose_logits(logits)
+        history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state,
+                          raw_logits=logits, raw_log_total=log_total)
         return history, Candidates.from_logits(logits)
 
 

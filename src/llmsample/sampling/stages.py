@@ -56,6 +56,14 @@ class History:
     record: dict = field(default_factory=dict, repr=False)
     replay: Optional[dict] = field(default=None, repr=False)
     state: dict = field(default_factory=dict, repr=False)
+    # The step's raw logits and their log-normaliser, computed once (the finiteness check and the raw
+    # probability need it); a stage whose input is still exactly the raw row reuses it.
+    raw_logits: Optional[torch.Tensor] = field(default=None, repr=False)
+    raw_log_total: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def log_total(self, c: Candidates) -> Optional[torch.Tensor]:
+        """``logsumexp`` of ``c``'s rows, ``[batch, 1]``, when ``c`` is the raw row unchanged; else None."""
+        return self.raw_log_total if c.is_dense and c.logits is self.raw_logits else None
 
     @property
     def generated(self) -> torch.Tensor:
@@ -249,7 +257,7 @@ def top_k(c: Candidates, k: int, min_keep: int = 1) -> Candidates:
     return keep_from(c, kth)
 
 
-def top_p(c: Candidates, p: float, min_keep: int = 1) -> Candidates:
+def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.Tensor] = None) -> Candidates:
     """Nucleus: keep token j iff the probability mass strictly above it is < p (the token that crosses p is
     kept; ties with it are kept). At least ``min_keep`` tokens always survive. Neutral: 1.0.
 
@@ -267,7 +275,8 @@ def top_p(c: Candidates, p: float, min_keep: int = 1) -> Candidates:
         return c
     logits = c.logits
     width = logits.shape[-1]
-    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    if log_total is None:  # the caller may know it (the raw row's, computed once per step)
+        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
     cut = torch.tensor(1.0 - p, dtype=torch.float32, device=logits.device)
     if sync_free():  # one sort of the whole row: fixed shapes, nothing read back (cheap on a GPU)
         values, _ = torch.sort(logits, dim=-1, descending=True)
@@ -280,7 +289,7 @@ def top_p(c: Candidates, p: float, min_keep: int = 1) -> Candidates:
     window = FIRST_WINDOW if width > SMALL_ROW else width
     while True:
         window = min(window, width)
-        values, _ = fast_topk(logits, window)  # sorted, descending
+        values, columns = fast_topk(logits, window)  # sorted, descending
         probs = torch.exp(values - log_total).double()
         mass_above = probs.cumsum(-1) - probs
         # transformers' rule at its precision: keep j iff fl32(mass from j down) > fl32(1 - p).
@@ -295,9 +304,14 @@ def top_p(c: Candidates, p: float, min_keep: int = 1) -> Candidates:
             kept = ((total - mass_above).float() > cut).sum(-1, keepdim=True)
         kept = kept.clamp(min=min(min_keep, window))
         threshold = values.gather(1, kept - 1)
-        # The window is enough when every row's cut lies inside it with room for the ties after it.
-        if window == width or bool((values[:, -1:] < threshold).all()):
+        if window == width:
             return keep_from(c, threshold)
+        # The window is enough when every row's cut lies inside it with room for the ties after it: then the
+        # survivors are the window's first columns, taken as they are (no second pass to count and find them).
+        if bool((values[:, -1:] < threshold).all()):
+            keep = int((values >= threshold).sum(-1).max())
+            kept_values = values[:, :keep]
+            return c.take(columns[:, :keep], kept_values.masked_fill(kept_values < threshold, NEG_INF))
         window *= WINDOW_GROWTH
 
 
@@ -408,7 +422,7 @@ def top_k_stage(cfg: Any) -> Stage:
 
 
 def top_p_stage(cfg: Any) -> Stage:
-    return lambda c, h: top_p(c, cfg.top_p, cfg.min_tokens_to_keep)
+    return lambda c, h: top_p(c, cfg.top_p, cfg.min_tokens_to_keep, h.log_total(c))
 
 
 def min_p_stage(cfg: Any) -> Stage:
@@ -435,6 +449,14 @@ def check_logits(logits: torch.Tensor) -> None:
     row_max = logits.amax(-1)
     if bool(torch.isfinite(row_max).all()):
         return
+    diagnose_logits(logits)
+
+
+def diagnose_logits(logits: torch.Tensor) -> None:
+    """Raise the ``SamplingError`` that names what is wrong with a row: NaN, +inf, or no finite value."""
+    from llmsample.errors import SamplingError
+
+    row_max = logits.amax(-1)
     nan_rows = torch.isnan(logits).any(-1).nonzero().flatten().tolist()
     if nan_rows:
         raise SamplingError(f"the model's logits contain NaN (batch row {_rows(nan_rows)})")
