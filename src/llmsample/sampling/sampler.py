@@ -213,7 +213,8 @@ class Sampler:
         logits = logits.float()  # fp16/bf16 logits are processed in float32; float32 input is not copied
         if self.check_finite:
             stages.check_logits(logits)
-        history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state)
+        history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state,
+                          raw_logits=logits)
         return history, Candidates.from_logits(logits)
 
 

@@ -46,6 +46,7 @@ class History:
     record: dict = field(default_factory=dict, repr=False)
     replay: Optional[dict] = field(default=None, repr=False)
     state: dict = field(default_factory=dict, repr=False)
+    raw_logits: Optional[torch.Tensor] = field(default=None, repr=False)  # [batch, vocab] the model's, before any stage
 
     @property
     def generated(self) -> torch.Tensor:
