@@ -275,7 +275,8 @@ def test_default_model_writes_valid_json_for_a_small_schema(cli):
     import jsonschema
 
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                               "population": {"type": "integer", "minimum": 0}},
+                                               "population": {"type": "integer", "minimum": 0,
+                                                              "maximum": 99_999_999}},
               "required": ["city", "population"], "additionalProperties": False}
     texts = []
     for seed in range(4):

@@ -54,7 +54,7 @@ def shown_default(field: Field) -> str:
         return str(value).lower()
     if isinstance(value, (tuple, list)):
         return ", ".join(value) if field.kind == "order" else "none"
-    if isinstance(value, dict):
+    if isinstance(value, dict) or value == "":
         return "none"
     return f"{value:g}" if isinstance(value, float) else str(value)
 

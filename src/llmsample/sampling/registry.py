@@ -354,8 +354,8 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         "grammar", CONSTRAINT,
         (Field("json_schema", "", "json_schema", "Answer with JSON that this schema accepts: a file, or the schema "
                "itself ('{...}').", metavar="FILE|JSON"),
-         Field("grammar", "", "grammar", "Answer in this grammar: a file in GBNF (llama.cpp's, root ::= ...) or "
-               "Lark (llguidance's, start: ...).", metavar="FILE"),
+         Field("grammar", "", "grammar", "Answer in this grammar: a GBNF file (llama.cpp's, 'root ::= …') or a "
+               "Lark one (llguidance's, 'start: …').", metavar="FILE"),
          Field("regex", "", "regex", "Answer with a text this regular expression matches in full.", metavar="RE"),
          Field("choice", (), "choices", "Answer with exactly one of these texts (repeatable).", metavar="TEXT")),
         header="gram", summary="remove the tokens a JSON schema, grammar, regex or choice forbids",
