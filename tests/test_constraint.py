@@ -287,3 +287,35 @@ def test_default_model_writes_valid_json_for_a_small_schema(cli):
     assert len(texts) == 20
     for text in texts:
         jsonschema.validate(json.loads(text), schema)
+
+
+class _FixedMask:
+    """A stand-in for a bound grammar: the same allowed set at every step."""
+
+    def __init__(self, allowed):
+        self.mask = allowed
+
+    def allowed(self, generated, width):
+        return self.mask
+
+
+@pytest.mark.parametrize("share", [0.0001, 0.6])  # few allowed: compacted rows; most allowed: dense rows
+def test_wide_rows_compacted_or_not_are_the_unconstrained_ones_renormalised(share):
+    from llmsample.config import SamplingConfig
+    from llmsample.sampling import Sampler
+
+    vocab = 262_144
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, vocab, generator=gen) * 3
+    allowed = torch.rand(3, vocab, generator=gen) < share
+    allowed[1] = False
+    allowed[1, 17] = True  # one row with a single valid token
+    sampler = Sampler(SamplingConfig(do_sample=True, regex="x", top_p=0.99), state={"grammar": _FixedMask(allowed)})
+    plain = Sampler(SamplingConfig(do_sample=True, top_p=0.99))
+    masked = torch.where(allowed, logits, float("-inf"))
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    assert torch.equal(sampler.process(ids, logits), plain.process(ids, masked))
+    choice = sampler.step(ids, logits, generator=torch.Generator().manual_seed(0))
+    assert bool(allowed.gather(1, choice.token_ids.unsqueeze(1)).all())
+    raw = torch.softmax(logits.double(), -1)
+    assert torch.allclose(choice.record["grammar_cut"].double(), (raw * ~allowed).sum(-1), atol=1e-5)

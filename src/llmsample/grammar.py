@@ -328,9 +328,6 @@ class Constraint:
         return unpack(bitmask, width).to(device)
 
 
-_BITS = None
-
-
 def unpack(bitmask: Any, width: int) -> Any:
     """``[batch, words]`` int32 bitmask (token i = bit i % 32 of word i // 32) → ``[batch, width]`` bool.
 
@@ -340,11 +337,8 @@ def unpack(bitmask: Any, width: int) -> Any:
     """
     import torch
 
-    global _BITS
-    if _BITS is None:
-        _BITS = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1 == 1  # [256, 8]: byte → its bits
-    as_bytes = bitmask.contiguous().view(torch.uint8).long()  # little-endian: byte j holds tokens 8j … 8j+7
-    bits = _BITS[as_bytes].reshape(bitmask.shape[0], -1)
+    shifts = torch.arange(32, dtype=torch.int32)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).ne(0).reshape(bitmask.shape[0], -1)
     have = bits.shape[1]
     if width <= have:
         return bits[:, :width]

@@ -17,28 +17,52 @@ from typing import Any
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
-from llmsample.sampling.stages import History, Stage
+from llmsample.sampling.stages import COMPACT_LIMIT, SMALL_ROW, History, Stage
 
 
 def constrain(c: Candidates, history: History, allowed: torch.Tensor) -> Candidates:
     """Remove the tokens ``allowed`` (``[batch, vocab]`` bool) forbids. Neutral: everything allowed.
 
     A row whose earlier stages already removed every allowed token (a ban on the only valid token) keeps the
-    allowed tokens, equally likely: the constraint wins over bans, never the other way round.
+    allowed tokens, equally likely: the constraint wins over bans, never the other way round. When few tokens are
+    allowed (JSON's punctuation, a choice) the rows are compacted to them, so the later stages see only those.
 
     >>> c = Candidates.from_logits(torch.tensor([[1.0, 2.0, 3.0]]))
     >>> constrain(c, History(torch.zeros(1, 0, dtype=torch.long)), torch.tensor([[True, False, True]])).logits
     tensor([[1., -inf, 3.]])
     """
+    counts = allowed.sum(-1)  # [batch]
+    widest = int(counts.max())
+    if c.is_dense and c.logits.shape[-1] > SMALL_ROW and widest <= COMPACT_LIMIT:
+        columns, present = _columns(allowed, counts, widest)
+        values = c.logits.gather(1, columns)
+        out = c.take(columns, torch.where(present, values, NEG_INF))
+    else:
+        present = allowed if c.is_dense else allowed.gather(1, c.ids)
+        out = c.with_logits(torch.where(present, c.logits, NEG_INF))
     if history.raw_logits is not None:
-        raw = torch.log_softmax(history.raw_logits.float(), dim=-1)
-        history.record["grammar_cut"] = raw.masked_fill(allowed, NEG_INF).exp().sum(-1)
-    keep = allowed if c.is_dense else allowed.gather(1, c.ids)
-    out = c.logits.masked_fill(~keep, NEG_INF)
-    emptied = torch.isneginf(out.amax(-1, keepdim=True))  # [batch, 1]
+        history.record["grammar_cut"] = _raw_mass_cut(history.raw_logits.float(), allowed)
+    emptied = torch.isneginf(out.logits.amax(-1, keepdim=True))  # [batch, 1]
     if bool(emptied.any()):
-        out = torch.where(emptied & keep, torch.zeros_like(out), out)
-    return c.with_logits(out)
+        out = out.with_logits(torch.where(emptied & present, torch.zeros_like(out.logits), out.logits))
+    return out
+
+
+def _columns(allowed: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's allowed token ids, left-aligned in ``[batch, width]`` (padding: column 0, ``present`` False)."""
+    rows, ids = allowed.nonzero(as_tuple=True)  # row-major: each row's ids in order
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(rows.shape[0], device=allowed.device) - starts[rows]
+    columns = torch.zeros(allowed.shape[0], max(width, 1), dtype=torch.long, device=allowed.device)
+    columns[rows, slots] = ids
+    present = torch.arange(columns.shape[1], device=allowed.device) < counts.unsqueeze(-1)
+    return columns, present
+
+
+def _raw_mass_cut(raw: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` Σ softmax(raw) over the forbidden tokens, as 1 − e^(lse(allowed) − lse(all)), exact near 0."""
+    kept = torch.logsumexp(torch.where(allowed, raw, NEG_INF), dim=-1)
+    return (-torch.expm1(kept - torch.logsumexp(raw, dim=-1))).clamp(min=0.0)
 
 
 def grammar_stage(cfg: Any) -> Stage:
