@@ -33,6 +33,7 @@ def constrain(c: Candidates, history: History, allowed: torch.Tensor) -> Candida
     """
     counts = allowed.sum(-1)  # [batch]
     widest = int(counts.max())
+    columns = None
     if c.is_dense and c.logits.shape[-1] > SMALL_ROW and widest <= COMPACT_LIMIT:
         columns, present = _columns(allowed, counts, widest)
         values = c.logits.gather(1, columns)
@@ -41,7 +42,9 @@ def constrain(c: Candidates, history: History, allowed: torch.Tensor) -> Candida
         present = allowed if c.is_dense else allowed.gather(1, c.ids)
         out = c.with_logits(torch.where(present, c.logits, NEG_INF))
     if history.raw_logits is not None:
-        history.record["grammar_cut"] = _raw_mass_cut(history.raw_logits.float(), allowed)
+        raw = history.raw_logits.float()
+        kept = raw if columns is None else raw.gather(1, columns)  # the whole row, or its compacted columns
+        history.record["grammar_cut"] = _raw_mass_cut(raw, kept, allowed if columns is None else present)
     emptied = torch.isneginf(out.logits.amax(-1, keepdim=True))  # [batch, 1]
     if bool(emptied.any()):
         out = out.with_logits(torch.where(emptied & present, torch.zeros_like(out.logits), out.logits))
@@ -59,10 +62,13 @@ def _columns(allowed: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[t
     return columns, present
 
 
-def _raw_mass_cut(raw: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """``[batch]`` Σ softmax(raw) over the forbidden tokens, as 1 − e^(lse(allowed) − lse(all)), exact near 0."""
-    kept = torch.logsumexp(torch.where(allowed, raw, NEG_INF), dim=-1)
-    return (-torch.expm1(kept - torch.logsumexp(raw, dim=-1))).clamp(min=0.0)
+def _raw_mass_cut(raw: torch.Tensor, kept: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` Σ softmax(raw) over the forbidden tokens: 1 − e^(lse(allowed) − lse(all)), exact near 0.
+
+    ``kept`` holds the raw logits of the allowed tokens where ``present`` (the whole row, or its compacted columns).
+    """
+    allowed_mass = torch.logsumexp(torch.where(present, kept, NEG_INF), dim=-1)
+    return (-torch.expm1(allowed_mass - torch.logsumexp(raw, dim=-1))).clamp(min=0.0)
 
 
 def grammar_stage(cfg: Any) -> Stage:
