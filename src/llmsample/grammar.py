@@ -315,16 +315,19 @@ class Constraint:
 
     def _masks(self, parsers: list[Any], width: int, device: Any) -> Any:
         import llguidance
-        import llguidance.torch as lt
         import torch
 
+        # llguidance writes the masks straight into this tensor. (Not through llguidance.torch: importing it
+        # builds a torch.compile kernel, about 2 s.)
         bitmask = torch.zeros((len(parsers), (self.vocab + 31) // 32), dtype=torch.int32)
+        row_bytes = bitmask.shape[1] * 4
         if len(parsers) == 1:
-            lt.fill_next_token_bitmask(parsers[0], bitmask, 0)
+            parsers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), row_bytes)
         else:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
-            lt.fill_next_token_bitmask_par(self._executor, [(p, i) for i, p in enumerate(parsers)], bitmask)
+            self._executor.unsafe_compute_mask_ptr([(p, i) for i, p in enumerate(parsers)], bitmask.data_ptr(),
+                                                   row_bytes, len(parsers))
         return unpack(bitmask, width).to(device)
 
 
