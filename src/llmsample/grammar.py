@@ -354,7 +354,7 @@ def bind(cfg: Any, tokenizer: Any, eos_ids: Sequence[int]) -> dict:
     ``Sampler(cfg, state=bind(cfg, tokenizer, eos_ids))``; ``ConfigError`` if no text can satisfy it.
     """
     found = active(cfg)
-    if found is None:
+    if found is None or "grammar" not in cfg.active_stages():  # left out of --order: it does not run
         return {}
     constraint = Constraint(*found, token_table(tokenizer, eos_ids))
     constraint.check_satisfiable()
