@@ -29,6 +29,9 @@ from llmsample.sampling.registry import (  # noqa: F401 (re-exported: the names 
     parse_order,
 )
 
+# The settings of the constraint stage: at most one is set, and a layer that sets one replaces a lower layer's.
+CONSTRAINT_FIELDS: tuple[str, ...] = tuple(f.name for f in STAGES["grammar"].fields)
+
 # The stages a chain can hold, in the default order.
 STAGE_NAMES: tuple[str, ...] = CHAIN_STAGES
 
@@ -63,6 +66,9 @@ class _SamplingConfigMethods:
     def __post_init__(self) -> None:
         for spec in ALL_FIELDS:
             object.__setattr__(self, spec.name, spec.validate(getattr(self, spec.name)))
+        for stage in STAGE_SPECS:
+            if stage.check is not None:
+                stage.check(self)
         if self.num_beams > 1 and self.do_sample:
             raise ConfigError(
                 f"num_beams={self.num_beams} needs do_sample=false: beam search is deterministic "
@@ -353,6 +359,15 @@ def resolve(layers: Iterable[Layer], own_sources: Iterable[str] = (COMMAND_LINE,
         layer_generation = dict(layer.get("generation", {}))
         _check_each(source, "sampling", layer_sampling, SamplingConfig)
         _check_each(source, "generation", layer_generation, GenerationSettings)
+        if any(layer_sampling.get(key) for key in CONSTRAINT_FIELDS):
+            try:  # two constraints in one layer are an error; a layer's constraint replaces a lower layer's
+                SamplingConfig(**{key: layer_sampling[key] for key in CONSTRAINT_FIELDS if key in layer_sampling})
+            except ConfigError as exc:
+                raise ConfigError(str(exc) if source == COMMAND_LINE else f"{source}: {exc}") from None
+            for key in CONSTRAINT_FIELDS:
+                if key not in layer_sampling:
+                    sampling.pop(key, None)
+                    sources[f"sampling.{key}"] = "default"
         for key, value in layer_sampling.items():
             sampling[key] = value
             sources[f"sampling.{key}"] = source

@@ -22,6 +22,7 @@ class SampleRecord:
     candidates: list[dict] = field(default_factory=list)  # per step, with --candidates
     stage_state: dict[str, list] = field(default_factory=dict)  # per step, from stages that draw or keep state
     finish_reason: Optional[str] = None  # eos | length | stop | interrupted | terminated
+    complete: Optional[bool] = None  # with a constraint: whether the text satisfies it
     score: Optional[float] = None  # beam search: length-normalised score
 
     def to_dict(self) -> dict[str, Any]:
@@ -35,7 +36,9 @@ class SampleRecord:
             "entropies": [round(h, 6) for h in self.entropies],
             "finish_reason": self.finish_reason,
         }
-        out.update(self.stage_state)  # "xtc_fired", "mirostat_mu": only when those stages run
+        out.update(self.stage_state)  # "xtc_fired", "mirostat_mu", "grammar_cut": only when those stages run
+        if self.complete is not None:
+            out["complete"] = self.complete
         if self.candidates:
             out["candidates"] = self.candidates
         if self.score is not None:
@@ -65,12 +68,14 @@ def token_event(sample: int, index: int, token_id: int, text: str, raw_prob: flo
 
 
 def stage_state(record: dict, row: int) -> dict[str, Any]:
-    """One row's per-step decisions from the sampler's record: whether XTC fired, mirostat's μ at this step."""
+    """One row's per-step decisions from the sampler's record: whether XTC fired, mirostat's μ, the grammar's cut."""
     out: dict[str, Any] = {}
     if "xtc" in record:
         out["xtc_fired"] = bool(record["xtc"][row])
     if "mirostat_mu" in record:
         out["mirostat_mu"] = round(float(record["mirostat_mu"][row]), 6)
+    if "grammar_cut" in record:  # the raw probability mass the constraint removed at this step
+        out["grammar_cut"] = round(float(record["grammar_cut"][row]), 6)
     return out
 
 

@@ -71,6 +71,7 @@ def inspect_steps(lm: Any, prompt: str, chosen: Sequence[Variant], steps: int, t
     prompt_len = ids.shape[1]
     result: dict[str, Any] = {"prompt": prompt, "steps": []}
     configs = [for_model(lm, variant.settings.sampling) for variant in chosen]  # texts tokenised once, not per step
+    states = [constraint_state(lm, cfg) for cfg in configs]  # a constraint bound to the tokenizer once
     model, cache, new_ids = lm.language_model, None, ids
     for step in range(steps):
         with torch.inference_mode():
@@ -79,9 +80,9 @@ def inspect_steps(lm: Any, prompt: str, chosen: Sequence[Variant], steps: int, t
         raw = torch.softmax(logits, -1)[0]
         step_out: dict[str, Any] = {"index": step, "context": tokenizer.decode(ids[0, prompt_len:]), "variants": []}
         kept_sets = []
-        for variant, cfg in zip(chosen, configs):
+        for variant, cfg, state in zip(chosen, configs, states):
             # XTC draws: a fixed generator shows the same decision on every run.
-            processed = Sampler(cfg).process(ids, logits, prompt_len=prompt_len,
+            processed = Sampler(cfg, state=state).process(ids, logits, prompt_len=prompt_len,
                                              generator=torch.Generator(device=logits.device).manual_seed(0))[0]
             probs = torch.softmax(processed, -1)
             kept = torch.isfinite(processed)
@@ -92,7 +93,7 @@ def inspect_steps(lm: Any, prompt: str, chosen: Sequence[Variant], steps: int, t
                 "chain": cfg.describe_chain(),
                 "entropy": metrics.entropy(probs[kept].tolist()),
                 "kept": int(kept.sum()),
-                "order_sensitive": order_sensitive(cfg, ids, logits, prompt_len),
+                "order_sensitive": order_sensitive(cfg, ids, logits, prompt_len, state),
                 "top": [{"token_id": int(t), "token": tokenizer.decode([int(t)]), "prob": float(p),
                          "raw_prob": float(raw[t])} for p, t in zip(values.tolist(), order.tolist()) if p > 0],
             })
@@ -112,7 +113,16 @@ def inspect_steps(lm: Any, prompt: str, chosen: Sequence[Variant], steps: int, t
     return result
 
 
-def order_sensitive(cfg: Any, ids: Any, logits: Any, prompt_len: int) -> Optional[dict[str, int]]:
+def constraint_state(lm: Any, cfg: Any) -> dict:
+    """The sampler state that carries ``cfg``'s constraint for ``lm`` (``{}`` without one)."""
+    from llmsample import grammar
+    from llmsample.run import eos_ids
+
+    return grammar.bind(cfg, lm.tokenizer, eos_ids(lm))
+
+
+def order_sensitive(cfg: Any, ids: Any, logits: Any, prompt_len: int,
+                    state: Optional[dict] = None) -> Optional[dict[str, int]]:
     """When temperature-first and temperature-last keep different candidate sets here, how many each keeps."""
     import torch
 
@@ -123,8 +133,8 @@ def order_sensitive(cfg: Any, ids: Any, logits: Any, prompt_len: int) -> Optiona
 
     if cfg.greedy or cfg.temperature == 1.0:
         return None
-    last = Sampler(cfg.replace(order=DEFAULT_ORDER)).process(ids, logits, prompt_len, gen.manual_seed(0))
-    first = Sampler(cfg.replace(order=HF_ORDER)).process(ids, logits, prompt_len, gen.manual_seed(0))
+    last = Sampler(cfg.replace(order=DEFAULT_ORDER), state=state).process(ids, logits, prompt_len, gen.manual_seed(0))
+    first = Sampler(cfg.replace(order=HF_ORDER), state=state).process(ids, logits, prompt_len, gen.manual_seed(0))
     kept_last, kept_first = torch.isfinite(last), torch.isfinite(first)
     if torch.equal(kept_last, kept_first):
         return None
@@ -210,7 +220,9 @@ def sweep(lm: Any, prompt: str, base_preset: Optional[str], base_flags: dict, gr
         tokens: list[list[int]] = [[] for _ in range(samples)]
         logprobs: list[float] = []
         entropies: list[float] = []
-        for step in sample_loop(lm.language_model, batch, Sampler(for_model(lm, settings.sampling)), max_new_tokens,
+        cfg = for_model(lm, settings.sampling)
+        for step in sample_loop(lm.language_model, batch, Sampler(cfg, state=constraint_state(lm, cfg)),
+                                max_new_tokens,
                                 eos_token_ids,
                                 generator=generator):
             for row in step.active.nonzero().flatten().tolist():

@@ -21,7 +21,7 @@ from llmsample.sampling.registry import ALL_FIELDS, FIELDS, Field
 SAMPLING_PANEL = "Sampling"
 CLI_FIELDS: tuple[Field, ...] = tuple(f for f in ALL_FIELDS if f.cli)
 # Fields a flag can list several values of in one run (the rest take one value, or one per variant).
-MULTI_VALUE_KINDS = ("token_bias", "sequences")
+MULTI_VALUE_KINDS = ("token_bias", "sequences", "choices")
 SCALAR_KINDS = ("float", "int", "choice")
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
@@ -53,7 +53,7 @@ def shown_default(field: Field) -> str:
         return str(value).lower()
     if isinstance(value, (tuple, list)):
         return ", ".join(value) if field.kind == "order" else "none"
-    if isinstance(value, dict):
+    if isinstance(value, dict) or value == "":
         return "none"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -137,12 +137,41 @@ def parse_value(field: Field, value: Any) -> Any:
         if any(t == "" for t in texts):
             raise ConfigError(f"{field.flag} needs a non-empty text, got ''")
         return tuple(texts)
+    if field.kind in ("json_schema", "grammar"):
+        return constraint_text(field, value)
+    if field.kind == "choices":
+        return tuple(value)
     if field.kind == "early_stopping":
         key = value.strip().lower()
         if key not in ("true", "false", "never"):
             raise ConfigError(f"{field.flag} must be true, false or never, got {value!r}")
         return {"true": True, "false": False}.get(key, "never")
     return value
+
+
+def constraint_text(field: Field, value: str) -> str:
+    """``--json-schema FILE|JSON``, ``--grammar FILE``: the text, read from the file when one is named.
+
+    The text is checked here so that an error names the file; a schema given inline starts with ``{``.
+    """
+    from llmsample import grammar
+
+    where = field.flag
+    if field.kind == "json_schema" and value.lstrip().startswith("{"):
+        text = value
+    else:
+        try:
+            with open(value, encoding="utf-8") as file:
+                text = file.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {field.flag} file {value}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{field.flag} {value}: not valid UTF-8 at byte offset {exc.start}") from None
+        where = f"{field.flag} {value}"
+        if not text.strip():
+            raise ConfigError(f"{where}: the file is empty")
+    grammar.check(field.name, text, where)
+    return text
 
 
 def to_layer(stage_values: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +186,7 @@ def to_variants(stage_values: dict[str, Any]) -> dict[str, list]:
         if value is None or value == []:
             continue
         field = FIELDS[name]
-        if field.kind in MULTI_VALUE_KINDS:
+        if field.kind in MULTI_VALUE_KINDS or not isinstance(value, list):
             out[name] = [parse_value(field, value)]
         else:
             out[name] = [parse_value(field, v) for v in value]

@@ -12,6 +12,9 @@ A preset file:
     [generation]                    # max_new_tokens, stop, seed, num_samples
     max_new_tokens = 256
 
+    [constraint]                    # optional, one of: json_schema (a table or JSON text), grammar (GBNF or
+    regex = "(yes|no)"              # Lark text), regex, choice (a list of texts)
+
     [[schedule]]                    # optional: temperature from a generated token on
     from_token = 64
     temperature = 0.6
@@ -35,6 +38,7 @@ from typing import Any, Optional
 from llmsample.config import (
     ALL_FIELDS,
     COMMAND_LINE,
+    CONSTRAINT_FIELDS,
     DEFAULT_ORDER,
     FIELD_NAMES,
     FIELDS,
@@ -52,8 +56,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_LEVEL_KEYS = ("description", "source", "extends", "sampling", "generation", "schedule")
-SECTION_KEYS = {"sampling": FIELD_NAMES, "generation": GENERATION_FIELDS}
+TOP_LEVEL_KEYS = ("description", "source", "extends", "sampling", "constraint", "generation", "schedule")
+SAMPLING_KEYS = tuple(name for name in FIELD_NAMES if name not in CONSTRAINT_FIELDS)
+SECTION_KEYS = {"sampling": SAMPLING_KEYS, "constraint": CONSTRAINT_FIELDS, "generation": GENERATION_FIELDS}
 
 
 def builtin_dir() -> Path:
@@ -188,6 +193,8 @@ def layers(name_or_path: Optional[str], model_sampling: Optional[dict] = None) -
     if name_or_path is not None:
         for preset, data in chain(name_or_path):
             layer = {k: data[k] for k in ("sampling", "generation", "schedule") if k in data}
+            if "constraint" in data:  # the constraint's settings are sampling settings of the grammar stage
+                layer["sampling"] = {**layer.get("sampling", {}), **data["constraint"]}
             out.append((preset.label, layer))
             if preset.origin != "built-in":
                 own.add(preset.label)
@@ -254,7 +261,7 @@ def render_new(name: str, settings: Settings, base: Optional[str]) -> str:
         "",
         "[sampling]",
     ]
-    for field in FIELD_NAMES:
+    for field in SAMPLING_KEYS:
         value = getattr(settings.sampling, field)
         neutral = FIELDS[field].neutral
         if isinstance(value, (dict, tuple)) and (not value or value == neutral) and field != "order" or (
@@ -262,6 +269,11 @@ def render_new(name: str, settings: Settings, base: Optional[str]) -> str:
             lines.append(f"# {field} = {_toml_value(neutral)}  # {RANGES[field]}")  # the default, shown
         else:
             lines.append(f"{field} = {_toml_value(value)}  # {RANGES[field]}")
+    lines += ["", "[constraint]  # at most one of these"]
+    for field in CONSTRAINT_FIELDS:
+        value = getattr(settings.sampling, field)
+        shown = f"{field} = {_toml_value(value)}" if value else f"# {field} = {_toml_value(FIELDS[field].neutral)}"
+        lines.append(f"{shown}  # {RANGES[field]}")
     lines += ["", "[generation]"]
     for field in GENERATION_FIELDS:
         value = getattr(settings.generation, field)

@@ -185,6 +185,8 @@ class TextRenderer(Renderer):
                 self.out.file.flush()
                 self.ended_with_newline = True
             title = f"step {index + 1}" + (f" · sample {sample + 1}" if not self.streaming else "")
+            if stage_state and "grammar_cut" in stage_state:
+                title += f" · grammar cut {_pct(stage_state['grammar_cut'])}% raw"
             self.err.print(candidate_table(candidates, f"{title} · chose {token_label(text or '', 24)}"))
 
     def beam_step(self, step: int, beams: list[dict[str, Any]]) -> None:
@@ -315,6 +317,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         )
     if stats.get("finish_reason"):
         parts.append(f"finish: {stats['finish_reason']}")
+    if stats.get("grammar_cut_mean") is not None:
+        parts.append(f"grammar cut {_pct(stats['grammar_cut_mean'])}% raw mass per step "
+                     f"(worst {_pct(stats['grammar_cut_max'])}%)")
     if stats.get("peak_rss_mib") is not None:
         parts.append(f"peak memory {stats['peak_rss_mib']:.0f} MiB")
     if stats.get("peak_cuda_mib") is not None:

@@ -229,7 +229,7 @@ class _Decoding:
 
 def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     """Load the model, decode, render. Returns the summary record."""
-    from llmsample import models
+    from llmsample import grammar, models
     from llmsample.decode import DecodeState
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
     from llmsample.sampling import Sampler
@@ -256,7 +256,9 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
                        f"--num-beams {cfg.num_beams}" if beams else f"-n {gen.num_samples}", beams)
     samples = range(gen.num_samples)
     hidden = control_token_ids(lm.tokenizer)  # printed as nothing; kept in the JSON ids
-    sampler = Sampler(for_model(lm, cfg), sync_free=lm.device.type == "cuda")  # CUDA: never wait within a step
+    model_cfg = for_model(lm, cfg)
+    sampler = Sampler(model_cfg, state=grammar.bind(model_cfg, lm.tokenizer, eos_ids(lm)),
+                      sync_free=lm.device.type == "cuda")  # CUDA: never wait within a step
     run = _Decoding(lm, prompt_ids, sampler, max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
                     {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None,
@@ -275,17 +277,19 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     if isinstance(failure, SamplingError):  # from a damaged cache? Its checksums say; the next run heals it
         failure = models.damaged_cache_error(lm) or failure
     _finish_records(run, state, cfg.num_beams > 1, "error" if failure else interrupted[0] if interrupted else None)
+    _check_complete(run)
 
     new_tokens = sum(len(r.token_ids) for r in run.records)
     run.stats.update(phase_stats(run.stats.get("prefill_s"), elapsed, prompt_ids.shape[1] * run.rows, new_tokens),
                      new_tokens=new_tokens, finish_reason=run.records[0].finish_reason, **peak_memory(device))
+    run.stats.update(grammar_cut_stats(run.records))
     settings = cfg.to_dict() | {"max_new_tokens": max_new_tokens, "stop": run.stops_text,
                                 "num_samples": gen.num_samples, "chain": run.sampler.describe(),
                                 "schedule": [[e.from_token, e.temperature] for e in opts.settings.schedule]}
     summary = events.summary(opts.prompt, run.records, settings, {
         "seed": seed, "model": lm.name, "device": device, "dtype": dtype,
         "finish_reason": run.records[0].finish_reason, "stats": run.stats,
-    })
+    } | ({"complete": run.records[0].complete} if run.records[0].complete is not None else {}))
     renderer.finish(summary)
     if opts.stats:
         renderer.note(format_stats(run.stats))
@@ -456,6 +460,37 @@ def _finish_records(run: _Decoding, state: Any, beams: bool, cut_short: Optional
                 reason = "stop" if stopped else reason
             record.finish_reason = reason or cut_short or "length"
         run.renderer.sample_done(record)
+
+
+def _check_complete(run: _Decoding) -> None:
+    """With a constraint: mark each sample complete or not, and warn (one line) when one is not."""
+    constraint = run.sampler.state.get("grammar")
+    if constraint is None:
+        return
+    for record in run.records:
+        record.complete = constraint.complete(record.token_ids)
+    cut = [r for r in run.records if not r.complete]
+    if cut:
+        which = "the output" if len(run.records) == 1 else "sample" + ("s " if len(cut) > 1 else " ") + ", ".join(
+            str(r.index + 1) for r in cut)
+        reason = cut[0].finish_reason
+        run.renderer.warn(f"{which} ended ({reason}) before the {grammar_name(run.sampler.config)} was complete: "
+                          "it does not satisfy it (raise --max-new-tokens)")
+
+
+def grammar_name(cfg: Any) -> str:
+    from llmsample import grammar
+
+    kind = (grammar.active(cfg) or ("grammar", None))[0]
+    return {"json_schema": "JSON schema", "grammar": "grammar", "regex": "regex", "choice": "choice"}[kind]
+
+
+def grammar_cut_stats(records: list[events.SampleRecord]) -> dict[str, float]:
+    """The raw probability mass the constraint removed per step, over every sample: mean and worst step."""
+    cuts = [cut for record in records for cut in record.stage_state.get("grammar_cut", [])]
+    if not cuts:
+        return {}
+    return {"grammar_cut_mean": sum(cuts) / len(cuts), "grammar_cut_max": max(cuts)}
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ This module imports no torch: ``--help`` and settings validation run before torc
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -19,8 +20,12 @@ from llmsample.errors import ConfigError
 
 # Stage kinds. Penalties and biases can change which token is best, so they also run in greedy decoding and beam
 # search; truncation and reshaping only matter to a draw; a selector replaces the draw.
+# A constraint (a JSON schema, a grammar) decides which tokens are valid at all, so it runs in every mode too.
 BIAS, PENALTY, TRUNCATION, RESHAPE, SELECTOR = "bias", "penalty", "truncation", "reshape", "selector"
-DETERMINISTIC_KINDS = frozenset({BIAS, PENALTY})
+CONSTRAINT = "constraint"
+DETERMINISTIC_KINDS = frozenset({BIAS, PENALTY, CONSTRAINT})
+# Field kinds that hold a constraint's text; llmsample.grammar checks them (llguidance, no torch).
+CONSTRAINT_KINDS = ("json_schema", "grammar", "regex", "choices")
 
 
 # ---- fields ----------------------------------------------------------------------------------------------------
@@ -76,6 +81,25 @@ def _id_sequence(name: str, value: Any, allow_text: bool) -> Any:
             ids.append(int(item))
         return tuple(ids)
     raise ConfigError(f"{name} entries must be non-empty lists of token ids, got {value!r}")
+
+
+def _constraint(field: "Field", value: Any) -> Any:
+    """A constraint's text in its canonical form ('' or () = none), checked by llguidance."""
+    name = field.name
+    if field.kind == "choices":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{name} must be a list of non-empty texts, got {value!r}")
+        value = tuple(value)
+    elif field.kind == "json_schema" and isinstance(value, (dict, bool)):
+        value = json.dumps(value, ensure_ascii=False)  # a TOML table or the Python API's dict
+    elif not isinstance(value, str):
+        raise ConfigError(f"{name} must be {field.range_text()} (text), got {value!r}")
+    if value:
+        from llmsample import grammar
+
+        grammar.check(name, value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,10 @@ class Field:
             "sequences": "lists of token ids, or texts",
             "early_stopping": 'true, false or "never"',
             "order": "stage names, each at most once",
+            "json_schema": "a JSON schema",
+            "grammar": "a GBNF or Lark grammar",
+            "regex": "a regular expression",
+            "choices": "texts",
         }.get(self.kind, "")
 
     def describe(self) -> str:
@@ -198,6 +226,8 @@ class Field:
             return tuple(_id_sequence(name, item, allow_text=True) for item in value)
         if self.kind == "order":
             return parse_order(value)
+        if self.kind in CONSTRAINT_KINDS:
+            return _constraint(self, value)
         raise AssertionError(self.kind)
 
     def _interval(self) -> str:
@@ -235,6 +265,7 @@ class StageSpec:
     aliases: tuple[str, ...] = ()
     active: Optional[Callable[[Any], bool]] = None
     peer: str = ""  # whose semantics, for --explain and the docs
+    check: Optional[Callable[[Any], None]] = None  # a rule across the stage's fields; raises ConfigError
 
     def is_set(self, cfg: Any) -> bool:
         if self.active is not None:
@@ -251,6 +282,14 @@ DEFAULT_BREAKERS = ("\n", ":", '"', "*")
 
 def _temperature_active(cfg: Any) -> bool:
     return cfg.temperature != 1.0 or cfg.dynatemp_range > 0.0
+
+
+def _one_constraint(cfg: Any) -> None:
+    given = [f.name for f in STAGES["grammar"].fields if getattr(cfg, f.name)]
+    if len(given) > 1:
+        flags = " and ".join(FIELDS[name].flag for name in given)
+        raise ConfigError(f"{flags} cannot be combined: give one constraint (a JSON schema, a grammar, a regex or "
+                          "choices)")
 
 
 STAGE_SPECS: tuple[StageSpec, ...] = (
@@ -311,6 +350,17 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         header="dry", summary="DRY: penalise continuing a repeated sequence",
         impl="llmsample.sampling.dry:dry_stage", position=50, hf_position=40,
         active=lambda c: c.dry_multiplier > 0.0 and c.dry_penalty_last_n != 0, peer="llama.cpp"),
+    StageSpec(
+        "grammar", CONSTRAINT,
+        (Field("json_schema", "", "json_schema", "Answer with JSON that this schema accepts: a file, or the schema "
+               "itself ('{...}').", metavar="FILE|JSON"),
+         Field("grammar", "", "grammar", "Answer in this grammar: a GBNF file (llama.cpp's, 'root ::= …') or a "
+               "Lark one (llguidance's, 'start: …').", metavar="FILE"),
+         Field("regex", "", "regex", "Answer with a text this regular expression matches in full.", metavar="RE"),
+         Field("choice", (), "choices", "Answer with exactly one of these texts (repeatable).", metavar="TEXT")),
+        header="gram", summary="remove the tokens a JSON schema, grammar, regex or choice forbids",
+        impl="llmsample.sampling.constraint:grammar_stage", position=55, hf_position=45,
+        aliases=("constraint", "json_schema", "regex", "choice"), peer="llguidance", check=_one_constraint),
     StageSpec(
         "top_n_sigma", TRUNCATION,
         (Field("top_n_sigma", 0.0, "float", "Keep logits >= max - n·σ.", off="<= 0 = off"),),

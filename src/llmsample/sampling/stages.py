@@ -56,8 +56,9 @@ class History:
     record: dict = field(default_factory=dict, repr=False)
     replay: Optional[dict] = field(default=None, repr=False)
     state: dict = field(default_factory=dict, repr=False)
-    # The step's raw logits and their log-normaliser, computed once (the finiteness check and the raw
-    # probability need it); a stage whose input is still exactly the raw row reuses it.
+    # The step's raw logits ([batch, vocab], the model's, before any stage) and their log-normaliser, computed
+    # once (the finiteness check and the raw probability need it); a stage whose input is still exactly the raw
+    # row reuses it.
     raw_logits: Optional[torch.Tensor] = field(default=None, repr=False)
     raw_log_total: Optional[torch.Tensor] = field(default=None, repr=False)
 
