@@ -25,8 +25,9 @@ BIN = Path(sys.executable).parent
 )
 def test_bash_completion(words, cword, expected):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    script = subprocess.run(["llmsample", "--show-completion", "bash"], capture_output=True, text=True, env=env,
-                            check=True).stdout
+    shown = subprocess.run(["llmsample", "--show-completion", "bash"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    script = shown.stdout
     assert "complete -o default -F _llmsample_completion llmsample" in script
     program = (f"{script}\nCOMP_WORDS=({words}); COMP_CWORD={cword}; _llmsample_completion llmsample\n"
                'printf "%s\\n" "${COMPREPLY[@]}"')
