@@ -175,13 +175,6 @@ class KVCache:
                 self.values[layer] = self.values[layer].index_select(0, order.to(keys.device))
 
 
-def _normalise(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """As transformers' Gemma RMSNorm: normalise in float32, scale by the float32 gain (1 + w), cast back."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * gain).type_as(x)
-
-
 class StaticKVCache(KVCache):
     """A KV cache of fixed capacity, allocated up front: its buffers never move or grow, and the next position is
     also kept on the device (``position``), so that ``Gemma3ForCausalLM.decode_step`` runs with fixed shapes and
@@ -225,7 +218,10 @@ class RMSNorm(nn.Module):
         self.gain = 1.0 + self.weight.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _normalise(x, self.gain, self.eps)
+        # As transformers: normalise in float32, scale by the float32 gain (1 + w), cast back.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.gain).type_as(x)
 
 
 class Attention(nn.Module):
@@ -236,28 +232,27 @@ class Attention(nn.Module):
         self.window = config.sliding_window if config.sliding[layer] else None
         self.scale = config.query_pre_attn_scalar ** -0.5
         hidden = config.hidden_size
-        # q, k and v in one product (transformers' q_proj, k_proj and v_proj stacked by rows: ``fuse_weights``).
-        self.qkv_proj = nn.Linear(hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=False)
+        # Kept apart as transformers has them: the weights stay memory-mapped from the file. (Stacked into one
+        # product they were copies, 260 MB more for the default model, and decoded no faster here.)
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.qk_gain = torch.ones(self.heads + self.kv_heads, 1, self.head_dim)  # q_norm's gain per query head, …
 
-    def prepare(self) -> None:
-        """Both norms' gains stacked per head, so that q and k are normalised (and rotated) in one pass."""
-        self.q_norm.prepare()
-        self.k_norm.prepare()
-        self.qk_gain = torch.cat((self.q_norm.gain.expand(self.heads, -1), self.k_norm.gain.expand(self.kv_heads, -1)))
-        self.qk_gain = self.qk_gain[:, None, :]  # [heads + kv_heads, 1, head_dim]
+    def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Queries and keys normalised and rotated, and values: ``[batch, heads, new, head_dim]`` each."""
+        batch, new, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, new, self.heads, self.head_dim).transpose(1, 2))
+        k = self.k_norm(self.k_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2))
+        v = self.v_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
         batch, new, _ = x.shape
-        qkv = self.qkv_proj(x).view(batch, new, -1, self.head_dim).transpose(1, 2)  # [batch, heads+2kv, new, dim]
-        qk = _normalise(qkv[:, : self.heads + self.kv_heads], self.qk_gain, self.q_norm.eps)
-        v = qkv[:, self.heads + self.kv_heads :]
-        cos, sin = rope
-        qk = qk * cos + _rotate_half(qk) * sin
-        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        q, k, v = self._qkv(x, rope)
         start = cache.length
         keys, values = cache.append(self.layer, k, v)
         total = keys.shape[2]
@@ -288,12 +283,7 @@ class Attention(nn.Module):
         """One new position (``x``: ``[batch, 1, hidden]``) against the whole static cache: the position to write
         and the keys to attend (``mask``, ``[1, capacity]`` bool) come from device tensors, never from Python."""
         batch = x.shape[0]
-        qkv = self.qkv_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
-        qk = _normalise(qkv[:, : self.heads + self.kv_heads], self.qk_gain, self.q_norm.eps)
-        v = qkv[:, self.heads + self.kv_heads :]
-        cos, sin = rope
-        qk = qk * cos + _rotate_half(qk) * sin
-        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        q, k, v = self._qkv(x, rope)
         keys, values = cache.keys[self.layer], cache.values[self.layer]
         keys.index_copy_(2, cache.position, k)
         values.index_copy_(2, cache.position, v)
@@ -318,13 +308,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     def __init__(self, config: Gemma3Config):
         super().__init__()
-        # gate and up in one product (transformers' gate_proj and up_proj stacked by rows: ``fuse_weights``).
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -391,12 +380,13 @@ class Gemma3ForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.inv_freq_full, self.inv_freq_sliding = _inv_freqs(config, "cpu")
         self._rope_table: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # sliding? → cos, sin by position
-        self.prepare()
+        if not self.model.norm.weight.is_meta:  # an op on meta tensors imports torch's decompositions (≈1.4 s)
+            self.prepare()
 
     def prepare(self) -> None:
         """Derive what the forward reads from the weights (the norms' gains); again after the weights change."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention)):
+            if isinstance(module, RMSNorm):
                 module.prepare()
         self._rope_table = {}
 
@@ -518,7 +508,7 @@ def load_native(state_dict: dict[str, torch.Tensor], config: Gemma3Config, dtype
         model = Gemma3ForCausalLM(config)
     weights = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state_dict.items()
                if name != "lm_head.weight" or not config.tie_word_embeddings}
-    missing, unexpected = model.load_state_dict(fuse_weights(weights), strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         raise Unsupported(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.inv_freq_full, model.inv_freq_sliding = _inv_freqs(config, device)
@@ -527,31 +517,6 @@ def load_native(state_dict: dict[str, torch.Tensor], config: Gemma3Config, dtype
     if transposed_head and config.tie_word_embeddings and torch.device(device).type == "cpu":
         embed.weight_t = embed_t.to(dtype) if embed_t is not None else transpose_blocked(embed.weight.data)
     return model.eval()
-
-
-# transformers' separate projections, and the fused one of this module that stacks them by rows (in this order).
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def fuse_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' weight names → this module's: per layer, q/k/v and gate/up stacked into one matrix each
-    (one product where there were three and two; each output row is computed as before).
-
-    >>> out = fuse_weights({"model.layers.0.mlp.gate_proj.weight": torch.ones(2, 3),
-    ...                     "model.layers.0.mlp.up_proj.weight": torch.zeros(2, 3)})
-    >>> list(out), out["model.layers.0.mlp.gate_up_proj.weight"].shape
-    (['model.layers.0.mlp.gate_up_proj.weight'], torch.Size([4, 3]))
-    """
-    out = dict(state)
-    for name in state:
-        for fused, parts in FUSED.items():
-            suffix = f"{parts[0]}.weight"
-            if name.endswith(suffix):
-                prefix = name[: -len(suffix)]
-                if all(f"{prefix}{part}.weight" in out for part in parts):
-                    out[f"{prefix}{fused}.weight"] = torch.cat([out.pop(f"{prefix}{part}.weight") for part in parts])
-    return out
 
 
 def transpose_blocked(matrix: torch.Tensor, rows: int = 8192) -> torch.Tensor:
