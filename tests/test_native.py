@@ -64,13 +64,16 @@ def test_a_prompt_fed_in_pieces_equals_one_prefill():
     close(pieces, whole, 1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 16])
-def test_a_long_prompt_read_in_chunks_gives_the_logits_of_one_pass(monkeypatch, chunk):
-    """Chunks smaller than, equal to and larger than the sliding window (4); all positions, the last, the last 3;
-    then decoding on from the chunked cache. The reference is transformers' forward (itself one pass)."""
+@pytest.mark.parametrize("chunk, block", [(1, 128), (3, 128), (4, 128), (5, 128), (16, 128), (16, 1), (16, 3),
+                                          (16, 5), (13, 4)])
+def test_a_long_prompt_read_in_chunks_gives_the_logits_of_one_pass(monkeypatch, chunk, block):
+    """Chunks smaller than, equal to and larger than the sliding window (4), and the sliding layers' query blocks
+    within a chunk too; all positions, the last, the last 3; then decoding on from the chunked cache. The reference
+    is transformers' forward (itself one pass)."""
     hf, native = hf_and_native()
     ids = torch.randint(3, 300, (2, 41))
     monkeypatch.setattr(gemma3, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(gemma3, "SLIDING_QUERY_BLOCK", block)
     with torch.inference_mode():
         theirs = hf(input_ids=ids, use_cache=True)
         for keep in (0, 1, 3):

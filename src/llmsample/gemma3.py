@@ -29,6 +29,9 @@ CACHE_BLOCK = 256  # KV cache capacity grows in steps of this many positions
 # A long prompt is read in chunks of this many positions, each attending to the cache so far: the attention mask
 # and scores of a chunk are [chunk, keys], never [prompt, prompt] (17 GB for Gemma's 32k context).
 PREFILL_CHUNK = 512
+# A sliding-window layer reads a prompt chunk in blocks of this many queries, each against only the keys its window
+# needs (measured, 4,096 tokens, float32, 2 threads: 481 tok/s in one block of 512, 559 in blocks of 128, 572 of 64).
+SLIDING_QUERY_BLOCK = 128
 ROPE_BLOCK = 4096  # the RoPE table grows in steps of this many positions
 TRANSPOSED_HEAD_MAX_BATCH = 2  # measured: [hidden, vocab] is faster up to here, [vocab, hidden] from 3 rows on
 
@@ -255,28 +258,41 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, rope)
         start = cache.length
         keys, values = cache.append(self.layer, k, v)
-        total = keys.shape[2]
-        # Query heads that share a key-value head become extra query rows of it: [batch, kv_heads, group*new, dim].
-        group = self.heads // self.kv_heads
-        q = q.reshape(batch, self.kv_heads, group * new, self.head_dim)
         if new == 1:
-            if self.window is not None and total > self.window:
-                keys, values = keys[:, :, total - self.window :], values[:, :, total - self.window :]
-            mask = None
+            if self.window is not None and keys.shape[2] > self.window:
+                keys, values = keys[:, :, -self.window :], values[:, :, -self.window :]
+            out = self._attend(q, keys, values, start, first=start + 1 - keys.shape[2])
         else:
-            first = 0
-            if self.window is not None:  # keys before every query's window: not attended, not computed
-                first = max(0, start - self.window + 1)
-                keys, values = keys[:, :, first:], values[:, :, first:]
-            query_pos = torch.arange(start, start + new, device=x.device)[:, None]
-            key_pos = torch.arange(first, total, device=x.device)[None, :]
-            mask = key_pos <= query_pos
-            if self.window is not None:
-                mask = mask & (key_pos > query_pos - self.window)
-            mask = mask.repeat(group, 1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-        out = out.reshape(batch, self.heads, new, self.head_dim).transpose(1, 2).reshape(batch, new, -1)
+            # A sliding layer reads a chunk in blocks of queries: each block needs only the keys from its first
+            # query's window on (a chunk of 512 against a 512 window would read up to 1,023 keys for every query).
+            block = SLIDING_QUERY_BLOCK if self.window is not None else new
+            out = torch.cat([self._attend(q[:, :, lo : lo + block], keys, values, start + lo)
+                             for lo in range(0, new, block)], dim=2)
+        out = out.transpose(1, 2).reshape(batch, new, -1)
         return self.o_proj(out)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                first: Optional[int] = None) -> torch.Tensor:
+        """Queries ``q`` ``[batch, heads, n, dim]`` at positions ``start…`` against the cache's keys (those from
+        ``first`` on when given as already cut): ``[batch, heads, n, dim]``."""
+        batch, _, n, _ = q.shape
+        group = self.heads // self.kv_heads
+        # Query heads that share a key-value head become extra query rows of it: [batch, kv_heads, group*n, dim].
+        folded = q.reshape(batch, self.kv_heads, group * n, self.head_dim)
+        mask = None
+        if first is None:
+            end = start + n  # the keys up to the block's last query
+            first = max(0, start - self.window + 1) if self.window is not None else 0
+            keys, values = keys[:, :, first:end], values[:, :, first:end]
+            if n > 1:
+                query_pos = torch.arange(start, end, device=q.device)[:, None]
+                key_pos = torch.arange(first, end, device=q.device)[None, :]
+                mask = key_pos <= query_pos
+                if self.window is not None:
+                    mask = mask & (key_pos > query_pos - self.window)
+                mask = mask.repeat(group, 1)
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scale)
+        return out.reshape(batch, self.heads, n, self.head_dim)
 
     def step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
              mask: torch.Tensor) -> torch.Tensor:
