@@ -134,3 +134,71 @@ def test_eos_ids_cover_end_of_turn(tiny_gemma_chat_dir):
     end = lm.tokenizer.encode("<end_of_turn>", add_special_tokens=False)[0]
     assert end in run.eos_ids(lm, chat=True)
     assert end not in run.eos_ids(lm)
+
+
+# ---- the chat session ------------------------------------------------------------------------------------------
+
+
+def _rendered(monkeypatch):
+    """Record every prompt the runs render."""
+    seen = []
+    original = chat.prepare
+
+    def recording(*args, **kwargs):
+        prompt = original(*args, **kwargs)
+        seen.append(prompt)
+        return prompt
+
+    monkeypatch.setattr(chat, "prepare", recording)
+    return seen
+
+
+def test_piped_chat_one_line_per_answer_and_history_grows(cli, tiny_chat_dir, tmp_path, monkeypatch):
+    seen = _rendered(monkeypatch)
+    transcript = tmp_path / "t.json"
+    code, out, err = cli("chat", "-m", str(tiny_chat_dir), *FAST, "--system", "Be brief.",
+                         stdin=f"The quick\nThe lazy\n/save {transcript}\n".encode())
+    assert code == 0, err
+    lines = out.split("\n")
+    assert len(lines) == 3 and lines[2] == ""  # two answers, each one line
+    saved = json.loads(transcript.read_text())
+    first, second = saved["messages"][1]["content"], saved["messages"][3]["content"]
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert lines[0] == first.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    assert [p.mode for p in seen] == ["chat", "chat"]
+    assert seen[0].text == "<s>System: Be brief.\nUser: The quick\nAssistant:"
+    assert seen[1].text == (f"<s>System: Be brief.\nUser: The quick\nAssistant: {first}</s>\nUser: The lazy\n"
+                            "Assistant:")
+    assert second is not None
+
+
+def test_chat_commands_and_bad_values_keep_the_session(cli, tiny_chat_dir, tmp_path):
+    transcript = tmp_path / "t.json"
+    script = ("/set top_p 1.5\n/set top_k abc\n/set tempreature 1\n/bogus\n/set top_k 5\n/preset technical\n"
+              f"/candidates 2\nThe quick\n/clear\nThe lazy\n/save {transcript}\n/exit\nnever read\n")
+    code, out, err = cli("chat", "-m", str(tiny_chat_dir), *FAST, stdin=script.encode())
+    assert code == 0, err
+    assert "llmsample: error: --top-p must be in (0, 1], got 1.5\n" in err
+    assert "llmsample: error: Invalid value for '--top-k'" in err and "got 'abc'" in err
+    assert "unknown setting 'tempreature' (did you mean 'temperature'?)" in err
+    assert "/bogus: not a command here" in err
+    assert "Traceback" not in err and "warning" not in err
+    assert len(out.splitlines()) == 2  # the line after /exit is never a turn
+    saved = json.loads(transcript.read_text())
+    assert saved["settings"]["top_k"] == 5 and saved["settings"]["repetition_penalty"] == 1.3  # /set, then /preset
+    assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == ["The lazy"]  # /clear
+
+
+def test_chat_needs_a_template(cli, tiny_model_dir):
+    code, out, err = cli("chat", "-m", str(tiny_model_dir), *FAST, stdin=b"hello\n")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "has no chat template" in err
+
+
+def test_chat_on_the_gemma_template(cli, tiny_gemma_chat_dir, monkeypatch):
+    seen = _rendered(monkeypatch)
+    code, out, err = cli("chat", "-m", str(tiny_gemma_chat_dir), *FAST, stdin=b"Hi\nAgain\n")
+    assert code == 0, err
+    assert len(out.splitlines()) == 2
+    assert seen[1].text.startswith("<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+    assert seen[1].text.endswith("<end_of_turn>\n<start_of_turn>user\nAgain<end_of_turn>\n<start_of_turn>model\n")

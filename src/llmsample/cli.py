@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import click
 import typer
@@ -185,6 +185,24 @@ SystemOption = Annotated[Optional[str], typer.Option(
     rich_help_panel=GENERATION)]
 
 
+def resolved_settings(stage_values: Optional[dict], sample: Optional[bool], preset: Optional[str],
+                      model: Optional[str], no_model_defaults: bool, candidates: int, **generation: Any) -> Any:
+    """The settings of a generating command (generate, chat) from its flags, checked before the model loads."""
+    from llmsample import presets
+
+    if not 0 <= candidates <= 1000:
+        raise ConfigError(f"--candidates must be an integer in [0, 1000], got {candidates}")
+    layer = command_line_layer(to_layer(stage_values or {}), generation, sample)
+    return presets.resolve_settings(preset, layer, model_sampling(model, no_model_defaults))
+
+
+def explain_settings(settings: Any, err: Any) -> None:
+    from llmsample import render
+
+    err.print(render.settings_table(settings, title="settings"))
+    err.print(f"chain: {settings.sampling.describe_chain()}")
+
+
 @app.command()
 @stage_options()
 def generate(
@@ -237,22 +255,15 @@ def generate(
 
       llmsample "The capital of France is" --num-beams 4 -n 2
     """
-    from llmsample import presets, render, run
+    from llmsample import render, run
 
-    if not 0 <= candidates <= 1000:
-        raise ConfigError(f"--candidates must be an integer in [0, 1000], got {candidates}")
-    layer = command_line_layer(
-        to_layer(stage_values or {}),
-        dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples),
-        sample,
-    )
-    settings = presets.resolve_settings(preset, layer, model_sampling(model, no_model_defaults))
+    settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates,
+                                 max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples)
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
     renderer = render.make_renderer(output_format.value, out, err, sample_separator(separator, null, output_format))
     if explain:
-        err.print(render.settings_table(settings, title="settings"))
-        err.print(f"chain: {settings.sampling.describe_chain()}")
+        explain_settings(settings, err)
     options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
                                   device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
                                   candidates=candidates, engine=engine.value,
@@ -261,6 +272,82 @@ def generate(
         run.generate(options, renderer)
     except BrokenPipeError:
         raise PipeClosed("stdout was closed") from None  # before click turns it into a silent exit 1
+
+
+def _given(value: Any) -> Any:
+    """A parsed option's value, None when not given (click gives an unused repeatable option as ``()``)."""
+    return None if value in ((), []) else value
+
+
+# ---- chat ------------------------------------------------------------------------------------------------------
+
+_ARGS: list[str] = []  # the command line being run (``chat`` re-reads it with what /set adds)
+
+
+@app.command("chat")
+@stage_options()
+def chat_command(
+    system: SystemOption = None,
+    sample: SampleOption = None,
+    no_model_defaults: NoModelDefaultsOption = False,
+    preset: PresetOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    stop: StopOption = None,
+    truncate: TruncateOption = False,
+    seed: SeedOption = None,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = DType.auto,
+    device_map: DeviceMapOption = None,
+    engine: EngineOption = Engine("auto"),
+    quantize: QuantizeOption = Quantize("none"),
+    no_color: NoColorOption = False,
+    candidates: CandidatesOption = 0,
+    explain: ExplainOption = False,
+    stats: StatsOption = False,
+    debug: DebugOption = False,
+    stage_values: Optional[dict] = None,
+) -> None:
+    """A conversation with a model that has a chat template: each turn rendered through it with the history.
+
+    On a terminal: type at [bold]you>[/], the answer streams coloured; /set KEY VALUE, /preset NAME,
+    /candidates N, /save FILE (JSON transcript), /clear, /exit or Ctrl-D. Piped: each input line is one user turn
+    (or a /command), each answer one line of output (\\n for its newlines, \\\\ for its backslashes).
+
+    Examples:
+
+      llmsample chat -m ./gemma-3-1b-it --system "Answer briefly." --preset dialogue
+
+      printf 'Hello\\nAnd in French?\\n' | llmsample chat -m ./gemma-3-1b-it --seed 1
+    """
+    from llmsample import render, run, session
+
+    generation = dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed)
+    settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates, **generation)
+    out, err = render.make_consoles(no_color=no_color)
+    if explain:
+        explain_settings(settings, err)
+    base_args = _ARGS[1:] if _ARGS[:1] == ["chat"] else []
+
+    def configure(extra: list[str]) -> tuple[Any, int]:
+        """The settings with flags added (/set): parsed and checked as on the command line, errors as one line."""
+        try:
+            with typer.main.get_command(app).commands["chat"].make_context("chat", [*base_args, *extra]) as ctx:
+                values = ctx.params
+        except USAGE_ERRORS as exc:
+            raise ConfigError(usage_message(exc, extra)) from None
+        given = {name: _given(values[name]) for name in (stage_values or {})}
+        generation = {name: _given(values[name]) for name in ("max_new_tokens", "stop", "seed")}
+        return resolved_settings(given, values["sample"], values["preset"], model, values["no_model_defaults"],
+                                 values["candidates"], **generation), values["candidates"]
+
+    base = run.GenerateOptions(prompt="", settings=settings, model=model, device=device, dtype=dtype.value,
+                               device_map=device_map, stats=stats, truncate=truncate, engine=engine.value,
+                               quantize=_quantize_mode(quantize), chat=True, system=system, explain=explain)
+    try:
+        session.start(base, configure, sys.stdin, out, err)
+    except BrokenPipeError:
+        raise PipeClosed("stdout was closed") from None
 
 
 # ---- the lab: inspect and sweep -------------------------------------------------------------------------------
@@ -510,6 +597,15 @@ def _given_value(args: list[str], names: list[str]) -> Optional[str]:
     return None
 
 
+def usage_message(exc: Exception, args: list[str]) -> str:
+    """click's usage error as one line, naming the value given."""
+    message = exc.format_message().replace("\n", " ")  # type: ignore[attr-defined]
+    value = _given_value(args, getattr(getattr(exc, "param", None), "opts", []))
+    if value is not None and repr(value) not in message:
+        message = f"{message.rstrip('.')}, got {value!r}"
+    return message
+
+
 def _error(message: str) -> None:
     sys.stderr.write(f"llmsample: error: {message}\n")
     sys.stderr.flush()
@@ -523,6 +619,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(argv: Optional[list[str]]) -> int:
     args = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    _ARGS[:] = args
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
@@ -533,11 +630,7 @@ def _main(argv: Optional[list[str]]) -> int:
     except EXITS as exc:
         return exc.exit_code
     except USAGE_ERRORS as exc:
-        message = exc.format_message().replace("\n", " ")
-        value = _given_value(args, getattr(getattr(exc, "param", None), "opts", []))
-        if value is not None and repr(value) not in message:
-            message = f"{message.rstrip('.')}, got {value!r}"
-        _error(message)
+        _error(usage_message(exc, args))
         return int(ExitCode.USAGE)
     except ABORTS:
         _error("interrupted")
