@@ -202,3 +202,25 @@ def test_chat_on_the_gemma_template(cli, tiny_gemma_chat_dir, monkeypatch):
     assert len(out.splitlines()) == 2
     assert seen[1].text.startswith("<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
     assert seen[1].text.endswith("<end_of_turn>\n<start_of_turn>user\nAgain<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_chat_on_a_terminal(cli, tiny_chat_dir, monkeypatch):
+    """Typed turns: the answer streams to stdout, commands answer on stderr, Ctrl-D ends the session."""
+    from llmsample import session
+
+    typed = iter(["The quick", "/set temperature 0.5", "/set temperature -1", "The lazy"])
+
+    def fake_input(prompt):
+        assert prompt == "you> "
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(session, "is_terminal", lambda stream: True)
+    monkeypatch.setattr("builtins.input", fake_input)
+    code, out, err = cli("chat", "-m", str(tiny_chat_dir), *FAST, "--no-color")
+    assert code == 0, err
+    assert "chatting with" in err and "temperature = 0.5" in err
+    assert "llmsample: error: --temperature must be" in err
+    assert out.count("\n") == 2  # each streamed answer ends its line

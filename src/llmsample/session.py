@@ -56,6 +56,23 @@ def flags_for(key: str, value: str) -> list[str]:
     return [field.flag, value]
 
 
+class TurnRenderer(render.TextRenderer):
+    """``generate``'s streamed, coloured text, its colour legend shown before the first answer only."""
+
+    legend_shown = False
+
+    def start(self, samples: int, streaming: bool) -> None:
+        if self.legend_shown:
+            self.streaming = streaming
+            return
+        super().start(samples, streaming)
+        self.legend_shown = True
+
+
+def is_terminal(stream: TextIO) -> bool:
+    return stream.isatty()
+
+
 @dataclasses.dataclass
 class Session:
     base: run.GenerateOptions  # the model and run options; prompt, settings and candidates change per turn
@@ -69,6 +86,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.settings, self.candidates = self.configure([])
+        self.renderer = TurnRenderer(self.out, self.err) if self.interactive else render.Renderer(self.out, self.err)
 
     def error(self, message: str) -> None:
         self.err.file.write(f"llmsample: error: {message}\n")
@@ -122,10 +140,8 @@ class Session:
         """One user turn: the answer (streamed on a terminal), added to the history with the question."""
         opts = dataclasses.replace(self.base, prompt=text, settings=self.settings, candidates=self.candidates,
                                    history=tuple(self.history), chat=True)
-        renderer = render.TextRenderer(self.out, self.err) if self.interactive else render.Renderer(self.out,
-                                                                                                    self.err)
         try:
-            summary = run.generate(opts, renderer, loaded=self.loaded)
+            summary = run.generate(opts, self.renderer, loaded=self.loaded)
         except run.Interrupted as exc:
             if not self.interactive or exc.exit_code != ExitCode.INTERRUPTED:
                 raise
@@ -177,5 +193,5 @@ def start(base: run.GenerateOptions, configure: Configure, stdin: TextIO, out: A
     """Load the model once and run the session until /exit or the end of input."""
     loaded = run.load_model(base.model, base.device, base.dtype, base.device_map, err, base.engine, base.quantize)
     check_template(loaded[0])
-    Session(base, loaded, configure, out, err, interactive=stdin.isatty()).loop(stdin)
+    Session(base, loaded, configure, out, err, interactive=is_terminal(stdin)).loop(stdin)
 
