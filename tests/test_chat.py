@@ -224,3 +224,33 @@ def test_chat_on_a_terminal(cli, tiny_chat_dir, monkeypatch):
     assert "chatting with" in err and "temperature = 0.5" in err
     assert "llmsample: error: --temperature must be" in err
     assert out.count("\n") == 2  # each streamed answer ends its line
+
+
+@pytest.mark.slow
+def test_the_packaged_gemma_with_gemma_template(cli, tmp_path):
+    """The real Gemma 3 vocabulary: ids as transformers renders them, and <end_of_turn> (106) ends a chat."""
+    from tiny_model import GEMMA_TEMPLATE
+    from transformers import AutoTokenizer
+
+    from llmsample import models, run
+    from llmsample.models import ensure_default_model
+
+    source = ensure_default_model("float32")
+    folder = tmp_path / "gemma-chat"
+    folder.mkdir()
+    for item in source.iterdir():  # the weights linked, the tokenizer config given the template
+        if item.name != "tokenizer_config.json":
+            (folder / item.name).symlink_to(item)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": GEMMA_TEMPLATE}))
+    lm = models.load(str(folder))
+    assert lm.engine == "llmsample"
+    theirs = AutoTokenizer.from_pretrained(folder)
+    assert chat.prepare(lm.tokenizer, lm.name, TURNS[-1]["content"], None, TURNS[0]["content"], TURNS[1:-1]).ids \
+        == _hf_ids(theirs, TURNS)
+    assert 106 in run.eos_ids(lm, chat=True) and 106 not in run.eos_ids(lm)
+    code, out, err = cli("What is the capital of France?", "-m", str(folder), "--greedy", "--max-new-tokens", "24",
+                         "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["prompt_format"] == "chat" and data["samples"][0]["token_ids"].count(106) <= 1
