@@ -20,7 +20,14 @@ if not os.environ.get("CI"):
     os.environ["XDG_CACHE_HOME"] = os.environ.get("LLMSAMPLE_TEST_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "llmsample-tests")
 
-from tiny_model import build_tiny_gemma3, build_tiny_model  # noqa: E402
+from tiny_model import (  # noqa: E402
+    GEMMA_TEMPLATE,
+    GEMMA_TURN_TOKENS,
+    PLAIN_TEMPLATE,
+    build_tiny_gemma3,
+    build_tiny_model,
+    with_chat_template,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +74,18 @@ def tiny_lm(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny llama with a plain chat template (text markers; transformers engine and tokenizer)."""
+    return with_chat_template(tiny_model_dir, tmp_path_factory.mktemp("chat") / "tiny-llama-chat", PLAIN_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_chat_dir(tmp_path_factory) -> Path:
+    """A tiny Gemma 3 whose vocabulary has Gemma's turn tokens, with Gemma's template in the list-of-named-templates
+    form; its tokenizer class is Gemma's, so llmsample's engine reads it with its own FastTokenizer."""
+    plain = build_tiny_gemma3(tmp_path_factory.mktemp("gemma-turns") / "plain", extra_special=GEMMA_TURN_TOKENS)
+    return with_chat_template(plain, tmp_path_factory.mktemp("chat") / "tiny-gemma-chat",
+                              [{"name": "default", "template": GEMMA_TEMPLATE}], tokenizer_class="GemmaTokenizer")

@@ -43,8 +43,9 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_extra: int = 200, init: 
     return folder
 
 
-def _tiny_tokenizer(folder: Path, vocab_extra: int = 200):
-    """A byte-level BPE tokenizer trained on CORPUS, saved in ``folder`` (multi-byte characters split)."""
+def _tiny_tokenizer(folder: Path, vocab_extra: int = 200, extra_special: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on CORPUS, saved in ``folder`` (multi-byte characters split);
+    ``extra_special``: more special tokens (a chat template's turn markers), after the others."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,7 +54,7 @@ def _tiny_tokenizer(folder: Path, vocab_extra: int = 200):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=256 + vocab_extra,
-        special_tokens=["<pad>", "<s>", "</s>"],
+        special_tokens=["<pad>", "<s>", "</s>", *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -76,14 +77,14 @@ def tiny_gemma3_config(vocab: int = 300, **overrides):
     return Gemma3TextConfig(**settings)
 
 
-def build_tiny_gemma3(folder: Path, seed: int = 0, **overrides) -> Path:
+def build_tiny_gemma3(folder: Path, seed: int = 0, extra_special: tuple[str, ...] = (), **overrides) -> Path:
     """A tiny random Gemma 3 (``Gemma3ForCausalLM``, weights as transformers initialises them, then perturbed so
     the norms are not all ones) with the byte-level tokenizer, saved as a model folder."""
     import torch
     from transformers import Gemma3ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    fast = _tiny_tokenizer(folder)
+    fast = _tiny_tokenizer(folder, extra_special=extra_special)
     torch.manual_seed(seed)
     config = tiny_gemma3_config(vocab=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
                                 pad_token_id=fast.pad_token_id, **overrides)
@@ -92,4 +93,53 @@ def build_tiny_gemma3(folder: Path, seed: int = 0, **overrides) -> Path:
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.3)
     model.save_pretrained(folder)
+    return folder
+
+
+# Chat templates for the tiny models: a plain one (text markers) and Gemma's own shape (its turn tokens, the system
+# message folded into the first user turn, alternation checked with raise_exception).
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}System: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n"
+    "{% else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+GEMMA_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") + message['content'] | trim
+       + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+GEMMA_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def with_chat_template(source: Path, folder: Path, template, tokenizer_class: str | None = None) -> Path:
+    """A copy of the model folder ``source`` whose tokenizer_config.json carries ``template`` (a string, or the
+    list of named templates); ``tokenizer_class`` replaces the class named there."""
+    import json
+    import shutil
+
+    shutil.copytree(source, folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    if tokenizer_class:
+        config["tokenizer_class"] = tokenizer_class
+    path.write_text(json.dumps(config), encoding="utf-8")
     return folder

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import click
 import typer
@@ -135,6 +135,74 @@ def model_sampling(model: Optional[str], no_model_defaults: bool) -> dict:
     return {} if no_model_defaults else sampling_defaults(model)
 
 
+# Options that generate and chat share, declared once.
+SampleOption = Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Draw from the distribution, or take the argmax \\[default: --sample].",
+    show_default=False, rich_help_panel=SAMPLING)]
+NoModelDefaultsOption = Annotated[bool, typer.Option("--no-model-defaults", help=NO_MODEL_DEFAULTS_HELP,
+    rich_help_panel=SAMPLING)]
+PresetOption = Annotated[Optional[str], typer.Option("-p", "--preset", help="A preset name or TOML file (see 'llmsample presets list') \\[default: none].",
+    rich_help_panel=GENERATION)]
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Stop after this many new tokens \\[default: 128].",
+    rich_help_panel=GENERATION)]
+StopOption = Annotated[Optional[list[str]], typer.Option(help="Stop at this text (repeatable; not printed) \\[default: none].",
+    rich_help_panel=GENERATION)]
+TruncateOption = Annotated[bool, typer.Option("--truncate", help="Drop the start of a prompt longer than the model's context "
+    "(with a warning) instead of refusing it.", rich_help_panel=GENERATION)]
+IgnoreEosOption = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence tokens "
+    "(fixed-length runs, benchmarks).", rich_help_panel=GENERATION)]
+SeedOption = Annotated[Optional[int], typer.Option(help="Random seed (same seed, model, device and settings → same text) "
+    "\\[default: a fresh one, reported in JSON; 0 to 2^64-1].",
+    rich_help_panel=GENERATION)]
+ModelOption = Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL", show_envvar=True,
+    help="HF model id, local folder or .gguf file \\[default: packaged Gemma 3 270M].",
+    rich_help_panel=MODEL)]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)]
+DtypeOption = Annotated[DType, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA where supported.",
+    rich_help_panel=MODEL)]
+DeviceMapOption = Annotated[Optional[str], typer.Option(help="'auto': spread a large model with accelerate.",
+    rich_help_panel=MODEL)]
+EngineOption = Annotated[Engine, typer.Option(help="Whose forward runs: llmsample's own Gemma 3, transformers', or "
+    "auto (llmsample's where it supports the model).",
+    rich_help_panel=MODEL)]
+QuantizeOption = Annotated[Quantize, typer.Option(help="int8: int8 weights on the CPU (about 3x faster, less "
+    "memory, perplexity within 2%; llmsample engine).",
+    rich_help_panel=MODEL)]
+NoColorOption = Annotated[bool, typer.Option("--no-color", help="Never colour the output (NO_COLOR is honoured too).",
+    rich_help_panel=OUTPUT)]
+CandidatesOption = Annotated[int, typer.Option("--candidates", metavar="N", help="After each token, a table of the top N "
+    "candidates: raw probability, after each stage, final, what cut them (stderr; "
+    "in every jsonl token event).", rich_help_panel=OUTPUT)]
+ExplainOption = Annotated[bool, typer.Option("--explain", help="Print the resolved settings, where each came from, and the chain (stderr).",
+    rich_help_panel=OUTPUT)]
+StatsOption = Annotated[bool, typer.Option("--stats", help="Print load time (from start), prompt reading and generation apart (tokens, s, tok/s), peak memory and the engine to stderr.",
+    rich_help_panel=OUTPUT)]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", rich_help_panel=OUTPUT)]
+ChatOption = Annotated[Optional[bool], typer.Option(
+    "--chat/--raw", help="Render the prompt through the model's chat template, or continue it as plain text "
+    "\\[default: chat when the model has a template, else raw].", show_default=False, rich_help_panel=GENERATION)]
+SystemOption = Annotated[Optional[str], typer.Option(
+    "--system", metavar="TEXT", help="A system message for the chat template \\[default: none].",
+    rich_help_panel=GENERATION)]
+
+
+def resolved_settings(stage_values: Optional[dict], sample: Optional[bool], preset: Optional[str],
+                      model: Optional[str], no_model_defaults: bool, candidates: int, **generation: Any) -> Any:
+    """The settings of a generating command (generate, chat) from its flags, checked before the model loads."""
+    from llmsample import presets
+
+    if not 0 <= candidates <= 1000:
+        raise ConfigError(f"--candidates must be an integer in [0, 1000], got {candidates}")
+    layer = command_line_layer(to_layer(stage_values or {}), generation, sample)
+    return presets.resolve_settings(preset, layer, model_sampling(model, no_model_defaults))
+
+
+def explain_settings(settings: Any, err: Any) -> None:
+    from llmsample import render
+
+    err.print(render.settings_table(settings, title="settings"))
+    err.print(f"chain: {settings.sampling.describe_chain()}")
+
+
 @app.command()
 @stage_options()
 def generate(
@@ -142,57 +210,37 @@ def generate(
                                                     show_default=False)] = None,
     file: Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from FILE ('-' = stdin).",
                                                 rich_help_panel=GENERATION)] = None,
-    sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Draw from the distribution, or take the argmax \\[default: --sample].",
-                                                   show_default=False, rich_help_panel=SAMPLING)] = None,
-    no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help=NO_MODEL_DEFAULTS_HELP,
-                                                    rich_help_panel=SAMPLING)] = False,
-    preset: Annotated[Optional[str], typer.Option("-p", "--preset", help="A preset name or TOML file (see 'llmsample presets list') \\[default: none].",
-                                                  rich_help_panel=GENERATION)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many new tokens \\[default: 128].",
-                                                          rich_help_panel=GENERATION)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this text (repeatable; not printed) \\[default: none].",
-                                                      rich_help_panel=GENERATION)] = None,
-    truncate: Annotated[bool, typer.Option("--truncate", help="Drop the start of a prompt longer than the model's context "
-                                           "(with a warning) instead of refusing it.", rich_help_panel=GENERATION)] = False,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence tokens "
-                                             "(fixed-length runs, benchmarks).", rich_help_panel=GENERATION)] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, model, device and settings → same text) "
-                                                "\\[default: a fresh one, reported in JSON; 0 to 2^64-1].",
-                                                rich_help_panel=GENERATION)] = None,
+    sample: SampleOption = None,
+    no_model_defaults: NoModelDefaultsOption = False,
+    preset: PresetOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    stop: StopOption = None,
+    truncate: TruncateOption = False,
+    ignore_eos: IgnoreEosOption = False,
+    seed: SeedOption = None,
+    chat: ChatOption = None,
+    system: SystemOption = None,
     num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch \\[default: 1].",
                                                        rich_help_panel=GENERATION)] = None,
-    model: Annotated[Optional[str], typer.Option("-m", "--model", envvar="LLMSAMPLE_MODEL", show_envvar=True,
-                                                 help="HF model id, local folder or .gguf file \\[default: packaged Gemma 3 270M].",
-                                                 rich_help_panel=MODEL)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)] = "auto",
-    dtype: Annotated[DType, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA where supported.",
-                                         rich_help_panel=MODEL)] = DType.auto,
-    device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a large model with accelerate.",
-                                                      rich_help_panel=MODEL)] = None,
-    engine: Annotated[Engine, typer.Option(help="Whose forward runs: llmsample's own Gemma 3, transformers', or "
-                                           "auto (llmsample's where it supports the model).",
-                                           rich_help_panel=MODEL)] = Engine("auto"),
-    quantize: Annotated[Quantize, typer.Option(help="int8: int8 weights on the CPU (about 3x faster, less "
-                                               "memory, perplexity within 2%; llmsample engine).",
-                                               rich_help_panel=MODEL)] = Quantize("none"),
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = DType.auto,
+    device_map: DeviceMapOption = None,
+    engine: EngineOption = Engine("auto"),
+    quantize: QuantizeOption = Quantize("none"),
     output_format: Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (one event per token).",
                                                   rich_help_panel=OUTPUT)] = Format.text,
-    no_color: Annotated[bool, typer.Option("--no-color", help="Never colour the output (NO_COLOR is honoured too).",
-                                           rich_help_panel=OUTPUT)] = False,
+    no_color: NoColorOption = False,
     separator: Annotated[Optional[str], typer.Option("--separator", metavar="STR", help="Write STR after each sample "
                                                      "(\\n, \\t, \\0 understood), for scripts that split -n "
                                                      "samples \\[default: a newline after each, a blank line between].",
                                                      rich_help_panel=OUTPUT)] = None,
     null: Annotated[bool, typer.Option("-0", "--null", help="End each sample with a NUL byte (--separator '\\0'), "
                                        "for xargs -0 and read -d ''.", rich_help_panel=OUTPUT)] = False,
-    candidates: Annotated[int, typer.Option("--candidates", metavar="N", help="After each token, a table of the top N "
-                                            "candidates: raw probability, after each stage, final, what cut them (stderr; "
-                                            "in every jsonl token event).", rich_help_panel=OUTPUT)] = 0,
-    explain: Annotated[bool, typer.Option("--explain", help="Print the resolved settings, where each came from, and the chain (stderr).",
-                                          rich_help_panel=OUTPUT)] = False,
-    stats: Annotated[bool, typer.Option("--stats", help="Print load time (from start), prompt reading and generation apart (tokens, s, tok/s), peak memory and the engine to stderr.",
-                                        rich_help_panel=OUTPUT)] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.", rich_help_panel=OUTPUT)] = False,
+    candidates: CandidatesOption = 0,
+    explain: ExplainOption = False,
+    stats: StatsOption = False,
+    debug: DebugOption = False,
     stage_values: Optional[dict] = None,
 ) -> None:
     """Generate text from a prompt, streaming tokens coloured by their probability.
@@ -207,30 +255,99 @@ def generate(
 
       llmsample "The capital of France is" --num-beams 4 -n 2
     """
-    from llmsample import presets, render, run
+    from llmsample import render, run
 
-    if not 0 <= candidates <= 1000:
-        raise ConfigError(f"--candidates must be an integer in [0, 1000], got {candidates}")
-    layer = command_line_layer(
-        to_layer(stage_values or {}),
-        dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples),
-        sample,
-    )
-    settings = presets.resolve_settings(preset, layer, model_sampling(model, no_model_defaults))
+    settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates,
+                                 max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples)
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
     renderer = render.make_renderer(output_format.value, out, err, sample_separator(separator, null, output_format))
     if explain:
-        err.print(render.settings_table(settings, title="settings"))
-        err.print(f"chain: {settings.sampling.describe_chain()}")
+        explain_settings(settings, err)
     options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
                                   device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
                                   candidates=candidates, engine=engine.value,
-                                  quantize=_quantize_mode(quantize))
+                                  quantize=_quantize_mode(quantize), chat=chat, system=system, explain=explain)
     try:
         run.generate(options, renderer)
     except BrokenPipeError:
         raise PipeClosed("stdout was closed") from None  # before click turns it into a silent exit 1
+
+
+def _given(value: Any) -> Any:
+    """A parsed option's value, None when not given (click gives an unused repeatable option as ``()``)."""
+    return None if value in ((), []) else value
+
+
+# ---- chat ------------------------------------------------------------------------------------------------------
+
+_ARGS: list[str] = []  # the command line being run (``chat`` re-reads it with what /set adds)
+
+
+@app.command("chat")
+@stage_options()
+def chat_command(
+    system: SystemOption = None,
+    sample: SampleOption = None,
+    no_model_defaults: NoModelDefaultsOption = False,
+    preset: PresetOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    stop: StopOption = None,
+    truncate: TruncateOption = False,
+    seed: SeedOption = None,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = DType.auto,
+    device_map: DeviceMapOption = None,
+    engine: EngineOption = Engine("auto"),
+    quantize: QuantizeOption = Quantize("none"),
+    no_color: NoColorOption = False,
+    candidates: CandidatesOption = 0,
+    explain: ExplainOption = False,
+    stats: StatsOption = False,
+    debug: DebugOption = False,
+    stage_values: Optional[dict] = None,
+) -> None:
+    """A conversation with a model that has a chat template: each turn rendered through it with the history.
+
+    On a terminal: type at [bold]you>[/], the answer streams coloured; /set KEY VALUE, /preset NAME,
+    /candidates N, /save FILE (JSON transcript), /clear, /exit or Ctrl-D. Piped: each input line is one user turn
+    (or a /command), each answer one line of output (\\n for its newlines, \\\\ for its backslashes).
+
+    Examples:
+
+      llmsample chat -m ./gemma-3-1b-it --system "Answer briefly." --preset dialogue
+
+      printf 'Hello\\nAnd in French?\\n' | llmsample chat -m ./gemma-3-1b-it --seed 1
+    """
+    from llmsample import render, run, session
+
+    generation = dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed)
+    settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates, **generation)
+    out, err = render.make_consoles(no_color=no_color)
+    if explain:
+        explain_settings(settings, err)
+    base_args = _ARGS[1:] if _ARGS[:1] == ["chat"] else []
+
+    def configure(extra: list[str]) -> tuple[Any, int]:
+        """The settings with flags added (/set): parsed and checked as on the command line, errors as one line."""
+        try:
+            with typer.main.get_command(app).commands["chat"].make_context("chat", [*base_args, *extra]) as ctx:
+                values = ctx.params
+        except USAGE_ERRORS as exc:
+            raise ConfigError(usage_message(exc, extra)) from None
+        given = {name: _given(values[name]) for name in (stage_values or {})}
+        generation = {name: _given(values[name]) for name in ("max_new_tokens", "stop", "seed")}
+        return resolved_settings(given, values["sample"], values["preset"], model, values["no_model_defaults"],
+                                 values["candidates"], **generation), values["candidates"]
+
+    base = run.GenerateOptions(prompt="", settings=settings, model=model, device=device, dtype=dtype.value,
+                               device_map=device_map, stats=stats, truncate=truncate, engine=engine.value,
+                               quantize=_quantize_mode(quantize), chat=True, system=system, explain=explain)
+    try:
+        session.start(base, configure, sys.stdin, out, err)
+    except BrokenPipeError:
+        raise PipeClosed("stdout was closed") from None
 
 
 # ---- the lab: inspect and sweep -------------------------------------------------------------------------------
@@ -480,6 +597,15 @@ def _given_value(args: list[str], names: list[str]) -> Optional[str]:
     return None
 
 
+def usage_message(exc: Exception, args: list[str]) -> str:
+    """click's usage error as one line, naming the value given."""
+    message = exc.format_message().replace("\n", " ")  # type: ignore[attr-defined]
+    value = _given_value(args, getattr(getattr(exc, "param", None), "opts", []))
+    if value is not None and repr(value) not in message:
+        message = f"{message.rstrip('.')}, got {value!r}"
+    return message
+
+
 def _error(message: str) -> None:
     sys.stderr.write(f"llmsample: error: {message}\n")
     sys.stderr.flush()
@@ -493,6 +619,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(argv: Optional[list[str]]) -> int:
     args = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    _ARGS[:] = args
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
@@ -503,11 +630,7 @@ def _main(argv: Optional[list[str]]) -> int:
     except EXITS as exc:
         return exc.exit_code
     except USAGE_ERRORS as exc:
-        message = exc.format_message().replace("\n", " ")
-        value = _given_value(args, getattr(getattr(exc, "param", None), "opts", []))
-        if value is not None and repr(value) not in message:
-            message = f"{message.rstrip('.')}, got {value!r}"
-        _error(message)
+        _error(usage_message(exc, args))
         return int(ExitCode.USAGE)
     except ABORTS:
         _error("interrupted")

@@ -72,6 +72,10 @@ class GenerateOptions:
     candidates: int = 0  # top-n candidate tables per step (0 = none)
     engine: str = "auto"
     quantize: Optional[str] = None
+    chat: Optional[bool] = None  # --chat (True), --raw (False), or chosen by the model's template (None)
+    system: Optional[str] = None  # --system: the chat's system message
+    history: tuple = ()  # earlier turns ({"role", "content"}) of a chat session
+    explain: bool = False  # say which prompt format ran (stderr)
 
 
 # ---- input -----------------------------------------------------------------------------------------------------
@@ -170,12 +174,15 @@ def fit_context(prompt_ids: Any, max_new_tokens: int, context: Optional[int], tr
     return prompt_ids, max_new_tokens
 
 
-def eos_ids(lm: Any) -> list[int]:
-    """EOS ids from the generation config and the tokenizer (Gemma ends turns with a second one)."""
+def eos_ids(lm: Any, chat: bool = False) -> list[int]:
+    """EOS ids from the generation config and the tokenizer (Gemma ends turns with a second one); in chat mode
+    also the end-of-turn tokens a template writes (``chat.END_OF_TURN``), where the vocabulary has them."""
+    from llmsample.chat import end_of_turn_ids
+
     ids = set(lm.language_model.eos_token_ids)
     if isinstance(lm.tokenizer.eos_token_id, int):
         ids.add(lm.tokenizer.eos_token_id)
-    return sorted(ids)
+    return sorted(ids | (end_of_turn_ids(lm.tokenizer) if chat else set()))
 
 
 # ---- generate --------------------------------------------------------------------------------------------------
@@ -227,9 +234,10 @@ class _Decoding:
         return beams if beams > 1 else len(self.records)
 
 
-def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
-    """Load the model, decode, render. Returns the summary record."""
-    from llmsample import grammar, models
+def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[Any, float]] = None) -> dict[str, Any]:
+    """Load the model (unless ``loaded``: a model and its load time, as a chat session keeps it), decode, render.
+    Returns the summary record."""
+    from llmsample import chat, grammar, models
     from llmsample.decode import DecodeState
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
     from llmsample.sampling import Sampler
@@ -243,10 +251,18 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
                           f"got {gen.num_samples}")
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
-    lm, load_s = load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err, opts.engine,
-                            opts.quantize)
+    lm, load_s = loaded or load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err,
+                                      opts.engine, opts.quantize)
     device, dtype = str(lm.device), lm.dtype
-    prompt_ids = lm.tokenizer(opts.prompt, return_tensors="pt").input_ids.to(lm.device)
+    prompt = chat.prepare(lm.tokenizer, lm.name, opts.prompt, opts.chat, opts.system, opts.history)
+    if opts.explain:
+        renderer.note(f"prompt format: {prompt.mode}" + (" (the model's chat template)" if prompt.mode == chat.CHAT
+                                                          else " (plain continuation)"))
+    if prompt.mode == chat.RAW and opts.system is not None:
+        renderer.warn("--system has no effect: the prompt is a plain continuation (raw), not a chat")
+    import torch
+
+    prompt_ids = torch.tensor([prompt.ids], dtype=torch.long, device=lm.device)
     if prompt_ids.shape[1] == 0:
         raise ConfigError("the prompt has no tokens")
     prompt_ids, max_new_tokens = fit_context(prompt_ids, gen.max_new_tokens, lm.language_model.context_length,
@@ -257,9 +273,10 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
     samples = range(gen.num_samples)
     hidden = control_token_ids(lm.tokenizer)  # printed as nothing; kept in the JSON ids
     model_cfg = for_model(lm, cfg)
-    sampler = Sampler(model_cfg, state=grammar.bind(model_cfg, lm.tokenizer, eos_ids(lm)),
+    sampler = Sampler(model_cfg, state=grammar.bind(model_cfg, lm.tokenizer, eos_ids(lm, prompt.mode == chat.CHAT)),
                       sync_free=lm.device.type == "cuda")  # CUDA: never wait within a step
-    run = _Decoding(lm, prompt_ids, sampler, max_new_tokens, [] if opts.ignore_eos else eos_ids(lm),
+    run = _Decoding(lm, prompt_ids, sampler, max_new_tokens,
+                    [] if opts.ignore_eos else eos_ids(lm, prompt.mode == chat.CHAT),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
                     {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None,
                      "engine": lm.engine, "quantize": lm.quantize},
@@ -288,8 +305,8 @@ def generate(opts: GenerateOptions, renderer: Renderer) -> dict[str, Any]:
                                 "schedule": [[e.from_token, e.temperature] for e in opts.settings.schedule]}
     summary = events.summary(opts.prompt, run.records, settings, {
         "seed": seed, "model": lm.name, "device": device, "dtype": dtype,
-        "finish_reason": run.records[0].finish_reason, "stats": run.stats,
-    } | ({"complete": run.records[0].complete} if run.records[0].complete is not None else {}))
+        "finish_reason": run.records[0].finish_reason, "stats": run.stats, "prompt_format": prompt.mode,
+    } | ({"rendered_prompt": prompt.text} if prompt.mode == chat.CHAT else {}) | ({"complete": run.records[0].complete} if run.records[0].complete is not None else {}))
     renderer.finish(summary)
     if opts.stats:
         renderer.note(format_stats(run.stats))

@@ -23,8 +23,11 @@ class Encoding:
 
 
 class FastTokenizer:
-    def __init__(self, backend: Any, special_tokens: dict[str, str]):
+    def __init__(self, backend: Any, special_tokens: dict[str, str], chat_template: Optional[str] = None):
         self.backend = backend
+        self.chat_template = chat_template  # as transformers' tokenizers keep it (``chat.read_template``)
+        for name, text in special_tokens.items():  # bos_token, eos_token, …: the texts a chat template uses
+            setattr(self, name, text)
         ids = {name: backend.token_to_id(text) for name, text in special_tokens.items()}
         self.bos_token_id: Optional[int] = ids.get("bos_token")
         self.eos_token_id: Optional[int] = ids.get("eos_token")
@@ -46,7 +49,9 @@ class FastTokenizer:
                    if key.endswith("_token") and isinstance(value, str)}
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), special)
+        from llmsample.chat import read_template
+
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), special, read_template(folder))
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
