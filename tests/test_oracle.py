@@ -78,10 +78,15 @@ def near_float_boundary(cfg: SamplingConfig, input_ids: torch.Tensor, logits: to
             return True
     if cfg.min_tokens_to_keep > 1:
         # transformers protects the top tokens by probability: where the k-th underflows to 0 it protects any of
-        # the tied zeros (often an already removed token); llmsample protects by logit.
-        probs = torch.softmax(logits.float() / max(cfg.temperature, 1e-6), -1)
-        if (torch.topk(probs, min(cfg.min_tokens_to_keep, probs.shape[-1]), -1).values == 0).any():
-            return True
+        # the tied zeros (often an already removed token); llmsample protects by logit. Checked before every
+        # processor: a penalty or the temperature may be what pushes it to 0.
+        keep = min(cfg.min_tokens_to_keep, logits.shape[-1])
+        scores = logits.clone()
+        for processor in [None, *hf_chain(cfg)]:
+            if processor is not None:
+                scores = processor(input_ids, scores)
+            if (torch.topk(torch.softmax(scores.float(), -1), keep, -1).values == 0).any():
+                return True
     if cfg.typical_p < 1.0:
         scores = _scores_before(lp.TypicalLogitsWarper, cfg, input_ids, logits)
         log_probs = torch.log_softmax(scores, -1)

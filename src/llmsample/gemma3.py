@@ -258,39 +258,32 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, rope)
         start = cache.length
         keys, values = cache.append(self.layer, k, v)
-        if new == 1:
-            if self.window is not None and keys.shape[2] > self.window:
-                keys, values = keys[:, :, -self.window :], values[:, :, -self.window :]
-            out = self._attend(q, keys, values, start, first=start + 1 - keys.shape[2])
-        else:
-            # A sliding layer reads a chunk in blocks of queries: each block needs only the keys from its first
-            # query's window on (a chunk of 512 against a 512 window would read up to 1,023 keys for every query).
-            block = SLIDING_QUERY_BLOCK if self.window is not None else new
-            out = torch.cat([self._attend(q[:, :, lo : lo + block], keys, values, start + lo)
-                             for lo in range(0, new, block)], dim=2)
+        # A sliding layer reads a chunk in blocks of queries: each block needs only the keys from its first query's
+        # window on (a chunk of 512 against a 512 window would read up to 1,023 keys for every query).
+        block = SLIDING_QUERY_BLOCK if self.window is not None else new
+        parts = [self._attend(q[:, :, lo : lo + block], keys, values, start + lo) for lo in range(0, new, block)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         out = out.transpose(1, 2).reshape(batch, new, -1)
         return self.o_proj(out)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
-                first: Optional[int] = None) -> torch.Tensor:
-        """Queries ``q`` ``[batch, heads, n, dim]`` at positions ``start…`` against the cache's keys (those from
-        ``first`` on when given as already cut): ``[batch, heads, n, dim]``."""
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        """Queries ``q`` ``[batch, heads, n, dim]`` at positions ``start…`` against the cached keys they may see
+        (causal, and within the window): ``[batch, heads, n, dim]``. Only those keys are read."""
         batch, _, n, _ = q.shape
         group = self.heads // self.kv_heads
         # Query heads that share a key-value head become extra query rows of it: [batch, kv_heads, group*n, dim].
         folded = q.reshape(batch, self.kv_heads, group * n, self.head_dim)
-        mask = None
-        if first is None:
-            end = start + n  # the keys up to the block's last query
-            first = max(0, start - self.window + 1) if self.window is not None else 0
-            keys, values = keys[:, :, first:end], values[:, :, first:end]
-            if n > 1:
-                query_pos = torch.arange(start, end, device=q.device)[:, None]
-                key_pos = torch.arange(first, end, device=q.device)[None, :]
-                mask = key_pos <= query_pos
-                if self.window is not None:
-                    mask = mask & (key_pos > query_pos - self.window)
-                mask = mask.repeat(group, 1)
+        end = start + n  # the keys up to the last query
+        first = max(0, start - self.window + 1) if self.window is not None else 0
+        keys, values = keys[:, :, first:end], values[:, :, first:end]
+        mask = None  # one query sees every key kept
+        if n > 1:
+            query_pos = torch.arange(start, end, device=q.device)[:, None]
+            key_pos = torch.arange(first, end, device=q.device)[None, :]
+            mask = key_pos <= query_pos
+            if self.window is not None:
+                mask = mask & (key_pos > query_pos - self.window)
+            mask = mask.repeat(group, 1)
         out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scale)
         return out.reshape(batch, self.heads, n, self.head_dim)
 
@@ -439,13 +432,15 @@ class Gemma3ForCausalLM(nn.Module):
             return hidden @ embed.weight_t
         return F.linear(hidden, embed.weight)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embed = self.model.embed_tokens
+        # As transformers: the scale is a float32 tensor cast to the weights' dtype before the multiply.
+        return embed(input_ids) * torch.tensor(self.config.hidden_size ** 0.5).to(embed.weight.dtype)
+
     def _decoder(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The decoder layers over ``input_ids`` ``[batch, new]`` after the cache: hidden states ``[batch, new,
         hidden]`` (before the final norm); the cache grows by ``new``."""
-        embed = self.model.embed_tokens
-        # As transformers: the scale is a float32 tensor cast to the weights' dtype before the multiply.
-        scale = torch.tensor(self.config.hidden_size ** 0.5).to(embed.weight.dtype)
-        x = embed(input_ids) * scale
+        x = self._embed(input_ids)
         rope = {sliding: self._rope(sliding, cache.length, input_ids.shape[1], x.dtype) for sliding in (True, False)}
         for layer, sliding in zip(self.model.layers, self.config.sliding):
             x = layer(x, rope[sliding], cache)
@@ -470,9 +465,7 @@ class Gemma3ForCausalLM(nn.Module):
         and replayed; on the CPU it gives the eager forward's logits (the test compares them token for token).
         The host's ``cache.length`` is moved too, without reading the device.
         """
-        embed = self.model.embed_tokens
-        scale = torch.tensor(self.config.hidden_size ** 0.5).to(embed.weight.dtype)
-        x = embed(input_ids) * scale
+        x = self._embed(input_ids)
         seen = (cache.key_positions <= cache.position)[None, :]  # [1, capacity]: one query row against every key
         masks = {False: seen, True: seen & (cache.key_positions > cache.position - self.config.sliding_window)}
         rope = {}
