@@ -185,6 +185,22 @@ SystemOption = Annotated[Optional[str], typer.Option(
     rich_help_panel=GENERATION)]
 
 
+PromptArgument = Annotated[Optional[str], typer.Argument(help="The prompt (also read from stdin when piped).",
+                                                         show_default=False)]
+FileOption = Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from FILE ('-' = stdin).",
+                                                   rich_help_panel=GENERATION)]
+NumSamplesOption = Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch \\[default: 1].",
+                                                         rich_help_panel=GENERATION)]
+FormatOption = Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (one event per token).",
+                                              rich_help_panel=OUTPUT)]
+SeparatorOption = Annotated[Optional[str], typer.Option("--separator", metavar="STR", help="Write STR after each sample "
+                                                        "(\\n, \\t, \\0 understood), for scripts that split -n "
+                                                        "samples \\[default: a newline after each, a blank line between].",
+                                                        rich_help_panel=OUTPUT)]
+NullOption = Annotated[bool, typer.Option("-0", "--null", help="End each sample with a NUL byte (--separator '\\0'), "
+                                          "for xargs -0 and read -d ''.", rich_help_panel=OUTPUT)]
+
+
 def resolved_settings(stage_values: Optional[dict], sample: Optional[bool], preset: Optional[str],
                       model: Optional[str], no_model_defaults: bool, candidates: int, **generation: Any) -> Any:
     """The settings of a generating command (generate, chat) from its flags, checked before the model loads."""
@@ -206,10 +222,8 @@ def explain_settings(settings: Any, err: Any) -> None:
 @app.command()
 @stage_options()
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (also read from stdin when piped).",
-                                                    show_default=False)] = None,
-    file: Annotated[Optional[str], typer.Option("-f", "--file", help="Read the prompt from FILE ('-' = stdin).",
-                                                rich_help_panel=GENERATION)] = None,
+    prompt: PromptArgument = None,
+    file: FileOption = None,
     sample: SampleOption = None,
     no_model_defaults: NoModelDefaultsOption = False,
     preset: PresetOption = None,
@@ -220,23 +234,17 @@ def generate(
     seed: SeedOption = None,
     chat: ChatOption = None,
     system: SystemOption = None,
-    num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch \\[default: 1].",
-                                                       rich_help_panel=GENERATION)] = None,
+    num_samples: NumSamplesOption = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = DType.auto,
     device_map: DeviceMapOption = None,
     engine: EngineOption = Engine("auto"),
     quantize: QuantizeOption = Quantize("none"),
-    output_format: Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (one event per token).",
-                                                  rich_help_panel=OUTPUT)] = Format.text,
+    output_format: FormatOption = Format.text,
     no_color: NoColorOption = False,
-    separator: Annotated[Optional[str], typer.Option("--separator", metavar="STR", help="Write STR after each sample "
-                                                     "(\\n, \\t, \\0 understood), for scripts that split -n "
-                                                     "samples \\[default: a newline after each, a blank line between].",
-                                                     rich_help_panel=OUTPUT)] = None,
-    null: Annotated[bool, typer.Option("-0", "--null", help="End each sample with a NUL byte (--separator '\\0'), "
-                                       "for xargs -0 and read -d ''.", rich_help_panel=OUTPUT)] = False,
+    separator: SeparatorOption = None,
+    null: NullOption = False,
     candidates: CandidatesOption = 0,
     explain: ExplainOption = False,
     stats: StatsOption = False,
@@ -346,6 +354,110 @@ def chat_command(
                                quantize=_quantize_mode(quantize), chat=True, system=system, explain=explain)
     try:
         session.start(base, configure, sys.stdin, out, err)
+    except BrokenPipeError:
+        raise PipeClosed("stdout was closed") from None
+
+
+# ---- explore ---------------------------------------------------------------------------------------------------
+
+
+def settings_with(command: str, base_args: list[str], extra: list[str], model: Optional[str]) -> Any:
+    """The settings of ``command`` run with ``base_args`` and ``extra`` flags: parsed and checked as on the command
+    line, a bad value as one line (explore's ``e``)."""
+    try:
+        with typer.main.get_command(app).commands[command].make_context(command, [*base_args, *extra]) as ctx:
+            values = ctx.params
+    except USAGE_ERRORS as exc:
+        raise ConfigError(usage_message(exc, extra)) from None
+    from llmsample.options import CLI_FIELDS
+
+    given = {f.name: _given(values[f.name]) for f in CLI_FIELDS}
+    generation = {name: _given(values[name]) for name in ("max_new_tokens", "stop", "seed")}
+    return resolved_settings(given, values["sample"], values["preset"], model, values["no_model_defaults"],
+                             values["candidates"], **generation)
+
+
+@app.command()
+@stage_options()
+def explore(
+    prompt: PromptArgument = None,
+    file: FileOption = None,
+    sample: SampleOption = None,
+    no_model_defaults: NoModelDefaultsOption = False,
+    preset: PresetOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    stop: StopOption = None,
+    truncate: TruncateOption = False,
+    ignore_eos: IgnoreEosOption = False,
+    seed: SeedOption = None,
+    chat: ChatOption = None,
+    system: SystemOption = None,
+    num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="As for generate; explore "
+                                                       "follows one text (b branches it), so only 1.",
+                                                       rich_help_panel=GENERATION)] = None,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = DType.auto,
+    device_map: DeviceMapOption = None,
+    engine: EngineOption = Engine("auto"),
+    quantize: QuantizeOption = Quantize("none"),
+    output_format: Annotated[Format, typer.Option("--format", help="What q prints on stdout: text (the current "
+                                                  "branch's text) or json (the whole session, as s saves it).",
+                                                  rich_help_panel=OUTPUT)] = Format.text,
+    no_color: NoColorOption = False,
+    separator: Annotated[Optional[str], typer.Option("--separator", metavar="STR", help="Write STR after the text "
+                                                     "q prints (\\n, \\t, \\0 understood) \\[default: a "
+                                                     "newline].", rich_help_panel=OUTPUT)] = None,
+    null: Annotated[bool, typer.Option("-0", "--null", help="End the printed text with a NUL byte.",
+                                       rich_help_panel=OUTPUT)] = False,
+    candidates: Annotated[int, typer.Option("--candidates", metavar="N", help="Rows in the candidate table "
+                                            "\\[default: 10; 1-9 take the first nine].",
+                                            rich_help_panel=OUTPUT)] = 0,
+    explain: ExplainOption = False,
+    stats: StatsOption = False,
+    debug: DebugOption = False,
+    stage_values: Optional[dict] = None,
+) -> None:
+    """Step through a generation: take the sampled token or another one, change a setting, undo, branch.
+
+    A full-screen program, drawn on the terminal through stderr; needs Textual (pip install 'llmsample\\[explore]').
+
+    [bold]Enter[/]/[bold]Space[/] sample the next token · [bold]1-9[/] take that candidate instead
+
+    [bold]a[/] run on until EOS, a stop string or the token limit (any key pauses)
+
+    [bold]u[/]/[bold]Backspace[/] undo · [bold]b[/] branch (keep this path, go on in a new one) · [bold]Tab[/] next branch
+
+    [bold]e[/] edit a setting ([cyan]temperature 0.5[/], [cyan]top_k 40[/], [cyan]preset creative[/]): the table is recomputed, no forward pass
+
+    [bold]s[/] save the session (JSON) · [bold]q[/] quit, printing the current branch's text on stdout · Ctrl-C quit, printing nothing (exit 130)
+
+    Examples:
+
+      llmsample explore "The capital of France is" --temperature 0.8 --seed 1
+
+      answer=$(llmsample explore "Write a haiku about rain" --chat)
+    """
+    from llmsample import render, run
+    from llmsample.explore import start
+
+    settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates,
+                                 max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples)
+    start.check_settings(settings, output_format.value)
+    ending = sample_separator(separator, null, Format.text if output_format == Format.text else output_format)
+    text = run.read_prompt(prompt, file)
+    out, err = render.make_consoles(no_color=no_color)
+    renderer = render.Renderer(out, err)
+    if explain:
+        explain_settings(settings, err)
+    base_args = _ARGS[1:] if _ARGS[:1] == ["explore"] else []
+    options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
+                                  device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
+                                  candidates=candidates, engine=engine.value, quantize=_quantize_mode(quantize),
+                                  chat=chat, system=system, explain=explain)
+    try:
+        start.start(options, lambda extra: settings_with("explore", base_args, extra, model), renderer,
+                    output_format.value, ending, no_color)
     except BrokenPipeError:
         raise PipeClosed("stdout was closed") from None
 

@@ -237,14 +237,15 @@ def _pct(p: float) -> str:
     return "0" if p == 0 else f"{100 * p:.1f}" if p >= 0.001 else "<.1"
 
 
-def candidate_table(candidates: dict[str, Any], title: str) -> Table:
+def candidate_table(candidates: dict[str, Any], title: str, numbered: bool = False) -> Table:
     """One step's top candidates: raw probability, after each active stage, final, status, the chosen one.
 
-    Probabilities in percent; columns only for the stages that ran, so it fits 80 columns.
+    Probabilities in percent; columns only for the stages that ran, so it fits 80 columns. ``numbered``: the
+    first column numbers rows 1-9 where nothing is chosen yet (explore takes a row by its number).
     """
     table = Table(title=title, title_justify="left", title_style="bold", show_edge=False, pad_edge=False,
                   box=None, header_style="dim", padding=(0, 1))
-    table.add_column("", width=1)
+    table.add_column("#" if numbered else "", width=1)
     table.add_column("token", max_width=14, no_wrap=True)
     table.add_column("raw%", justify="right")
     shown_stages = candidates["stages"][:-1]  # the last stage's column would repeat the final one
@@ -252,11 +253,12 @@ def candidate_table(candidates: dict[str, Any], title: str) -> Table:
         table.add_column(STAGE_HEADERS.get(stage, stage) + "%", justify="right")
     table.add_column("final%", justify="right")
     table.add_column("status", no_wrap=True)
-    for row in candidates["candidates"]:
+    for number, row in enumerate(candidates["candidates"], 1):
         chosen = row.get("chosen", False)
         removed = row["removed_by"]
         status = Text(f"cut by {removed}", style="red") if removed else Text("kept", style="green")
-        cells = [Text("▶" if chosen else "", style="bold"), token_label(row["token"]), _pct(row["raw_prob"])]
+        mark = "▶" if chosen else str(number) if numbered and number <= 9 else ""
+        cells = [Text(mark, style="bold"), token_label(row["token"]), _pct(row["raw_prob"])]
         cells += [_pct(p) for p in row["stage_probs"][: len(shown_stages)]]
         cells += [Text(_pct(row["final_prob"]), style=style_for(row["final_prob"])), status]
         table.add_row(*cells, style="bold" if chosen else None)
