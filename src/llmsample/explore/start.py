@@ -126,8 +126,8 @@ def start(opts: run.GenerateOptions, configure: Optional[Callable[[list[str]], S
     import time
 
     check_settings(opts.settings, output_format)
-    check_terminal()
     need_textual()
+    check_terminal()
     explorer = build(opts, renderer)
     keys_from_terminal()
     if no_color:
