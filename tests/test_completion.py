@@ -21,6 +21,9 @@ BIN = Path(sys.executable).parent
         ("llmsample generate --top", 2, {"--top-k", "--top-p"}),
         ("llmsample presets s", 2, {"show"}),
         ("llmsample generate --dtype b", 3, {"bfloat16"}),
+        ("llmsample expl", 1, {"explore"}),
+        ("llmsample explore --top", 2, {"--top-k", "--top-p"}),
+        ("llmsample explore --for", 2, {"--format"}),
     ],
 )
 def test_bash_completion(words, cword, expected):

@@ -412,7 +412,7 @@ def explore(
                                        rich_help_panel=OUTPUT)] = False,
     candidates: Annotated[int, typer.Option("--candidates", metavar="N", help="Rows in the candidate table "
                                             "\\[default: 10; 1-9 take the first nine].",
-                                            rich_help_panel=OUTPUT)] = 0,
+                                            show_default=False, rich_help_panel=OUTPUT)] = 0,
     explain: ExplainOption = False,
     stats: StatsOption = False,
     debug: DebugOption = False,
