@@ -268,3 +268,18 @@ def test_q_prints_the_text_on_stdout_as_in_a_command_substitution(tiny_gemma_dir
     from llmsample.token_text import decode_text
 
     assert out.decode() == decode_text(lm.tokenizer, tokens) + "\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX terminals")
+def test_format_json_prints_the_session_and_stats_go_to_the_terminal(tiny_chat_dir):
+    code, out, seen, before, after = _in_pty(
+        ["explore", PROMPT, "-m", str(tiny_chat_dir), "--chat", "--max-new-tokens", "5", "--seed", "4",
+         "--format", "json", "--stats"], [b"\r", b"b", b"2", b"q"], stdout_pipe=True)
+    assert code == 0 and after == before
+    data = json.loads(out)
+    lm = models.load(str(tiny_chat_dir))
+    assert data["type"] == "explore_session" and data["seed"] == 4
+    assert data["prompt"] == PROMPT  # as given; the ids are the rendered template's
+    assert data["prompt_ids"] == chat.prepare(lm.tokenizer, lm.name, PROMPT, True).ids
+    assert [len(b["steps"]) for b in data["branches"]] == [1, 2] and data["current_branch"] == 1
+    assert b"forward passes in" in seen  # --stats, on the terminal (stderr) after the screen is gone

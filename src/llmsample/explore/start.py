@@ -116,7 +116,7 @@ def build(opts: run.GenerateOptions, renderer: Any) -> Any:
     eos = [] if opts.ignore_eos else run.eos_ids(lm, prompt.mode == chat.CHAT)
     with run.cache_checked(lm):
         return Explorer(lm, ids[0].tolist(), settings, seed, eos, rows=opts.candidates or DEFAULT_ROWS,
-                        prompt_text=prompt.text)
+                        prompt_text=prompt.text, given_prompt=opts.prompt)
 
 
 def start(opts: run.GenerateOptions, configure: Optional[Callable[[list[str]], Settings]], renderer: Any,

@@ -88,11 +88,13 @@ class Explorer:
     """A session over one loaded model and prompt: sample, choose, undo, branch, switch, change settings.
 
     ``lm``: ``models.LoadedModel``; ``prompt_ids``: the ids fed (template and BOS included); ``settings``: the
-    resolved settings; ``eos``: the ids that end a text; ``rows``: candidate rows per table.
+    resolved settings; ``eos``: the ids that end a text; ``rows``: candidate rows per table; ``prompt_text``: the
+    prompt as the model reads it (a chat template rendered), shown above the text; ``given_prompt``: as the user
+    gave it (the session file's ``prompt``; default ``prompt_text``).
     """
 
     def __init__(self, lm: Any, prompt_ids: list[int], settings: Settings, seed: int, eos: list[int],
-                 rows: int = DEFAULT_ROWS, prompt_text: str = ""):
+                 rows: int = DEFAULT_ROWS, prompt_text: str = "", given_prompt: Optional[str] = None):
         from llmsample.token_text import control_token_ids
 
         self.lm = lm
@@ -100,10 +102,11 @@ class Explorer:
         self.tokenizer = lm.tokenizer
         self.prompt_ids = list(prompt_ids)
         self.prompt_text = prompt_text
+        self.given_prompt = prompt_text if given_prompt is None else given_prompt
         self.eos = list(eos)
         self.rows = rows
         self.hidden = control_token_ids(self.tokenizer)
-        self.seed = seed
+        self.seed = self.start_seed = seed
         self.generator = torch.Generator(device=self.model.device).manual_seed(seed)
         self.state: dict = {}  # the samplers' shared state: the bound grammar, mirostat's μ
         self.forward_s = 0.0  # time spent in the model's forward (for --stats)
