@@ -12,6 +12,8 @@
    already there and drawn (no forward pass; the program's own timer), and the model side alone.
 5. Undo then step again: cutting the cache back (one token read) against reading the prompt and path again.
 
+generate with ``--candidates 10`` (a table after each token, what explore shows) is measured too.
+
 Each is the best of ``--repeats`` runs, interleaved.
 """
 
@@ -42,9 +44,10 @@ def main() -> None:
     settings = presets.resolve_settings(None, layer, model_sampling(None, False))
     ids = chat.prepare(lm.tokenizer, lm.name, prompt, False).ids
 
-    def generate_per_token() -> float:
+    def generate_per_token(candidates: int = 0) -> float:
         out, err = render.make_consoles(no_color=True, stdout=io.StringIO(), stderr=io.StringIO())
-        opts = run.GenerateOptions(prompt=prompt, settings=settings, ignore_eos=True, chat=False)
+        opts = run.GenerateOptions(prompt=prompt, settings=settings, ignore_eos=True, chat=False,
+                                   candidates=candidates)
         summary = run.generate(opts, render.TextRenderer(out, err), loaded=(lm, 0.0))
         stats = summary["stats"]
         return stats["decode_s"] / (stats["new_tokens"] - 1)  # the first token's draw is in the prefill's time
@@ -109,25 +112,30 @@ def main() -> None:
         return max(drawn), model_side
 
     def undo_and_step(cut: bool) -> float:
+        """Undo, then step again (the fastest of five), ``args.tokens - 6`` tokens into the text."""
         e = explorer()
-        for _ in range(min(16, args.tokens - 1)):
+        for _ in range(args.tokens - 6):
             e.sample()
-        e.undo()
+        original = stepper.rewind
         if not cut:
-            original = stepper.rewind
             stepper.rewind = lambda cache, length: False  # what a cache that cannot be cut back costs
+        took = []
         try:
-            start = time.perf_counter()
-            e.sample()
-            return (time.perf_counter() - start) * 1000
+            for _ in range(5):
+                e.undo()
+                start = time.perf_counter()
+                e.sample()
+                took.append((time.perf_counter() - start) * 1000)
         finally:
-            if not cut:
-                stepper.rewind = original
+            stepper.rewind = original
+        return min(took)
 
-    results: dict[str, list] = {k: [] for k in ("generate", "model", "program", "change", "cut", "reread")}
+    results: dict[str, list] = {k: [] for k in ("generate", "tables", "model", "program", "change", "cut",
+                                                "reread")}
     generate_per_token(), explore_model_side(), undo_and_step(True)  # warm-up: first calls pay one-off costs
     for _ in range(args.repeats):
         results["generate"].append(generate_per_token())
+        results["tables"].append(generate_per_token(10))
         results["model"].append(explore_model_side())
         results["program"].append(explore_program())
         results["change"].append(setting_change())
@@ -140,13 +148,15 @@ def main() -> None:
     change_model = min(c[1] for c in results["change"])
     print(f"default model ({lm.name}, {lm.engine} engine, cpu float32), {args.tokens} tokens, best of "
           f"{args.repeats}; chain {settings.sampling.describe_chain()}")
+    tables = min(results["tables"])
     print(f"generate, per token:                     {1000 * gen:7.1f} ms")
+    print(f"generate --candidates 10, per token:     {1000 * tables:7.1f} ms  ({100 * (tables / gen - 1):+.1f}%)")
     print(f"explore, model side (step + next table):  {1000 * model:7.1f} ms  ({100 * (model / gen - 1):+.1f}%)")
     print(f"explore, whole program (Enter, drawn):    {1000 * program:7.1f} ms  ({100 * (program / gen - 1):+.1f}%)")
     print(f"setting change, table recomputed + drawn: {drawn:7.1f} ms (worst of two changes; model side "
           f"{change_model:.1f} ms; no forward pass)")
-    print(f"undo then step: cache cut back {min(results['cut']):.1f} ms · prompt and path read again "
-          f"{min(results['reread']):.1f} ms")
+    print(f"undo then step, {args.tokens - 6} tokens in: cache cut back {min(results['cut']):.1f} ms · prompt and "
+          f"path read again {min(results['reread']):.1f} ms")
 
 
 if __name__ == "__main__":

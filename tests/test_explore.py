@@ -144,6 +144,19 @@ def test_the_token_limit_stops_a_branch(lm):
         e.sample()
 
 
+def test_a_new_seed_or_token_limit_applies_from_the_next_step(lm):
+    reseeded = explorer(lm, do_sample=True)
+    reseeded.sample()
+    layer = {"sampling": {"do_sample": True}, "generation": {"max_new_tokens": 30, "seed": 7}}
+    reseeded.configure(presets.resolve_settings(None, layer, {}))
+    fresh = explorer(lm, do_sample=True)
+    fresh.force(reseeded.branch.token_ids[0])
+    fresh.generator.manual_seed(7)
+    for _ in range(6):
+        assert reseeded.sample().token_id == fresh.sample().token_id
+    assert reseeded.max_new_tokens == 30 and reseeded.start_seed == 0 and reseeded.seed == 7
+
+
 def test_mirostat_state_follows_undo_and_branches(lm):
     e = explorer(lm, do_sample=True, mirostat=2)
     for _ in range(3):

@@ -112,13 +112,13 @@ class Main(Screen):
         self.app.start_run_on()  # type: ignore[attr-defined]
 
     def action_undo(self) -> None:
-        self.app.act(lambda e: e.undo(), model=False)  # type: ignore[attr-defined]
+        self.app.act(lambda e: e.undo())  # type: ignore[attr-defined]
 
     def action_fork(self) -> None:
-        self.app.act(lambda e: e.fork(), model=False)  # type: ignore[attr-defined]
+        self.app.act(lambda e: e.fork())  # type: ignore[attr-defined]
 
     def action_next_branch(self) -> None:
-        self.app.act(lambda e: e.switch(), model=False)  # type: ignore[attr-defined]
+        self.app.act(lambda e: e.switch())  # type: ignore[attr-defined]
 
     def action_edit(self) -> None:
         self.app.edit()  # type: ignore[attr-defined]
@@ -216,7 +216,7 @@ class ExploreApp(App[Optional[str]]):
         """Stop a run-on after its current step."""
         self._pause.set()
 
-    def act(self, what: Callable[[Explorer], Any], model: bool = True) -> None:
+    def act(self, what: Callable[[Explorer], Any]) -> None:
         """Do one thing to the explorer and redraw; an error becomes the status message."""
         if self.running:
             self.pause()

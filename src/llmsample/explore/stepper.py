@@ -139,9 +139,10 @@ class Explorer:
         self._model_cfg = model_cfg
         self.max_new_tokens = settings.generation.max_new_tokens
         self.stops = list(settings.generation.stop)
-        if settings.generation.seed is not None and settings.generation.seed != self.seed and self.start_settings:
-            self.seed = settings.generation.seed  # a new seed from here on
-            self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        seed = settings.generation.seed
+        if self.start_settings and seed is not None and seed != self.seed:  # `e seed N`: draws from here on
+            self.seed = seed
+            self.generator = torch.Generator(device=self.model.device).manual_seed(seed)
         self._preview = None
 
     def _step_config(self, index: int) -> tuple[SamplingConfig, Any]:
@@ -229,8 +230,7 @@ class Explorer:
         choice = sampler.step(self.sequence(), logits, generator=self.generator, prompt_len=len(self.prompt_ids))
         token = int(choice.token_ids[0])
         if choice.record:  # a stage decided something at the draw (XTC fired, mirostat's μ): table that decision
-            replay = {key: value for key, value in choice.record.items()}
-            table = self._table(logits, self.index, token, replay)
+            table = self._table(logits, self.index, token, dict(choice.record))
         else:
             table = _mark(self.preview(), token)
         return self._take(token, SAMPLED, float(choice.raw_prob[0]), float(choice.prob[0]), cfg, table)
