@@ -373,3 +373,13 @@ def test_wide_rows_compacted_or_not_are_the_unconstrained_ones_renormalised(shar
     assert bool(allowed.gather(1, choice.token_ids.unsqueeze(1)).all())
     raw = torch.softmax(logits.double(), -1)
     assert torch.allclose(choice.record["grammar_cut"].double(), (raw * ~allowed).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("schema", [False, True, "false", " true "])
+def test_a_boolean_schema_is_refused_with_a_clear_line(schema):
+    """Found by the fuzz test: a boolean schema reached llguidance, which raised a bare ValueError."""
+    from llmsample.config import SamplingConfig
+    from llmsample.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"json_schema: the boolean schema (true|false) is not supported"):
+        SamplingConfig(json_schema=schema)

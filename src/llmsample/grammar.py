@@ -120,9 +120,17 @@ def check(kind: str, value: Any, where: str = "") -> None:
             schema = json.loads(value)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-        if not isinstance(schema, (dict, bool)):
+        if isinstance(schema, bool):  # valid JSON Schema, but llguidance only follows object schemas
+            raise ConfigError(f"{where}: the boolean schema {value.strip()} is not supported: give an object "
+                              "schema ({} allows any JSON value)")
+        if not isinstance(schema, dict):
             raise ConfigError(f"{where}: a JSON schema is an object, got {value[:40]!r}")
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar_text(kind, value, where))
+    try:
+        text = grammar_text(kind, value, where)
+    except (ValueError, TypeError) as exc:  # llguidance refuses some inputs before validation (a boolean schema)
+        raise ConfigError(f"{where}: not a {kind.replace('_', ' ')} llguidance can follow: {_one_line(str(exc))}") \
+            from None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
     if not is_error:
         return
     if kind == "regex":
