@@ -160,10 +160,9 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
          "repetition_penalty": Param("repeat_penalty", "extra"),
          "mirostat": Param("mirostat_mode", "extra"), "mirostat_tau": Param("mirostat_tau", "extra"),
          "mirostat_eta": Param("mirostat_eta", "extra"), "grammar": Param("grammar", "extra", _gbnf)},
-        # llama_cpp/llama.py _init_sampler: biases (a logits processor), penalties, grammar, then top-k, typical,
-        # top-p, min-p and temperature last.
-        order="fixed", fixed_order=("logit_bias", "penalties", "grammar", "top_k", "typical_p", "top_p", "min_p",
-                                    "temperature"),
+        # llama_cpp/llama.py _init_sampler: biases (a logits processor), penalties, grammar, then top-k, typical
+        # (which its server cannot set), top-p, min-p and temperature last.
+        order="fixed", fixed_order=("logit_bias", "penalties", "grammar", "top_k", "top_p", "min_p", "temperature"),
         max_logprobs=100, takes_n=False, neutral_defaults=False,
         notes={"repetition_penalty": "llama-cpp-python penalises only the last tokens its server was started with "
                                      "(--last_n_tokens_size, 64 by default), whatever penalty_last_n says"},
@@ -294,12 +293,12 @@ def _order(dialect: Dialect, settings: Settings, used: dict[str, Any]) -> dict[s
         known = [s for s in stages if s in dialect.fixed_order]
         theirs = [s for s in dialect.fixed_order if s in known]
         out: dict[str, Any] = {"honoured": False, "server_order": list(dialect.fixed_order), "how": "fixed"}
+        out["stages"] = known
         if known != theirs and len(known) > 1:
             out["differs"] = True
-            out["why"] = (f"{dialect.title} applies its fixed order ({' -> '.join(theirs)}), not "
-                          f"{' -> '.join(known)}")
+            out["why"] = f"{dialect.title} applies its fixed order ({' -> '.join(theirs)})"
         return out
-    out = {"honoured": False, "server_order": None, "how": "unknown"}
+    out = {"honoured": False, "server_order": None, "how": "unknown", "stages": stages}
     if tuple(cfg.order) != STAGE_ORDER_DEFAULT and len(stages) > 1:
         out["differs"] = True
         out["why"] = f"{dialect.title} applies its own order, which it does not say"

@@ -51,7 +51,7 @@ def prepare(opts: Any, renderer: Renderer, server: Optional[Server] = None) -> P
     for key, why in req.unsupported:
         if key in ("ignore_eos", "schedule") or settings.sources.get(key) in own or key == "sampling.order" and any(
                 settings.sources.get(f"sampling.{name}") in own for name in dialects.in_use(settings)):
-            shown = values[key] if key != "sampling.order" else ",".join(values[key])
+            shown = values[key] if key != "sampling.order" else ",".join(req.order["stages"])
             renderer.warn(f"{key.split('.')[-1]}={shown} has no effect: {why}")
     if opts.candidates and not dialect.logprobs:
         renderer.warn(f"--candidates {opts.candidates} has no effect: {dialect.title} reports no probabilities")
@@ -152,6 +152,9 @@ def generate(opts: Any, renderer: Renderer, server: Optional[Server] = None) -> 
                 if stats["first_token_s"] is None:
                     stats["first_token_s"] = time.perf_counter() - decode_start
                 _record(records[event.sample], event, temperature, opts.candidates, renderer)
+            asked = records[first:first + body.get("n", 1)]
+            if any(record.finish_reason is None for record in asked):  # no [DONE], no finish reason: cut
+                raise StreamCut(f"the stream from {prep.server.client.url} ended before the answer did")
     except StreamCut as exc:
         failure = exc
     except ServerError as exc:
