@@ -143,7 +143,16 @@ def test_chat_goes_to_the_chat_endpoint(cli, llama_cpp_server):
     summary, err = run_json(cli, llama_cpp_server, "--chat", "--system", "Answer in one word.", "--greedy",
                             "--max-new-tokens", "4")
     assert summary["prompt_format"] == "chat" and summary["server"]["endpoint"] == "/v1/chat/completions"
-    assert summary["samples"][0]["token_ids"] and summary["samples"][0]["finish_reason"] in ("length", "eos")
+    # The packaged model is a base model: under a chat template it may end its turn at once; either way the
+    # answer is complete and what it says.
+    assert summary["samples"][0]["finish_reason"] in ("length", "eos")
+
+
+def test_the_chat_command_keeps_a_session_with_the_server(cli, llama_cpp_server):
+    code, out, err = cli("chat", "--base-url", llama_cpp_server, "--greedy", "--max-new-tokens", "4",
+                         stdin=b"Hello\n/set temperature 0.5\nAnd again?\n")
+    assert code == 0, err
+    assert len(out.splitlines()) == 2  # one line per answer, piped
 
 
 def test_a_model_it_does_not_serve(cli, llama_cpp_server):

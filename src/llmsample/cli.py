@@ -355,6 +355,10 @@ def chat_command(
     device_map: DeviceMapOption = None,
     engine: EngineOption = Engine("auto"),
     quantize: QuantizeOption = Quantize("none"),
+    base_url: BaseUrlOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    dialect: DialectOption = Dialect("auto"),
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     no_color: NoColorOption = False,
     candidates: CandidatesOption = 0,
     explain: ExplainOption = False,
@@ -373,9 +377,15 @@ def chat_command(
       llmsample chat -m ./gemma-3-1b-it --system "Answer briefly." --preset dialogue
 
       printf 'Hello\\nAnd in French?\\n' | llmsample chat -m ./gemma-3-1b-it --seed 1
+
+      llmsample chat --base-url http://127.0.0.1:8000 -m meta-llama/Llama-3.1-8B-Instruct --preset dialogue
     """
     from llmsample import render, run, session
 
+    server = server_options(engine, base_url, api_key_env, dialect, timeout)
+    local_only(server, device=device != "auto", dtype=dtype != DType.auto, device_map=device_map,
+               quantize=quantize.value != "none", truncate=truncate)
+    no_model_defaults = no_model_defaults or server is not None
     generation = dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed)
     settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates, **generation)
     out, err = render.make_consoles(no_color=no_color)
@@ -392,12 +402,14 @@ def chat_command(
             raise ConfigError(usage_message(exc, extra)) from None
         given = {name: _given(values[name]) for name in (stage_values or {})}
         generation = {name: _given(values[name]) for name in ("max_new_tokens", "stop", "seed")}
-        return resolved_settings(given, values["sample"], values["preset"], model, values["no_model_defaults"],
-                                 values["candidates"], **generation), values["candidates"]
+        return resolved_settings(given, values["sample"], values["preset"], model,
+                                 values["no_model_defaults"] or server is not None, values["candidates"],
+                                 **generation), values["candidates"]
 
     base = run.GenerateOptions(prompt="", settings=settings, model=model, device=device, dtype=dtype.value,
                                device_map=device_map, stats=stats, truncate=truncate, engine=engine.value,
-                               quantize=_quantize_mode(quantize), chat=True, system=system, explain=explain)
+                               quantize=_quantize_mode(quantize), chat=True, system=system, explain=explain,
+                               server=server)
     try:
         session.start(base, configure, sys.stdin, out, err)
     except BrokenPipeError:

@@ -13,7 +13,7 @@ from llmsample.errors import ConfigError, ExitCode, ServerError
 from llmsample.remote import dialects, stream
 from llmsample.remote.http import StreamCut
 from llmsample.remote.server import Server, connect, describe
-from llmsample.render import Renderer, TextRenderer, format_stats
+from llmsample.render import JsonlRenderer, JsonRenderer, Renderer, TextRenderer, format_stats
 
 
 @dataclass
@@ -41,7 +41,7 @@ def prepare(opts: Any, renderer: Renderer, server: Optional[Server] = None) -> P
     chat = bool(opts.chat)
     # Probabilities cost the server time (llama-cpp-python sorts the whole vocabulary per token): asked for only
     # where something shows them: colours, JSON, candidate tables.
-    wanted = not isinstance(renderer, TextRenderer) or renderer.color
+    wanted = isinstance(renderer, (JsonRenderer, JsonlRenderer)) or isinstance(renderer, TextRenderer) and renderer.color
     req = dialects.request(dialect, settings, settings.generation.num_samples, opts.ignore_eos, opts.candidates,
                            wanted)
     values = {key: value for key, value, _ in settings.rows()} | {"ignore_eos": opts.ignore_eos}

@@ -48,6 +48,11 @@ class Server:
     model: str
     served: list[str]
 
+    @property
+    def name(self) -> str:
+        """The model's name on the server (what a chat session shows and saves)."""
+        return self.model
+
 
 def api_key(name: Optional[str]) -> Optional[str]:
     """The key from the environment variable ``name`` (the key itself never appears on a command line)."""
