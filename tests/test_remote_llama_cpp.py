@@ -167,3 +167,18 @@ def test_text_output_streams_and_is_what_json_says(cli, llama_cpp_server):
                          "5")
     summary, _ = run_json(cli, llama_cpp_server, "--greedy", "--max-new-tokens", "5")
     assert code == 0 and out == summary["text"] + "\n"
+
+
+def test_sweep_and_inspect_against_the_server(cli, llama_cpp_server):
+    code, out, err = cli("sweep", "Write about the sea.", "--base-url", llama_cpp_server, "--grid", "top_k=1,50",
+                         "--samples", "2", "--max-new-tokens", "4", "--seed", "1", "--format", "json")
+    assert code == 0, err
+    points = json.loads(out)["points"]
+    assert points[0]["distinct_1"] <= points[1]["distinct_1"]  # top_k 1 draws the same tokens for both samples
+    assert all(p["perplexity"] >= 1 and p["mean_entropy"] is None for p in points)
+    code, out, err = cli("inspect", "The capital of France is", "--base-url", llama_cpp_server, "--steps", "2",
+                         "--top", "3", "--format", "json")
+    assert code == 0, err
+    steps = json.loads(out)["steps"]
+    assert len(steps) == 2 and steps[1]["context"]  # the greedy path, followed as text
+    assert all(len(step["variants"][0]["top"]) == 3 for step in steps)

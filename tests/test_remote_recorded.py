@@ -205,3 +205,36 @@ def test_a_setting_no_server_takes_is_warned(cli, llama_server):
 def test_bad_server_options_are_usage_errors(cli, args, message):
     code, _, err = cli("x", *args)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_inspect_on_llama_server_gives_a_panel_per_setting_after_its_chain(cli, llama_server):
+    code, out, err = cli("inspect", "x", "--base-url", llama_server.url, "--temperature", "0.5", "--temperature",
+                         "1.5", "--top", "2", "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["kind"] == "post_sampling"
+    variants = result["steps"][0]["variants"]
+    assert [v["label"] for v in variants] == ["temperature=0.5", "temperature=1.5"]
+    assert [t["token"] for t in variants[0]["top"]] == [" Paris", " the"]
+    temperatures = [r["body"]["temperature"] for r in llama_server.requests if r["method"] == "POST"]
+    assert temperatures == [0.5, 1.5, 0.0]  # each setting, then the greedy step that follows the path
+    assert "has no effect" not in err
+
+
+def test_inspect_on_vllm_says_its_probabilities_are_raw(cli, vllm):
+    code, out, err = cli("inspect", "x", "--base-url", vllm.url, "--top-p", "0.5", "--top-p", "0.9", "--top", "2")
+    assert code == 0, err
+    assert "raw top-N from the server" in out and out.count("raw top-N") == 1
+    assert "reports only raw probabilities, which no sampling setting changes" in err
+
+
+def test_sweep_on_a_server_leaves_the_entropy_empty(cli, vllm):
+    code, out, err = cli("sweep", "x", "--base-url", vllm.url, "--grid", "top_k=5,50", "--samples", "2",
+                         "--max-new-tokens", "4", "--format", "json")
+    assert code == 0, err
+    points = json.loads(out)["points"]
+    assert [p["point"] for p in points] == [{"top_k": 5}, {"top_k": 50}]
+    assert [r["body"]["top_k"] for r in vllm.requests if r["method"] == "POST"] == [5, 50]
+    row = points[0]
+    assert row["mean_entropy"] is None and row["sample"] == " Paris. It is"
+    assert row["mean_length"] == 3.0 and row["perplexity"] > 1  # 4 and 2 tokens; from the raw log-probabilities

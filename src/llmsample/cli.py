@@ -436,10 +436,17 @@ def inspect(
     dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
     engine: Annotated[Engine, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Engine("auto"),
     quantize: Annotated[Quantize, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Quantize("none"),
+    base_url: BaseUrlOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    dialect: DialectOption = Dialect("auto"),
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
     stage_values: Optional[dict] = None,
 ) -> None:
     """The next-token distribution after PROMPT under one or more settings, side by side.
+
+    With --engine openai: the server's top-N (after its own sampler chain on llama-server, one panel per setting;
+    raw on the others, one panel).
 
     Examples:
 
@@ -455,11 +462,19 @@ def inspect(
         raise ConfigError(f"--steps must be an integer in [1, 64], got {steps}")
     if not 1 <= top <= 100:
         raise ConfigError(f"--top must be an integer in [1, 100], got {top}")
+    server = server_options(engine, base_url, api_key_env, dialect, timeout)
+    local_only(server, device=device != "auto", dtype=dtype != DType.auto, quantize=quantize.value != "none")
     chosen = lab.variants(preset or [], to_variants(stage_values or {}))
     out, err = render.make_consoles()
-    lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
-    with run.cache_checked(lm):
-        result = lab.inspect_steps(lm, prompt, chosen, steps, top)
+    if server is not None:
+        from llmsample.remote import lab as remote_lab
+        from llmsample.remote.server import connect
+
+        result = remote_lab.inspect_steps(connect(server, model), prompt, chosen, steps, top, err)
+    else:
+        lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
+        with run.cache_checked(lm):
+            result = lab.inspect_steps(lm, prompt, chosen, steps, top)
     if plot:
         plots.inspect_plot(result, plot)
         err.print(f"wrote {plot}")
@@ -492,11 +507,16 @@ def sweep(
     dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
     engine: Annotated[Engine, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Engine("auto"),
     quantize: Annotated[Quantize, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Quantize("none"),
+    base_url: BaseUrlOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    dialect: DialectOption = Dialect("auto"),
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
 ) -> None:
     """Generate K samples at every point of a grid of settings and measure their diversity and quality.
 
-    Per point: distinct-1/2, repeated 3-grams, mean entropy, perplexity and length (a table, CSV or JSON).
+    Per point: distinct-1/2, repeated 3-grams, mean entropy, perplexity and length (a table, CSV or JSON). With
+    --engine openai the server draws them; the mean entropy needs the whole distribution, so it is left empty.
 
     Example:
 
@@ -520,15 +540,27 @@ def sweep(
     points = lab.grid_points(parsed)
     for point in points:  # every point must be valid before anything is loaded
         presets.resolve_settings(preset, {"sampling": point})
+    server = server_options(engine, base_url, api_key_env, dialect, timeout)
+    local_only(server, device=device != "auto", dtype=dtype != DType.auto, quantize=quantize.value != "none")
     out, err = render.make_consoles()
-    lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
-    lab.ensure_sweep_fits(lm, prompt, samples, max_new_tokens)
     progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True)
-    with progress, run.cache_checked(lm):
-        task = progress.add_task("sweep", total=len(points) * max_new_tokens)
-        rows = lab.sweep(lm, prompt, preset, {}, parsed, samples, seed, max_new_tokens, run.eos_ids(lm),
-                         on_step=lambda: progress.advance(task))
+    if server is not None:
+        from llmsample.remote import lab as remote_lab
+        from llmsample.remote.server import connect
+
+        connected = connect(server, model)
+        with progress:
+            task = progress.add_task("sweep", total=len(points))
+            rows = remote_lab.sweep(connected, prompt, preset, parsed, samples, seed, max_new_tokens, err,
+                                    on_point=lambda: progress.advance(task))
+    else:
+        lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
+        lab.ensure_sweep_fits(lm, prompt, samples, max_new_tokens)
+        with progress, run.cache_checked(lm):
+            task = progress.add_task("sweep", total=len(points) * max_new_tokens)
+            rows = lab.sweep(lm, prompt, preset, {}, parsed, samples, seed, max_new_tokens, run.eos_ids(lm),
+                             on_step=lambda: progress.advance(task))
     if plot:
         plots.sweep_plot(rows, parsed, plot)
         err.print(f"wrote {plot}")

@@ -423,7 +423,10 @@ def inspect_view(result: dict[str, Any]) -> list[Any]:
                 body.append(label + " " * max(1, 11 - cell_len(label)))  # CJK characters are two cells wide
                 body.append(_bar(item["prob"]), style=style_for(item["prob"]))
                 body.append(f" {_pct(item['prob']):>5}%\n")
-            body.append(f"entropy {variant['entropy']:.2f} nats · kept {variant['kept']}", style="dim")
+            if variant["entropy"] is None:  # a serving engine: its top-N, not the whole distribution
+                body.append("the server's top-N only", style="dim")
+            else:
+                body.append(f"entropy {variant['entropy']:.2f} nats · kept {variant['kept']}", style="dim")
             if variant["order_sensitive"]:
                 o = variant["order_sensitive"]
                 body.append(f"\n⚑ order matters: T last keeps {o['temperature_last']}, T first "
@@ -457,8 +460,8 @@ def sweep_table(rows: list[dict[str, Any]], grid: dict[str, list]) -> Table:
     table.add_column(Text("first sample", no_wrap=True, overflow="ellipsis"), ratio=1, min_width=8)
     for row in rows:
         sample = Text(json.dumps(row["sample"], ensure_ascii=False), no_wrap=True, overflow="ellipsis")
-        table.add_row(*[str(row["point"][n]) for n in grid], *[fmt.format(row[key]) for key, _, fmt in SWEEP_COLUMNS],
-                      sample)
+        table.add_row(*[str(row["point"][n]) for n in grid],
+                      *["—" if row[key] is None else fmt.format(row[key]) for key, _, fmt in SWEEP_COLUMNS], sample)
     table.caption = ("dist-n: distinct n-grams / all n-grams over the samples · rep-3: repeated 3-gram rate · "
                      "H: mean entropy of the final distributions (nats) · ppl: perplexity of the chosen tokens "
                      "under the model · len: mean tokens")
@@ -474,6 +477,7 @@ def sweep_csv(rows: list[dict[str, Any]], grid: dict[str, list]) -> str:
     keys = [key for key, _, _ in SWEEP_COLUMNS] + ["mean_logprob"]
     writer.writerow([*grid, *keys, "chain", "sample"])
     for row in rows:
-        writer.writerow([*(row["point"][n] for n in grid), *(f"{row[k]:.6g}" for k in keys), row["chain"],
+        writer.writerow([*(row["point"][n] for n in grid), *("" if row[k] is None else f"{row[k]:.6g}" for k in keys),
+                         row["chain"],
                          row["sample"]])
     return buffer.getvalue()

@@ -219,9 +219,10 @@ class Request:
 
 
 def request(dialect: Dialect, settings: Settings, samples: int, ignore_eos: bool, top_n: int,
-            probs: bool = True) -> Request:
+            probs: bool = True, post_sampling: bool = True) -> Request:
     """The body for ``dialect`` from resolved ``settings``; ``samples`` per request (n); ``top_n`` alternatives
-    per token wanted; ``probs``: the chosen token's probability is wanted (colours, JSON) even when top_n is 0."""
+    per token wanted; ``probs``: the chosen token's probability is wanted (colours, JSON) even when top_n is 0;
+    ``post_sampling``: where the server can say (llama-server), the probabilities after its chain, else raw."""
     cfg, gen = settings.sampling, settings.generation
     body: dict = {}
     sent: dict[str, Any] = {}
@@ -259,7 +260,7 @@ def request(dialect: Dialect, settings: Settings, samples: int, ignore_eos: bool
     elif order.get("differs"):
         unsupported.append(("sampling.order", order["why"]))
     if probs or top_n:
-        _logprobs(dialect, body, top_n)
+        _logprobs(dialect, body, top_n, post_sampling)
     caveats = [f"{name}: {note}" if name != "*" else note for name, note in dialect.notes.items()
                if name == "*" or name in used]
     return Request(body, sent, unsupported, caveats, order)
@@ -308,13 +309,14 @@ def _order(dialect: Dialect, settings: Settings, used: dict[str, Any]) -> dict[s
 STAGE_ORDER_DEFAULT = tuple(FIELDS["order"].neutral)
 
 
-def _logprobs(dialect: Dialect, body: dict, top_n: int) -> None:
+def _logprobs(dialect: Dialect, body: dict, top_n: int, post_sampling: bool) -> None:
     """Ask for the chosen token's probability (for the colours) and ``top_n`` alternatives."""
     if dialect.logprobs == "openai":
         body["logprobs"] = min(max(top_n, 1), dialect.max_logprobs)
     elif dialect.logprobs == "llama-server":
         body["n_probs"] = min(max(top_n, 1), dialect.max_logprobs)
-        body["post_sampling_probs"] = True  # the probabilities after its sampler chain, as llmsample colours
+        if post_sampling:
+            body["post_sampling_probs"] = True  # the probabilities after its sampler chain, as llmsample colours
 
 
 def describe(dialect: Dialect) -> list[dict[str, Any]]:

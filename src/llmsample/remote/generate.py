@@ -41,9 +41,10 @@ def prepare(opts: Any, renderer: Renderer, server: Optional[Server] = None) -> P
     chat = bool(opts.chat)
     # Probabilities cost the server time (llama-cpp-python sorts the whole vocabulary per token): asked for only
     # where something shows them: colours, JSON, candidate tables.
-    wanted = isinstance(renderer, (JsonRenderer, JsonlRenderer)) or isinstance(renderer, TextRenderer) and renderer.color
+    wanted = (isinstance(renderer, (JsonRenderer, JsonlRenderer)) or isinstance(renderer, TextRenderer)
+              and renderer.color or getattr(renderer, "wants_probs", False))
     req = dialects.request(dialect, settings, settings.generation.num_samples, opts.ignore_eos, opts.candidates,
-                           wanted)
+                           wanted, getattr(renderer, "post_sampling", True))
     values = {key: value for key, value, _ in settings.rows()} | {"ignore_eos": opts.ignore_eos}
     for key, why in settings.warnings():  # as a local run: the user's own choices that have no effect
         renderer.warn(f"{key.split('.')[-1]}={values[key]} has no effect: {why}")
