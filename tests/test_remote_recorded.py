@@ -238,3 +238,39 @@ def test_sweep_on_a_server_leaves_the_entropy_empty(cli, vllm):
     row = points[0]
     assert row["mean_entropy"] is None and row["sample"] == " Paris. It is"
     assert row["mean_length"] == 3.0 and row["perplexity"] > 1  # 4 and 2 tokens; from the raw log-probabilities
+
+
+def readme_server_commands() -> list[str]:
+    """The README's serving-engine commands (```bash blocks: the tiny-model README test does not run them)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving engines", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("llmsample ")]
+
+
+def test_the_readme_server_commands_run_against_a_recorded_vllm(cli, vllm):
+    import re
+    import shlex
+
+    commands = readme_server_commands()
+    assert len(commands) >= 3
+    for command in commands:
+        command = re.sub(r"https?://[A-Za-z0-9.]+(:\d+)?", vllm.url, command)
+        command = re.sub(r"-m \S+", f"-m {VLLM_MODEL}", command)
+        args = shlex.split(command)[1:]
+        extra = ["--samples", "2"] if args[0] == "sweep" else []  # the recording holds two samples
+        code, out, err = cli(*args, "--max-new-tokens", "4", *extra)
+        assert code == 0, f"{command}: {err}"
+        assert out.strip(), command
+
+
+def test_the_readme_dialect_table_is_the_code():
+    from pathlib import Path
+
+    from llmsample.remote.dialects import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "README's dialect table differs from dialects.py: paste markdown_table()"

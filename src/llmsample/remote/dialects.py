@@ -327,4 +327,36 @@ def describe(dialect: Dialect) -> list[dict[str, Any]]:
     return rows
 
 
+def markdown_table() -> str:
+    """The capability table as the README shows it (a test keeps the two the same): per setting, the JSON name
+    each dialect reads it under; *extra* marks the server's own fields, — a setting it cannot take (warned)."""
+    names = [d.name for d in DIALECTS.values()]
+    settings: list[str] = []
+    for d in DIALECTS.values():
+        settings += [name for name in d.params if name not in settings]
+    settings.sort(key=lambda n: (n not in FIELDS, list(FIELDS).index(n) if n in FIELDS else 0))
+
+    def cell(d: Dialect, name: str) -> str:
+        param = d.params.get(name)
+        return "—" if param is None else f"`{param.name}`" + (" *extra*" if param.part == "extra" else "")
+
+    lines = ["| setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(d, name) for d in DIALECTS.values()) + " |" for name in settings]
+    order = {"samplers": lambda d: f"`{d.order_param.name}` *extra*", "fixed": lambda d: "fixed: " + " → ".join(
+        d.fixed_order), "unknown": lambda d: "its own (unknown)"}
+    lines.append("| order | " + " | ".join(order[d.order](d) for d in DIALECTS.values()) + " |")
+    lines.append("| -n | " + " | ".join("`n`" if d.takes_n else "one request per sample" for d in DIALECTS.values())
+                 + " |")
+    probs = {"openai": lambda d: f"`logprobs` (raw, top ≤ {d.max_logprobs})",
+             "llama-server": lambda d: f"`n_probs` + `post_sampling_probs` (after its chain, top ≤ {d.max_logprobs})",
+             "": lambda d: "none"}
+    lines.append("| probabilities | " + " | ".join(probs[d.logprobs](d) for d in DIALECTS.values()) + " |")
+    lines.append("| endpoint (raw / --chat) | " + " | ".join(f"`{d.completions}` / `{d.chat}`"
+                                                          for d in DIALECTS.values()) + " |")
+    taken = {name for d in DIALECTS.values() for name in d.params}
+    none = [name for name in FIELDS if name not in taken and name not in ("do_sample", "order")]
+    lines += ["", "Taken by none of them (warned whenever set): " + ", ".join(f"`{n}`" for n in none) + "."]
+    return "\n".join(lines)
+
+
 __all__ = ["DIALECTS", "DIALECT_NAMES", "Dialect", "Param", "Request", "request", "in_use", "describe", "STAGES"]
