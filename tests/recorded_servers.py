@@ -84,8 +84,9 @@ class Recorded:
         self.thread.start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
 
     def _handler(self) -> type:
         owner = self

@@ -159,10 +159,10 @@ def test_unreachable_and_unknown_model(cli, vllm):
                    f"{VLLM_MODEL}\n")
     url = vllm.url
     vllm.close()
+    vllm.thread.join()
     code, _, err = cli("x", "--base-url", url)
     assert code == 3 and err == f"llmsample: error: cannot reach the server at {url}: connection refused " \
                                 "(is it running? see --base-url)\n"
-    vllm.server = type("Closed", (), {"shutdown": lambda self: None, "server_close": lambda self: None})()
 
 
 def test_llama_server_takes_the_order_as_samplers_and_reports_post_sampling_probs(cli, llama_server):
@@ -274,3 +274,23 @@ def test_the_readme_dialect_table_is_the_code():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown_table() in readme, "README's dialect table differs from dialects.py: paste markdown_table()"
+
+
+@pytest.mark.parametrize("signal_name, code, reason", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_while_waiting_for_the_server_completes_the_json(vllm, signal_name, code, reason):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    vllm.mode = "slow"
+    process = subprocess.Popen([str(Path(sys.executable).parent / "llmsample"), "x", "--base-url", vllm.url,
+                                "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(r["method"] == "POST" for r in vllm.requests) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, signal_name))
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == code, err
+    assert json.loads(out)["finish_reason"] == reason and err.strip() == f"llmsample: error: {reason}"

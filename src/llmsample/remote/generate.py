@@ -121,7 +121,7 @@ def _requests(prep: Prepared, samples: int, seed: int, model: str) -> Iterator[t
 def generate(opts: Any, renderer: Renderer, server: Optional[Server] = None) -> dict[str, Any]:
     """Send the run to the server, stream its tokens to ``renderer``; returns the summary record (as
     ``run.generate``). A cut stream keeps what came, completes the JSON with finish reason ``error`` and raises."""
-    from llmsample.run import Interrupted
+    from llmsample.run import Interrupted, _sigterm_raises, _Terminated
 
     settings = opts.settings
     gen = settings.generation
@@ -134,28 +134,17 @@ def generate(opts: Any, renderer: Renderer, server: Optional[Server] = None) -> 
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
     samples = gen.num_samples
     records = [events.SampleRecord(i) for i in range(samples)]
-    stats: dict[str, Any] = {"load_s": None, "connect_s": connect_s, "device": "server", "dtype": None, "first_token_s": None,
-                             "engine": "openai"}
+    stats: dict[str, Any] = {"load_s": None, "connect_s": connect_s, "device": "server", "dtype": None,
+                             "first_token_s": None, "engine": "openai"}
     renderer.start(samples, streaming=samples == 1)
     temperature = 0.0 if settings.sampling.greedy else settings.sampling.temperature
     failure: Optional[ServerError] = None
-    interrupted = False
+    interrupted: Optional[tuple[str, ExitCode]] = None
     decode_start = time.perf_counter()
     try:
-        for first, body in _requests(prep, samples, seed, prep.server.model):
-            for event in _events(prep, body, first, bool(gen.stop)):
-                if isinstance(event, stream.ServerFinish):
-                    if event.sample < samples and records[event.sample].finish_reason is None:
-                        records[event.sample].finish_reason = event.reason
-                    continue
-                if event.sample >= samples:
-                    continue
-                if stats["first_token_s"] is None:
-                    stats["first_token_s"] = time.perf_counter() - decode_start
-                _record(records[event.sample], event, temperature, opts.candidates, renderer)
-            asked = records[first:first + body.get("n", 1)]
-            if any(record.finish_reason is None for record in asked):  # no [DONE], no finish reason: cut
-                raise StreamCut(f"the stream from {prep.server.client.url} ended before the answer did")
+        with _sigterm_raises():  # SIGTERM, like Ctrl-C, keeps what came and completes the JSON
+            _stream_all(prep, records, samples, seed, gen, stats, decode_start, temperature, opts.candidates,
+                        renderer)
     except StreamCut as exc:
         failure = exc
     except ServerError as exc:
@@ -163,11 +152,13 @@ def generate(opts: Any, renderer: Renderer, server: Optional[Server] = None) -> 
             raise  # nothing came: one line, no half-made summary
         failure = exc
     except KeyboardInterrupt:
-        interrupted = True
+        interrupted = ("interrupted", ExitCode.INTERRUPTED)
+    except _Terminated:
+        interrupted = ("terminated", ExitCode.TERMINATED)
     elapsed = time.perf_counter() - decode_start
     for record in records:
         if failure is not None or interrupted:
-            record.finish_reason = record.finish_reason or ("error" if failure else "interrupted")
+            record.finish_reason = record.finish_reason or ("error" if failure else interrupted[0])
         record.finish_reason = record.finish_reason or "length"
         renderer.sample_done(record)
     new_tokens = sum(len(r.token_ids) for r in records)
@@ -197,8 +188,27 @@ def generate(opts: Any, renderer: Renderer, server: Optional[Server] = None) -> 
     if failure is not None:
         raise failure
     if interrupted:
-        raise Interrupted("interrupted", ExitCode.INTERRUPTED)
+        raise Interrupted(*interrupted)
     return summary
+
+
+def _stream_all(prep: Prepared, records: list, samples: int, seed: int, gen: Any, stats: dict, decode_start: float,
+                temperature: float, top_n: int, renderer: Renderer) -> None:
+    """Every request of the run, its tokens into the records and onto the renderer."""
+    for first, body in _requests(prep, samples, seed, prep.server.model):
+        for event in _events(prep, body, first, bool(gen.stop)):
+            if isinstance(event, stream.ServerFinish):
+                if event.sample < samples and records[event.sample].finish_reason is None:
+                    records[event.sample].finish_reason = event.reason
+                continue
+            if event.sample >= samples:
+                continue
+            if stats["first_token_s"] is None:
+                stats["first_token_s"] = time.perf_counter() - decode_start
+            _record(records[event.sample], event, temperature, top_n, renderer)
+        asked = records[first:first + body.get("n", 1)]
+        if any(record.finish_reason is None for record in asked):  # no [DONE], no finish reason: cut
+            raise StreamCut(f"the stream from {prep.server.client.url} ended before the answer did")
 
 
 def _events(prep: Prepared, body: dict, first: int, stops_given: bool) -> Iterator[stream.Event]:

@@ -70,7 +70,10 @@ def served_models(client: Client) -> tuple[Optional[list[str]], list[dict]]:
     """The model ids from ``/v1/models`` (None when the server has no such list) and the raw entries."""
     status, data = client.get_json("/v1/models")
     if status in (401, 403):
-        raise http_error(status, "Unauthorized" if status == 401 else "Forbidden", b"", client.url, "/v1/models")
+        import json
+
+        raise http_error(status, "Unauthorized" if status == 401 else "Forbidden", json.dumps(data).encode(),
+                         client.url, "/v1/models")
     if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
         return None, []
     entries = [e for e in data["data"] if isinstance(e, dict) and "id" in e]
