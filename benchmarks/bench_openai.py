@@ -86,7 +86,7 @@ def run_llmsample_text(url: str, tokens: int) -> tuple[float, float]:
     """llmsample text to a pipe: (first byte, last byte) arrival times."""
     process = subprocess.Popen(llmsample_args(url, tokens), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     first = last = None
-    while chunk := os.read(process.stdout.fileno(), 65536):
+    while os.read(process.stdout.fileno(), 65536):
         now = time.perf_counter()
         first = first or now
         last = now

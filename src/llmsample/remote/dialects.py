@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from llmsample.config import Settings
-from llmsample.sampling.registry import FIELD_STAGE, FIELDS, STAGES
+from llmsample.sampling.registry import FIELD_STAGE, FIELDS
 
 
 class Unsupported(Exception):
@@ -285,11 +285,9 @@ def _key(name: str) -> str:
 def _order(dialect: Dialect, settings: Settings, used: dict[str, Any]) -> dict[str, Any]:
     """How this server orders the stages in use, and whether that differs from llmsample's order."""
     cfg = settings.sampling
-    stages = [s for s in cfg.order if any(FIELD_STAGE.get(name) == s for name in used)]
-    if cfg.do_sample and not cfg.greedy and cfg.temperature != 1.0 and "temperature" not in stages:
-        stages.append("temperature") if "temperature" in cfg.order else None
+    stages = [s for s in cfg.order if any(FIELD_STAGE.get(name) == s for name in used)]  # temperature included
     if dialect.order == "samplers":
-        return {"honoured": True, "server_order": _samplers(cfg.order), "how": "samplers"}
+        return {"honoured": True, "server_order": _samplers(cfg.order), "how": "samplers", "stages": stages}
     if dialect.order == "fixed":
         known = [s for s in stages if s in dialect.fixed_order]
         theirs = [s for s in dialect.fixed_order if s in known]
@@ -317,14 +315,6 @@ def _logprobs(dialect: Dialect, body: dict, top_n: int, post_sampling: bool) -> 
         body["n_probs"] = min(max(top_n, 1), dialect.max_logprobs)
         if post_sampling:
             body["post_sampling_probs"] = True  # the probabilities after its sampler chain, as llmsample colours
-
-
-def describe(dialect: Dialect) -> list[dict[str, Any]]:
-    """The table as rows: setting, JSON name, part of the body (for the docs and --explain)."""
-    rows = [{"setting": name, "json": param.name, "part": param.part} for name, param in dialect.params.items()]
-    if dialect.order_param is not None:
-        rows.append({"setting": "order", "json": dialect.order_param.name, "part": dialect.order_param.part})
-    return rows
 
 
 def markdown_table() -> str:
@@ -359,4 +349,4 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DIALECTS", "DIALECT_NAMES", "Dialect", "Param", "Request", "request", "in_use", "describe", "STAGES"]
+__all__ = ["DIALECTS", "DIALECT_NAMES", "Dialect", "Param", "Request", "request", "in_use", "markdown_table"]

@@ -3,6 +3,7 @@ same renderers as a local run."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any, Iterator, Optional
 from llmsample import events
 from llmsample.errors import ConfigError, ExitCode, ServerError
 from llmsample.remote import dialects, stream
-from llmsample.remote.http import StreamCut
+from llmsample.remote.http import StreamCut, server_message
 from llmsample.remote.server import Server, connect, describe
 from llmsample.render import JsonlRenderer, JsonRenderer, Renderer, TextRenderer, format_stats
 
@@ -101,8 +102,6 @@ def explain(server: Server, req: dialects.Request, chat: bool, renderer: Rendere
 
 
 def _short(value: Any) -> str:
-    import json
-
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "…"
 
@@ -216,10 +215,7 @@ def _events(prep: Prepared, body: dict, first: int, stops_given: bool) -> Iterat
     client, dialect = prep.server.client, prep.server.dialect
     native = dialect.stream_format == "llama-server" and not prep.chat
     for chunk in client.stream(prep.endpoint, body):
-        if isinstance(chunk, dict) and "error" in chunk and not chunk.get("choices"):
-            from llmsample.remote.http import server_message
-            import json
-
+        if isinstance(chunk, dict) and "error" in chunk and not chunk.get("choices"):  # an error event mid-stream
             raise StreamCut(f"the server at {client.url} reported an error mid-answer: "
                             f"{server_message(json.dumps(chunk).encode())}")
         if native:

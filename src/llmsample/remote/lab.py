@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 from llmsample import metrics, presets
 from llmsample.config import Settings
 from llmsample.errors import ConfigError
-from llmsample.remote import dialects, generate as remote
+from llmsample.remote import generate as remote
 from llmsample.remote.server import Server
 from llmsample.render import Renderer
 
@@ -127,4 +127,4 @@ def inspect_steps(server: Server, prompt: str, chosen: Sequence[Any], steps: int
     return result
 
 
-__all__ = ["sweep", "inspect_steps", "dialects"]
+__all__ = ["sweep", "inspect_steps"]
