@@ -83,6 +83,15 @@ def openai_events(chunk: dict, sample_base: int = 0, stops_given: bool = False) 
     ...          "token_logprobs": [-0.1], "top_logprobs": [{" Paris": -0.1, " the": -2.5}]}, "finish_reason": None}]}
     >>> [(e.text, round(e.raw_prob, 3), [t["token"] for t in e.top]) for e in openai_events(chunk)]
     [(' Paris', 0.905, [' Paris', ' the'])]
+
+    A chat chunk (``delta.content``; ``logprobs.content`` entries with their own ``top_logprobs``):
+
+    >>> chat = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop", "logprobs": {"content":
+    ...         [{"token": "Hi", "logprob": -0.5, "top_logprobs": [{"token": "Hello", "logprob": -1.5},
+    ...                                                              {"token": "Hi", "logprob": -0.5}]}]}}]}
+    >>> [(type(e).__name__, getattr(e, "text", None), [t["token"] for t in getattr(e, "top", [])])
+    ...  for e in openai_events(chat, sample_base=2)]
+    [('ServerToken', 'Hi', ['Hi', 'Hello']), ('ServerFinish', None, [])]
     """
     for choice in chunk.get("choices") or []:
         sample = sample_base + int(choice.get("index") or 0)
