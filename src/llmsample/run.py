@@ -76,6 +76,7 @@ class GenerateOptions:
     system: Optional[str] = None  # --system: the chat's system message
     history: tuple = ()  # earlier turns ({"role", "content"}) of a chat session
     explain: bool = False  # say which prompt format ran (stderr)
+    server: Optional[Any] = None  # --engine openai: a remote.server.ServerOptions (the model is the server's)
 
 
 # ---- input -----------------------------------------------------------------------------------------------------
@@ -236,7 +237,11 @@ class _Decoding:
 
 def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[Any, float]] = None) -> dict[str, Any]:
     """Load the model (unless ``loaded``: a model and its load time, as a chat session keeps it), decode, render.
-    Returns the summary record."""
+    Returns the summary record. With ``opts.server`` the run goes to a serving engine (``llmsample.remote``)."""
+    if opts.server is not None:
+        from llmsample.remote.generate import generate as generate_remote
+
+        return generate_remote(opts, renderer, loaded[0] if loaded else None)
     from llmsample import chat, grammar, models
     from llmsample.decode import DecodeState
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
