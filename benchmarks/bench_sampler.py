@@ -64,6 +64,19 @@ def real_logits(device: str) -> torch.Tensor:
         return lm.language_model.all_logits(ids)[0].float()  # [positions, vocab]
 
 
+def flat_rows(real: torch.Tensor) -> torch.Tensor:
+    """The quarter of the real positions with the flattest next-token distributions (highest entropy): where a
+    text opens up, top_p without top_k keeps thousands of tokens."""
+    log_probs = torch.log_softmax(real.float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(-1)
+    return real[entropy.topk(max(8, real.shape[0] // 4)).indices]
+
+
+def nucleus_sizes(pool: torch.Tensor, p: float = 0.9) -> list[int]:
+    probs = torch.softmax(pool.float(), dim=-1).sort(-1, descending=True).values
+    return ((probs.cumsum(-1) - probs) < p).sum(-1).tolist()
+
+
 def random_logits(n: int, vocab: int, device: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return (torch.randn(n, vocab, generator=g) * 3).to(device)
@@ -172,6 +185,7 @@ def main() -> None:
     pools = {}
     if not args.no_real:
         pools["real"] = real_logits(args.device)
+        pools["flat"] = flat_rows(pools["real"])
     pools["random"] = random_logits(64, args.vocab, args.device)
 
     rows = []
@@ -186,6 +200,10 @@ def main() -> None:
     if not args.json:
         print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
               f"vocab={pools['random'].shape[-1]}")
+        for source, pool in pools.items():
+            sizes = sorted(nucleus_sizes(pool))
+            print(f"{source}: {pool.shape[0]} rows, raw top_p 0.9 nucleus median {sizes[len(sizes) // 2]} tokens "
+                  f"(min {sizes[0]}, max {sizes[-1]})")
         header = f"{'logits':7} {'setting':24} {'batch':>5} {'hf proc':>8} {'ours':>7} {'x':>6}   " \
                  f"{'hf step':>8} {'ours':>7} {'x':>6}"
         print(header)

@@ -23,6 +23,8 @@ from llmsample import presets, process
 from llmsample.config import MAX_SEED
 from llmsample.errors import OUT_OF_MEMORY_ADVICE, ConfigError, ExitCode, LlmsampleError, first_line, is_out_of_memory
 from llmsample.models import ENGINES, QUANTIZE_MODES
+from llmsample.remote.dialects import DIALECT_NAMES
+from llmsample.remote.http import DEFAULT_TIMEOUT
 from llmsample.options import stage_options, to_layer, to_variants
 
 USAGE_ERRORS = (click.exceptions.UsageError, _vendored_click.UsageError)
@@ -47,7 +49,9 @@ app = typer.Typer(
 SAMPLING = "Sampling"
 GENERATION = "Generation"
 MODEL = "Model"
+SERVER = "Serving engine (--engine openai)"
 OUTPUT = "Output"
+REMOTE_ENGINE = "openai"
 
 
 class DType(str, enum.Enum):
@@ -58,7 +62,8 @@ class DType(str, enum.Enum):
 
 
 # Choices that models.py defines (it imports no torch, so --help stays light).
-Engine = enum.Enum("Engine", {name: name for name in ENGINES}, type=str)
+Engine = enum.Enum("Engine", {name: name for name in (*ENGINES, REMOTE_ENGINE)}, type=str)
+Dialect = enum.Enum("Dialect", {name: name for name in ("auto", *DIALECT_NAMES)}, type=str)
 Quantize = enum.Enum("Quantize", {name: name for name in QUANTIZE_MODES}, type=str)
 
 
@@ -161,9 +166,19 @@ DtypeOption = Annotated[DType, typer.Option(help="auto: float32 on CPU, bfloat16
     rich_help_panel=MODEL)]
 DeviceMapOption = Annotated[Optional[str], typer.Option(help="'auto': spread a large model with accelerate.",
     rich_help_panel=MODEL)]
-EngineOption = Annotated[Engine, typer.Option(help="Whose forward runs: llmsample's own Gemma 3, transformers', or "
-    "auto (llmsample's where it supports the model).",
+EngineOption = Annotated[Engine, typer.Option(help="Whose forward runs: llmsample's own Gemma 3, transformers', "
+    "auto (llmsample's where it supports the model), or openai: a serving engine at --base-url (vLLM, llama-server, "
+    "llama-cpp-python, Ollama, OpenAI) samples with the same settings.",
     rich_help_panel=MODEL)]
+BaseUrlOption = Annotated[Optional[str], typer.Option("--base-url", metavar="URL", help="The serving engine's URL, "
+    "e.g. http://127.0.0.1:8000 (/v1 optional); implies --engine openai \\[default: none].",
+    rich_help_panel=SERVER)]
+ApiKeyEnvOption = Annotated[Optional[str], typer.Option("--api-key-env", metavar="NAME", help="Send the API key held "
+    "in the environment variable NAME (never printed, never in JSON) \\[default: no key].", rich_help_panel=SERVER)]
+DialectOption = Annotated[Dialect, typer.Option("--dialect", help="Which server's API to speak (the settings it "
+    "takes): auto asks the server.", rich_help_panel=SERVER)]
+TimeoutOption = Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Give up when the server sends "
+    "nothing for this long (exit 3).", rich_help_panel=SERVER)]
 QuantizeOption = Annotated[Quantize, typer.Option(help="int8: int8 weights on the CPU (about 3x faster, less "
     "memory, perplexity within 2%; llmsample engine).",
     rich_help_panel=MODEL)]
@@ -199,6 +214,34 @@ SeparatorOption = Annotated[Optional[str], typer.Option("--separator", metavar="
                                                         rich_help_panel=OUTPUT)]
 NullOption = Annotated[bool, typer.Option("-0", "--null", help="End each sample with a NUL byte (--separator '\\0'), "
                                           "for xargs -0 and read -d ''.", rich_help_panel=OUTPUT)]
+
+
+def server_options(engine: "enum.Enum", base_url: Optional[str], api_key_env: Optional[str], dialect: "enum.Enum",
+                   timeout: float) -> Optional[Any]:
+    """``--engine openai``'s connection options, or None for a local engine (then none of them may be given)."""
+    from llmsample.remote.server import ServerOptions
+
+    remote = engine.value == REMOTE_ENGINE or (engine.value == "auto" and base_url is not None)
+    if not remote:
+        given = [flag for flag, value in (("--base-url", base_url), ("--api-key-env", api_key_env)) if value]
+        given += ["--dialect"] if dialect.value != "auto" else []
+        given += ["--timeout"] if timeout != DEFAULT_TIMEOUT else []
+        if given:
+            raise ConfigError(f"{given[0]} applies to --engine openai, got --engine {engine.value}")
+        return None
+    if base_url is None:
+        raise ConfigError("--engine openai needs --base-url URL (the serving engine, e.g. http://127.0.0.1:8000)")
+    return ServerOptions(base_url, api_key_env, dialect.value, timeout)
+
+
+def local_only(server: Any, **given: Any) -> None:
+    """Model options that a serving engine cannot use: each given one is a usage error, not a silent no-op."""
+    if server is None:
+        return
+    for flag, value in given.items():
+        if value:
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to a local model, not --engine openai "
+                              "(the server decides its device and precision)")
 
 
 def resolved_settings(stage_values: Optional[dict], sample: Optional[bool], preset: Optional[str],
@@ -241,6 +284,10 @@ def generate(
     device_map: DeviceMapOption = None,
     engine: EngineOption = Engine("auto"),
     quantize: QuantizeOption = Quantize("none"),
+    base_url: BaseUrlOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    dialect: DialectOption = Dialect("auto"),
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     output_format: FormatOption = Format.text,
     no_color: NoColorOption = False,
     separator: SeparatorOption = None,
@@ -262,9 +309,15 @@ def generate(
       llmsample "Once upon a time" -n 3 -0 | xargs -0 -n 1 printf '[%s]\\n'
 
       llmsample "The capital of France is" --num-beams 4 -n 2
+
+      llmsample "Once upon a time" --base-url http://127.0.0.1:8000 -m gemma --preset poetry
     """
     from llmsample import render, run
 
+    server = server_options(engine, base_url, api_key_env, dialect, timeout)
+    local_only(server, device=device != "auto", dtype=dtype != DType.auto, device_map=device_map,
+               quantize=quantize.value != "none", truncate=truncate)
+    no_model_defaults = no_model_defaults or server is not None  # the name is the server's: no local config
     settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates,
                                  max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples)
     text = run.read_prompt(prompt, file)
@@ -275,7 +328,8 @@ def generate(
     options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
                                   device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
                                   candidates=candidates, engine=engine.value,
-                                  quantize=_quantize_mode(quantize), chat=chat, system=system, explain=explain)
+                                  quantize=_quantize_mode(quantize), chat=chat, system=system, explain=explain,
+                                  server=server)
     try:
         run.generate(options, renderer)
     except BrokenPipeError:
@@ -309,6 +363,10 @@ def chat_command(
     device_map: DeviceMapOption = None,
     engine: EngineOption = Engine("auto"),
     quantize: QuantizeOption = Quantize("none"),
+    base_url: BaseUrlOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    dialect: DialectOption = Dialect("auto"),
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     no_color: NoColorOption = False,
     candidates: CandidatesOption = 0,
     explain: ExplainOption = False,
@@ -327,9 +385,15 @@ def chat_command(
       llmsample chat -m ./gemma-3-1b-it --system "Answer briefly." --preset dialogue
 
       printf 'Hello\\nAnd in French?\\n' | llmsample chat -m ./gemma-3-1b-it --seed 1
+
+      llmsample chat --base-url http://127.0.0.1:8000 -m meta-llama/Llama-3.1-8B-Instruct --preset dialogue
     """
     from llmsample import render, run, session
 
+    server = server_options(engine, base_url, api_key_env, dialect, timeout)
+    local_only(server, device=device != "auto", dtype=dtype != DType.auto, device_map=device_map,
+               quantize=quantize.value != "none", truncate=truncate)
+    no_model_defaults = no_model_defaults or server is not None
     generation = dict(max_new_tokens=max_new_tokens, stop=stop, seed=seed)
     settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates, **generation)
     out, err = render.make_consoles(no_color=no_color)
@@ -346,12 +410,14 @@ def chat_command(
             raise ConfigError(usage_message(exc, extra)) from None
         given = {name: _given(values[name]) for name in (stage_values or {})}
         generation = {name: _given(values[name]) for name in ("max_new_tokens", "stop", "seed")}
-        return resolved_settings(given, values["sample"], values["preset"], model, values["no_model_defaults"],
-                                 values["candidates"], **generation), values["candidates"]
+        return resolved_settings(given, values["sample"], values["preset"], model,
+                                 values["no_model_defaults"] or server is not None, values["candidates"],
+                                 **generation), values["candidates"]
 
     base = run.GenerateOptions(prompt="", settings=settings, model=model, device=device, dtype=dtype.value,
                                device_map=device_map, stats=stats, truncate=truncate, engine=engine.value,
-                               quantize=_quantize_mode(quantize), chat=True, system=system, explain=explain)
+                               quantize=_quantize_mode(quantize), chat=True, system=system, explain=explain,
+                               server=server)
     try:
         session.start(base, configure, sys.stdin, out, err)
     except BrokenPipeError:
@@ -401,6 +467,10 @@ def explore(
     device_map: DeviceMapOption = None,
     engine: EngineOption = Engine("auto"),
     quantize: QuantizeOption = Quantize("none"),
+    base_url: BaseUrlOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    dialect: DialectOption = Dialect("auto"),
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     output_format: Annotated[Format, typer.Option("--format", help="What q prints on stdout: text (the current "
                                                   "branch's text) or json (the whole session, as s saves it).",
                                                   rich_help_panel=OUTPUT)] = Format.text,
@@ -441,6 +511,9 @@ def explore(
     from llmsample import render, run
     from llmsample.explore import start
 
+    if server_options(engine, base_url, api_key_env, dialect, timeout) is not None:
+        raise ConfigError("explore needs a local model (it keeps each step's logits and cuts the KV cache back), "
+                          "which a serving engine does not give: got --engine openai")
     settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates,
                                  max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples)
     start.check_settings(settings, output_format.value)
@@ -482,10 +555,17 @@ def inspect(
     dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
     engine: Annotated[Engine, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Engine("auto"),
     quantize: Annotated[Quantize, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Quantize("none"),
+    base_url: BaseUrlOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    dialect: DialectOption = Dialect("auto"),
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
     stage_values: Optional[dict] = None,
 ) -> None:
     """The next-token distribution after PROMPT under one or more settings, side by side.
+
+    With --engine openai: the server's top-N (after its own sampler chain on llama-server, one panel per setting;
+    raw on the others, one panel).
 
     Examples:
 
@@ -501,11 +581,19 @@ def inspect(
         raise ConfigError(f"--steps must be an integer in [1, 64], got {steps}")
     if not 1 <= top <= 100:
         raise ConfigError(f"--top must be an integer in [1, 100], got {top}")
+    server = server_options(engine, base_url, api_key_env, dialect, timeout)
+    local_only(server, device=device != "auto", dtype=dtype != DType.auto, quantize=quantize.value != "none")
     chosen = lab.variants(preset or [], to_variants(stage_values or {}))
     out, err = render.make_consoles()
-    lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
-    with run.cache_checked(lm):
-        result = lab.inspect_steps(lm, prompt, chosen, steps, top)
+    if server is not None:
+        from llmsample.remote import lab as remote_lab
+        from llmsample.remote.server import connect
+
+        result = remote_lab.inspect_steps(connect(server, model), prompt, chosen, steps, top, err)
+    else:
+        lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
+        with run.cache_checked(lm):
+            result = lab.inspect_steps(lm, prompt, chosen, steps, top)
     if plot:
         plots.inspect_plot(result, plot)
         err.print(f"wrote {plot}")
@@ -538,11 +626,16 @@ def sweep(
     dtype: Annotated[DType, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = DType.auto,
     engine: Annotated[Engine, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Engine("auto"),
     quantize: Annotated[Quantize, typer.Option(help="As for generate.", rich_help_panel=MODEL)] = Quantize("none"),
+    base_url: BaseUrlOption = None,
+    api_key_env: ApiKeyEnvOption = None,
+    dialect: DialectOption = Dialect("auto"),
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks.")] = False,
 ) -> None:
     """Generate K samples at every point of a grid of settings and measure their diversity and quality.
 
-    Per point: distinct-1/2, repeated 3-grams, mean entropy, perplexity and length (a table, CSV or JSON).
+    Per point: distinct-1/2, repeated 3-grams, mean entropy, perplexity and length (a table, CSV or JSON). With
+    --engine openai the server draws them; the mean entropy needs the whole distribution, so it is left empty.
 
     Example:
 
@@ -566,15 +659,27 @@ def sweep(
     points = lab.grid_points(parsed)
     for point in points:  # every point must be valid before anything is loaded
         presets.resolve_settings(preset, {"sampling": point})
+    server = server_options(engine, base_url, api_key_env, dialect, timeout)
+    local_only(server, device=device != "auto", dtype=dtype != DType.auto, quantize=quantize.value != "none")
     out, err = render.make_consoles()
-    lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
-    lab.ensure_sweep_fits(lm, prompt, samples, max_new_tokens)
     progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True)
-    with progress, run.cache_checked(lm):
-        task = progress.add_task("sweep", total=len(points) * max_new_tokens)
-        rows = lab.sweep(lm, prompt, preset, {}, parsed, samples, seed, max_new_tokens, run.eos_ids(lm),
-                         on_step=lambda: progress.advance(task))
+    if server is not None:
+        from llmsample.remote import lab as remote_lab
+        from llmsample.remote.server import connect
+
+        connected = connect(server, model)
+        with progress:
+            task = progress.add_task("sweep", total=len(points))
+            rows = remote_lab.sweep(connected, prompt, preset, parsed, samples, seed, max_new_tokens, err,
+                                    on_point=lambda: progress.advance(task))
+    else:
+        lm, _ = run.load_model(model, device, dtype.value, None, err, engine.value, _quantize_mode(quantize))
+        lab.ensure_sweep_fits(lm, prompt, samples, max_new_tokens)
+        with progress, run.cache_checked(lm):
+            task = progress.add_task("sweep", total=len(points) * max_new_tokens)
+            rows = lab.sweep(lm, prompt, preset, {}, parsed, samples, seed, max_new_tokens, run.eos_ids(lm),
+                             on_step=lambda: progress.advance(task))
     if plot:
         plots.sweep_plot(rows, parsed, plot)
         err.print(f"wrote {plot}")

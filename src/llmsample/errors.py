@@ -8,7 +8,7 @@ import enum
 class ExitCode(enum.IntEnum):
     OK = 0
     USAGE = 2  # bad flag, bad value, bad preset
-    MODEL = 3  # model or device could not be loaded
+    MODEL = 3  # model or device could not be loaded; a serving engine unreachable, refusing, or without the model
     GENERATION = 4  # the model produced something the sampler cannot use (NaN logits, …)
     INTERRUPTED = 130  # SIGINT
     TERMINATED = 143  # SIGTERM
@@ -61,3 +61,11 @@ def first_line(exc: BaseException) -> str:
     """An exception as one line for the user: its message's first line, or its type when it has none."""
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ServerError(LlmsampleError):
+    """A serving engine (``--engine openai``) could not be reached, refused the request, does not serve the model,
+    went silent past ``--timeout``, or cut its answer's stream."""
+
+    exit_code = ExitCode.MODEL
+

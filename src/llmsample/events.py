@@ -30,8 +30,8 @@ class SampleRecord:
             "index": self.index,
             "text": self.text,
             "token_ids": self.token_ids,
-            "raw_probs": [round(p, 6) for p in self.raw_probs],
-            "probs": [round(p, 6) for p in self.probs],
+            "raw_probs": [_rounded(p) for p in self.raw_probs],
+            "probs": [_rounded(p) for p in self.probs],
             "temperatures": self.temperatures,
             "entropies": [round(h, 6) for h in self.entropies],
             "finish_reason": self.finish_reason,
@@ -46,7 +46,13 @@ class SampleRecord:
         return out
 
 
-def token_event(sample: int, index: int, token_id: int, text: str, raw_prob: float, prob: float,
+def _rounded(p: Optional[float]) -> Optional[float]:
+    """A probability for JSON; None where a serving engine did not report it (never a made-up number)."""
+    return None if p is None else round(p, 6)
+
+
+def token_event(sample: int, index: int, token_id: Optional[int], text: str, raw_prob: Optional[float],
+                prob: Optional[float],
                 temperature: float, candidates: Optional[dict] = None,
                 stage_state: Optional[dict] = None) -> dict[str, Any]:
     """One generated token (``--format jsonl``)."""
@@ -57,8 +63,8 @@ def token_event(sample: int, index: int, token_id: int, text: str, raw_prob: flo
         "index": index,
         "token_id": token_id,
         "text": text,
-        "raw_prob": round(raw_prob, 6),
-        "prob": round(prob, 6),
+        "raw_prob": _rounded(raw_prob),
+        "prob": _rounded(prob),
         "temperature": temperature,
     }
     event.update(stage_state or {})

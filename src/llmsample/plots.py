@@ -58,7 +58,8 @@ def inspect_plot(result: dict[str, Any], path: str) -> None:
         for variant in step["variants"]:
             probs = [t["prob"] for t in variant["top"]]
             ax.plot(range(1, len(probs) + 1), probs, marker="o", markersize=3,
-                    label=_label(f"{variant['label']} (H={variant['entropy']:.2f}, kept {variant['kept']})",
+                    label=_label(variant["label"] if variant["entropy"] is None else  # a server's top-N only
+                                 f"{variant['label']} (H={variant['entropy']:.2f}, kept {variant['kept']})",
                                  bool(font)))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("rank")
@@ -89,7 +90,8 @@ def sweep_plot(rows: list[dict[str, Any]], grid: dict[str, list], path: str) -> 
     for ax, (key, title) in zip(axes.flat, SWEEP_METRICS):
         for group, members in groups.items():
             label = ", ".join(f"{n}={v}" for n, v in zip(others, group)) or None
-            ax.plot([m["point"][x_name] for m in members], [m[key] for m in members], marker="o", label=label)
+            values = [float("nan") if m[key] is None else m[key] for m in members]  # None: the server cannot say
+            ax.plot([m["point"][x_name] for m in members], values, marker="o", label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(x_name)
         ax.grid(alpha=0.3)

@@ -178,7 +178,7 @@ class TextRenderer(Renderer):
     def token(self, sample, index, token_id, text, raw_prob, prob, temperature, candidates=None,
               stage_state=None) -> None:
         if self.streaming:
-            self._write(text, style_for(prob))
+            self._write(text, style_for(prob) if prob is not None else None)
         if candidates is not None:
             if self.streaming and self.out.is_terminal and self.err.is_terminal:  # keep text and tables apart
                 self.out.file.write("\n")
@@ -187,7 +187,8 @@ class TextRenderer(Renderer):
             title = f"step {index + 1}" + (f" · sample {sample + 1}" if not self.streaming else "")
             if stage_state and "grammar_cut" in stage_state:
                 title += f" · grammar cut {_pct(stage_state['grammar_cut'])}% raw"
-            self.err.print(candidate_table(candidates, f"{title} · chose {token_label(text or '', 24)}"))
+            table = server_candidate_table if candidates.get("source") == "server" else candidate_table
+            self.err.print(table(candidates, f"{title} · chose {token_label(text or '', 24)}"))
 
     def beam_step(self, step: int, beams: list[dict[str, Any]]) -> None:
         for beam in beams:
@@ -271,6 +272,27 @@ def candidate_table(candidates: dict[str, Any], title: str, numbered: bool = Fal
     return table
 
 
+def server_candidate_table(candidates: dict[str, Any], title: str) -> Table:
+    """A serving engine's top-N for one token: only what the server reported (raw log-probabilities, or
+    llama-server's probabilities after its own sampler chain), never stage columns it does not give."""
+    table = Table(title=title, title_justify="left", title_style="bold", show_edge=False, pad_edge=False,
+                  box=None, header_style="dim", padding=(0, 1))
+    post = candidates["kind"] == "post_sampling"
+    table.add_column("", width=1)
+    table.add_column("token", max_width=14, no_wrap=True)
+    table.add_column("final%" if post else "raw%", justify="right")
+    for row in candidates["candidates"]:
+        chosen = row.get("chosen", False)
+        prob = row["prob"] or 0.0
+        table.add_row(Text("▶" if chosen else "", style="bold"), token_label(row["token"]),
+                      Text(_pct(prob), style=style_for(prob) if post else None), style="bold" if chosen else None)
+    what = ("after the server's sampler chain" if post else "raw top-N from the server, before its sampling")
+    table.caption = f"{what} · shown {100 * candidates['mass_shown']:.1f}%"
+    table.caption_justify = "left"
+    table.caption_style = "dim"
+    return table
+
+
 class JsonRenderer(Renderer):
     """One JSON object for the whole run."""
 
@@ -310,6 +332,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     parts = []
     if stats.get("load_s") is not None:
         parts.append(f"loaded {stats['load_s']:.2f} s after start")
+    if stats.get("connect_s") is not None:
+        parts.append(f"connected in {stats['connect_s']:.2f} s")
     if stats.get("prefill_tokens"):
         parts.append(f"prompt {stats['prefill_tokens']} tokens in {stats['prefill_s']:.2f} s "
                      f"({stats['prefill_tokens_per_s']:.0f} tok/s)")
@@ -401,7 +425,10 @@ def inspect_view(result: dict[str, Any]) -> list[Any]:
                 body.append(label + " " * max(1, 11 - cell_len(label)))  # CJK characters are two cells wide
                 body.append(_bar(item["prob"]), style=style_for(item["prob"]))
                 body.append(f" {_pct(item['prob']):>5}%\n")
-            body.append(f"entropy {variant['entropy']:.2f} nats · kept {variant['kept']}", style="dim")
+            if variant["entropy"] is None:  # a serving engine: its top-N, not the whole distribution
+                body.append("the server's top-N only", style="dim")
+            else:
+                body.append(f"entropy {variant['entropy']:.2f} nats · kept {variant['kept']}", style="dim")
             if variant["order_sensitive"]:
                 o = variant["order_sensitive"]
                 body.append(f"\n⚑ order matters: T last keeps {o['temperature_last']}, T first "
@@ -435,8 +462,8 @@ def sweep_table(rows: list[dict[str, Any]], grid: dict[str, list]) -> Table:
     table.add_column(Text("first sample", no_wrap=True, overflow="ellipsis"), ratio=1, min_width=8)
     for row in rows:
         sample = Text(json.dumps(row["sample"], ensure_ascii=False), no_wrap=True, overflow="ellipsis")
-        table.add_row(*[str(row["point"][n]) for n in grid], *[fmt.format(row[key]) for key, _, fmt in SWEEP_COLUMNS],
-                      sample)
+        table.add_row(*[str(row["point"][n]) for n in grid],
+                      *["—" if row[key] is None else fmt.format(row[key]) for key, _, fmt in SWEEP_COLUMNS], sample)
     table.caption = ("dist-n: distinct n-grams / all n-grams over the samples · rep-3: repeated 3-gram rate · "
                      "H: mean entropy of the final distributions (nats) · ppl: perplexity of the chosen tokens "
                      "under the model · len: mean tokens")
@@ -452,6 +479,7 @@ def sweep_csv(rows: list[dict[str, Any]], grid: dict[str, list]) -> str:
     keys = [key for key, _, _ in SWEEP_COLUMNS] + ["mean_logprob"]
     writer.writerow([*grid, *keys, "chain", "sample"])
     for row in rows:
-        writer.writerow([*(row["point"][n] for n in grid), *(f"{row[k]:.6g}" for k in keys), row["chain"],
+        writer.writerow([*(row["point"][n] for n in grid), *("" if row[k] is None else f"{row[k]:.6g}" for k in keys),
+                         row["chain"],
                          row["sample"]])
     return buffer.getvalue()

@@ -76,6 +76,7 @@ class GenerateOptions:
     system: Optional[str] = None  # --system: the chat's system message
     history: tuple = ()  # earlier turns ({"role", "content"}) of a chat session
     explain: bool = False  # say which prompt format ran (stderr)
+    server: Optional[Any] = None  # --engine openai: a remote.server.ServerOptions (the model is the server's)
 
 
 # ---- input -----------------------------------------------------------------------------------------------------
@@ -236,7 +237,11 @@ class _Decoding:
 
 def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[Any, float]] = None) -> dict[str, Any]:
     """Load the model (unless ``loaded``: a model and its load time, as a chat session keeps it), decode, render.
-    Returns the summary record."""
+    Returns the summary record. With ``opts.server`` the run goes to a serving engine (``llmsample.remote``)."""
+    if opts.server is not None:
+        from llmsample.remote.generate import generate as generate_remote
+
+        return generate_remote(opts, renderer, loaded[0] if loaded else None)
     from llmsample import chat, grammar, models
     from llmsample.decode import DecodeState
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
@@ -251,6 +256,8 @@ def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[A
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
                           f"got {gen.num_samples}")
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
+    if loaded is None and grammar.active(cfg):
+        grammar.prefetch(models.tokenizer_file(opts.model))  # its token table is built while the model loads
     lm, load_s = loaded or load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err,
                                       opts.engine, opts.quantize)
     device, dtype = str(lm.device), lm.dtype

@@ -190,8 +190,15 @@ def check_template(lm: Any) -> None:
 
 
 def start(base: run.GenerateOptions, configure: Configure, stdin: TextIO, out: Any, err: Any) -> None:
-    """Load the model once and run the session until /exit or the end of input."""
-    loaded = run.load_model(base.model, base.device, base.dtype, base.device_map, err, base.engine, base.quantize)
-    check_template(loaded[0])
+    """Load the model once (or connect to the serving engine once) and run the session until /exit or the end of
+    input. A server renders its own chat template (its chat endpoint), so there is none to check here."""
+    if base.server is not None:
+        from llmsample.remote.server import connect
+
+        loaded: tuple[Any, float] = (connect(base.server, base.model), 0.0)
+    else:
+        loaded = run.load_model(base.model, base.device, base.dtype, base.device_map, err, base.engine,
+                                base.quantize)
+        check_template(loaded[0])
     Session(base, loaded, configure, out, err, interactive=is_terminal(stdin)).loop(stdin)
 
