@@ -275,6 +275,8 @@ def test_a_session_file_that_cannot_be_written_is_one_line(lm, tmp_path):
     (["--num-beams", "3"], "explore takes one token at a time, which beam search cannot: got --num-beams 3"),
     (["--format", "jsonl"], "explore --format takes text (q prints the text) or json (q prints the session), "
                             "got 'jsonl'"),
+    (["--base-url", "http://127.0.0.1:9"], "explore needs a local model (it keeps each step's logits and cuts the "
+                                           "KV cache back), which a serving engine does not give: got --engine openai"),
 ])
 def test_options_explore_cannot_follow_are_refused(cli, tiny_model_dir, args, expected):
     code, out, err = cli("explore", PROMPT, "--model", str(tiny_model_dir), *args)
