@@ -176,7 +176,9 @@ class ExploreApp(App[Optional[str]]):
                      "⏎ and 1-9 go on all the same"
         table = render.candidate_table(e.preview(), title, numbered=True)
         table.title = None  # drawn above as a line of its own: a title is wrapped to the table's width
-        screen.query_one("#table", Static).update(Group(Text(title, style="bold"), table))
+        box = screen.query_one("#table", Static)
+        width = box.content_size.width or self.size.width
+        box.update(flatten(Group(Text(title, style="bold"), table), width))
         screen.query_one("#text-scroll", VerticalScroll).scroll_end(animate=False)
 
     def text_view(self) -> Text:
@@ -338,6 +340,26 @@ class ExploreApp(App[Optional[str]]):
         """Ctrl-C: leave at once, nothing printed, exit 130 (the terminal is restored as on ``q``)."""
         self.pause()
         self.exit(None, return_code=INTERRUPTED)
+
+
+def flatten(renderable: Any, width: int) -> Text:
+    """``renderable`` laid out once at ``width`` as styled text lines.
+
+    Textual measures and renders a widget's content several times per frame; a rich Table does its column
+    arithmetic each time (tens of milliseconds for the candidate table), styled lines almost nothing.
+    """
+    from rich.console import Console
+
+    console = Console(width=max(width, 20), force_terminal=True, color_system="truecolor", legacy_windows=False)
+    lines = console.render_lines(renderable, console.options, pad=False, new_lines=False)
+    out = Text(no_wrap=True, overflow="crop", end="")
+    for number, line in enumerate(lines):
+        if number:
+            out.append("\n")
+        for segment in line:
+            if not segment.control:
+                out.append(segment.text, segment.style)
+    return out
 
 
 def edit_flags(line: str) -> list[str]:
