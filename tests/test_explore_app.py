@@ -51,6 +51,12 @@ def drive(app: ExploreApp, size: tuple[int, int], script) -> None:
     asyncio.run(go())
 
 
+async def until_stopped(app: ExploreApp) -> None:
+    """Wait for ``a`` to stop (its steps run on the event loop, between the keys)."""
+    while app.running:
+        await asyncio.sleep(0.01)
+
+
 def screen_text(app: ExploreApp) -> str:
     """What the screen shows, as text (the SVG export holds every character drawn)."""
     import html
@@ -100,7 +106,7 @@ def test_every_key(lm, tmp_path, size):
         assert "top-k" in app.message.plain and e.settings.sampling.top_k == 100  # refused, the settings kept
         # a: runs on to the token limit (12), then says why it stopped.
         await pilot.press("a")
-        await app.workers.wait_for_complete()
+        await until_stopped(app)
         await pilot.pause()
         assert len(e.branch.steps) == 12 and e.finished() == "length"
         assert "stopped: length" in app.message.plain
@@ -132,7 +138,7 @@ def test_any_key_pauses_a_run_on(lm):
         while len(e.branch.steps) < 3:
             await asyncio.sleep(0.01)
         await pilot.press("x")  # a key bound to nothing
-        await app.workers.wait_for_complete()
+        await until_stopped(app)
         await pilot.pause()
         paused_at = len(e.branch.steps)
         assert not app.running and app.message.plain == "paused" and paused_at < 5000
@@ -140,7 +146,7 @@ def test_any_key_pauses_a_run_on(lm):
         while len(e.branch.steps) < paused_at + 2:
             await asyncio.sleep(0.01)
         await pilot.press("u")  # a bound key pauses too, and does nothing else
-        await app.workers.wait_for_complete()
+        await until_stopped(app)
         await pilot.pause()
         assert not app.running and len(e.branch.steps) >= paused_at + 2
         await pilot.press("q")
