@@ -319,3 +319,27 @@ def test_without_textual_explore_says_how_to_install_it(cli, tiny_model_dir, mon
     assert (code, out) == (2, "")
     assert err == ("llmsample: error: explore needs Textual, which is not installed: "
                    "pip install 'llmsample[explore]'\n")
+
+
+@pytest.mark.slow
+def test_on_the_default_model_undo_and_branches_match_fresh_greedy_runs():
+    """The packaged Gemma 3 270M (llmsample's engine): after an undo and after a branch switch, greedy steps are
+    exactly those of a fresh greedy run from the same prefix."""
+    lm = models.load(None)
+    e = explorer(lm)
+    for _ in range(10):
+        e.sample()
+    first = e.branch.token_ids
+    for _ in range(4):
+        e.undo()
+    e.fork()
+    e.choose(1)
+    for _ in range(3):
+        e.sample()
+    branch = e.branch.token_ids
+    assert branch[7:] == fresh_greedy(lm, e.prompt_ids + branch[:7], 3)
+    e.switch()
+    for _ in range(4):
+        e.sample()
+    assert e.branch.token_ids == first
+    assert first[6:] == fresh_greedy(lm, e.prompt_ids + first[:6], 4)
