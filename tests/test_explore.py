@@ -343,3 +343,16 @@ def test_on_the_default_model_undo_and_branches_match_fresh_greedy_runs():
         e.sample()
     assert e.branch.token_ids == first
     assert first[6:] == fresh_greedy(lm, e.prompt_ids + first[:6], 4)
+
+
+def test_a_constraint_binds_to_the_end_of_text_even_with_ignore_eos(lm):
+    """--choice: each step keeps only what can still make a choice; EOS ends the text (even under --ignore-eos,
+    which only keeps an EOS from ending the branch)."""
+    prompt = chat.prepare(lm.tokenizer, lm.name, PROMPT, False)
+    for ignore in (False, True):
+        e = Explorer(lm, prompt.ids, settings(do_sample=True, choice=(" yes", " no")), seed=3,
+                     eos=run.eos_ids(lm), prompt_text=PROMPT, ignore_eos=ignore)
+        while e.branch.token_ids[-1:] != [lm.tokenizer.eos_token_id] and e.index < 10:
+            e.sample()
+        assert e.text() in (" yes", " no")
+        assert e.finished() == (None if ignore else "eos")

@@ -32,12 +32,13 @@ def configure_from(base: list[str]):
     return lambda extra: settings_with("explore", [PROMPT, *base], extra, None)
 
 
-def new_app(lm, *flags: str, **kwargs) -> ExploreApp:
+def new_app(lm, *flags: str, ignore_eos: bool = False) -> ExploreApp:
     base = ["--no-model-defaults", "--max-new-tokens", "12", "--seed", "1", *flags]
     configure = configure_from(base)
     prompt = chat.prepare(lm.tokenizer, lm.name, PROMPT, False)
-    explorer = Explorer(lm, prompt.ids, configure([]), seed=1, eos=run.eos_ids(lm), prompt_text=PROMPT)
-    return ExploreApp(explorer, configure, **kwargs)
+    explorer = Explorer(lm, prompt.ids, configure([]), seed=1, eos=run.eos_ids(lm), prompt_text=PROMPT,
+                        ignore_eos=ignore_eos)
+    return ExploreApp(explorer, configure)
 
 
 def drive(app: ExploreApp, size: tuple[int, int], script) -> None:

@@ -138,12 +138,11 @@ class ExploreApp(App[Optional[str]]):
     BINDINGS = [Binding("ctrl+c", "interrupt", "interrupt", show=False, priority=True)]
     ENABLE_COMMAND_PALETTE = False
 
-    def __init__(self, explorer: Explorer, configure: Optional[Configure] = None, ignore_eos: bool = False,
+    def __init__(self, explorer: Explorer, configure: Optional[Configure] = None,
                  save_path: str = "explore-session.json"):
         super().__init__()
         self.explorer = explorer
         self.configure = configure
-        self.ignore_eos = ignore_eos
         self.save_path = save_path
         self.message: Text = Text("")
         self.running = False
@@ -242,7 +241,7 @@ class ExploreApp(App[Optional[str]]):
             self.pause()
             return
         reason = self.explorer.finished()
-        if reason and not (reason == "eos" and self.ignore_eos):
+        if reason:
             self.say(f"the branch has ended ({reason}): undo, take a token, or raise the limit with e", "yellow")
             self.redraw()
             return
@@ -270,7 +269,7 @@ class ExploreApp(App[Optional[str]]):
             self._run_on_done(first_line(exc))
             return
         reason = e.finished()
-        if reason and not (reason == "eos" and self.ignore_eos):
+        if reason:
             self._run_on_done(f"stopped: {reason}")
             return
         # Drawing the screen costs a good part of a token on the CPU: a few times a second is enough to watch the

@@ -113,10 +113,10 @@ def build(opts: run.GenerateOptions, renderer: Any) -> Any:
 
         settings = dataclasses.replace(settings, generation=dataclasses.replace(gen, max_new_tokens=max_new))
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
-    eos = [] if opts.ignore_eos else run.eos_ids(lm, prompt.mode == chat.CHAT)
+    eos = run.eos_ids(lm, prompt.mode == chat.CHAT)
     with run.cache_checked(lm):
         return Explorer(lm, ids[0].tolist(), settings, seed, eos, rows=opts.candidates or DEFAULT_ROWS,
-                        prompt_text=prompt.text, given_prompt=opts.prompt)
+                        prompt_text=prompt.text, given_prompt=opts.prompt, ignore_eos=opts.ignore_eos)
 
 
 def start(opts: run.GenerateOptions, configure: Optional[Callable[[list[str]], Settings]], renderer: Any,
@@ -134,7 +134,7 @@ def start(opts: run.GenerateOptions, configure: Optional[Callable[[list[str]], S
         os.environ["NO_COLOR"] = "1"  # Textual reads it when the app starts
     from llmsample.explore.app import ExploreApp
 
-    app = ExploreApp(explorer, configure, ignore_eos=opts.ignore_eos)
+    app = ExploreApp(explorer, configure)
     started = time.perf_counter()
     with run.cache_checked(explorer.lm):
         text = app.run()

@@ -88,13 +88,15 @@ class Explorer:
     """A session over one loaded model and prompt: sample, choose, undo, branch, switch, change settings.
 
     ``lm``: ``models.LoadedModel``; ``prompt_ids``: the ids fed (template and BOS included); ``settings``: the
-    resolved settings; ``eos``: the ids that end a text; ``rows``: candidate rows per table; ``prompt_text``: the
+    resolved settings; ``eos``: the ids that end a text (a constraint needs them even with ``ignore_eos``, which
+    only keeps them from ending the branch); ``rows``: candidate rows per table; ``prompt_text``: the
     prompt as the model reads it (a chat template rendered), shown above the text; ``given_prompt``: as the user
     gave it (the session file's ``prompt``; default ``prompt_text``).
     """
 
     def __init__(self, lm: Any, prompt_ids: list[int], settings: Settings, seed: int, eos: list[int],
-                 rows: int = DEFAULT_ROWS, prompt_text: str = "", given_prompt: Optional[str] = None):
+                 rows: int = DEFAULT_ROWS, prompt_text: str = "", given_prompt: Optional[str] = None,
+                 ignore_eos: bool = False):
         from llmsample.token_text import control_token_ids
 
         self.lm = lm
@@ -104,6 +106,7 @@ class Explorer:
         self.prompt_text = prompt_text
         self.given_prompt = prompt_text if given_prompt is None else given_prompt
         self.eos = list(eos)
+        self.ignore_eos = ignore_eos
         self.rows = rows
         self.hidden = control_token_ids(self.tokenizer)
         self.seed = self.start_seed = seed
@@ -179,7 +182,7 @@ class Explorer:
     def finished(self) -> Optional[str]:
         """Why the current branch would stop on its own: ``eos``, ``stop`` (a stop string), ``length``, or None."""
         steps = self.branch.steps
-        if steps and steps[-1].token_id in self.eos:
+        if steps and steps[-1].token_id in self.eos and not self.ignore_eos:
             return "eos"
         if self.stops and any(stop in self.text() for stop in self.stops):
             return "stop"
