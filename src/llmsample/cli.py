@@ -184,6 +184,18 @@ SystemOption = Annotated[Optional[str], typer.Option(
     "--system", metavar="TEXT", help="A system message for the chat template \\[default: none].",
     rich_help_panel=GENERATION)]
 
+ForceOption = Annotated[Optional[list[str]], typer.Option("--force", metavar="STEP=TOKEN", help="At generated step "
+    "STEP (from 1) take TOKEN instead of the draw: a text that is one token, or #ID (repeatable; every sample; the "
+    "draw's random number is still used, so later steps keep the seed's stream) \\[default: none].",
+    rich_help_panel=GENERATION)]
+
+
+def parse_forces(specs: list[str], settings: Any) -> tuple:
+    """``--force`` specs checked against the resolved settings, before the model loads."""
+    from llmsample import force
+
+    return force.parse(specs, settings.generation.max_new_tokens, settings.sampling.num_beams)
+
 
 def resolved_settings(stage_values: Optional[dict], sample: Optional[bool], preset: Optional[str],
                       model: Optional[str], no_model_defaults: bool, candidates: int, **generation: Any) -> Any:
@@ -222,6 +234,7 @@ def generate(
     system: SystemOption = None,
     num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Samples to draw, decoded as one batch \\[default: 1].",
                                                        rich_help_panel=GENERATION)] = None,
+    force: ForceOption = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = DType.auto,
@@ -259,6 +272,7 @@ def generate(
 
     settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates,
                                  max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples)
+    forces = parse_forces(force or [], settings)
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
     renderer = render.make_renderer(output_format.value, out, err, sample_separator(separator, null, output_format))
@@ -267,7 +281,8 @@ def generate(
     options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
                                   device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
                                   candidates=candidates, engine=engine.value,
-                                  quantize=_quantize_mode(quantize), chat=chat, system=system, explain=explain)
+                                  quantize=_quantize_mode(quantize), chat=chat, system=system, explain=explain,
+                                  force=forces)
     try:
         run.generate(options, renderer)
     except BrokenPipeError:

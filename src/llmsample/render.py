@@ -187,7 +187,8 @@ class TextRenderer(Renderer):
             title = f"step {index + 1}" + (f" · sample {sample + 1}" if not self.streaming else "")
             if stage_state and "grammar_cut" in stage_state:
                 title += f" · grammar cut {_pct(stage_state['grammar_cut'])}% raw"
-            self.err.print(candidate_table(candidates, f"{title} · chose {token_label(text or '', 24)}"))
+            how = "forced" if stage_state and stage_state.get("forced") else "chose"
+            self.err.print(candidate_table(candidates, f"{title} · {how} {token_label(text or '', 24)}"))
 
     def beam_step(self, step: int, beams: list[dict[str, Any]]) -> None:
         for beam in beams:
