@@ -19,6 +19,7 @@ GENERATE = "summary"  # the "type" of a generate --format json object (and of a 
 EXPLORE = "explore_session"
 SCHEMAS = {GENERATE: 1, EXPLORE: 1}
 KINDS = {GENERATE: "generate output", EXPLORE: "explore session"}
+ARTICLES = {GENERATE: "a", EXPLORE: "an"}
 # Keys of a recorded "settings" object that are not sampling fields.
 GENERATION_KEYS = ("max_new_tokens", "stop", "num_samples")
 DERIVED_KEYS = ("chain", "schedule", "force", "ignore_eos", "seed")
@@ -59,7 +60,7 @@ def read(path: str) -> Recording:
     schema = data.get("schema")
     if schema != SCHEMAS[kind]:
         shown = "missing" if "schema" not in data else json.dumps(schema)
-        raise ConfigError(f"{path}: schema version {shown} of a {KINDS[kind]} is not one this llmsample reads "
+        raise ConfigError(f"{path}: schema version {shown} of {ARTICLES[kind]} {KINDS[kind]} is not one this llmsample reads "
                           f"({SCHEMAS[kind]})")
     check = _Checker(path)
     if kind == GENERATE:

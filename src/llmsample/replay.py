@@ -237,12 +237,16 @@ def choose_model(recorded: Optional[str], override: Optional[str], warnings: lis
     return recorded
 
 
-def load(rec: recording.Recording, over: Overrides, err: Any, warnings: list[str]) -> tuple[Any, float]:
-    """The recorded model on the recorded device, dtype, engine and quantization, each unless overridden."""
+def load(rec: recording.Recording, over: Overrides, err: Any, warnings: list[str], quiet: Any) -> tuple[Any, float]:
+    """The recorded model on the recorded device, dtype, engine and quantization, each unless overridden. A warning
+    about the model is given before it loads (it may not load)."""
     from llmsample import run
 
     env = environment(rec.data)
+    before = len(warnings)
     model = choose_model(env["model"], over.model, warnings)
+    for message in warnings[before:]:
+        quiet.warn(message)
     device = over.device or env["device"] or "auto"
     dtype = over.dtype or env["dtype"] or "auto"
     engine = over.engine or env["engine"] or "auto"
@@ -271,9 +275,9 @@ def replay(rec: recording.Recording, over: Overrides, tolerance: float, err: Any
         settings, forces, candidates = _generate_setup(rec, over, warnings)
     else:
         settings = forces = candidates = None
-    lm, _ = load(rec, over, err, warnings)
     for message in warnings:
         quiet.warn(message)
+    lm, _ = load(rec, over, err, warnings, quiet)
     if rec.kind == recording.GENERATE:
         comparison, description = _replay_generate(rec, over, lm, settings, forces, candidates, tolerance, quiet,
                                                    warnings)
@@ -384,6 +388,8 @@ def _replay_explore(rec: recording.Recording, over: Overrides, lm: Any, toleranc
     if context is not None and prompt.shape[1] + len(steps) > context:
         raise ConfigError(f"{rec.path}: the prompt and branch hold {prompt.shape[1] + len(steps)} tokens, the "
                           f"model's context is {context}")
+    tables = [len(step["candidates"]["candidates"]) for step in steps if step.get("candidates")]
+    table_size = over.candidates or (min(tables) if tables else DEFAULT_TABLE)  # a forced token's row is extra
     seed = over.seed if over.seed is not None else (data.get("seed") or 0)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
     state: dict = {}  # shared by every step's sampler: mirostat's μ follows the path whatever the settings
@@ -421,8 +427,6 @@ def _replay_explore(rec: recording.Recording, over: Overrides, lm: Any, toleranc
             token = torch.tensor([step["token_id"]], device=lm.device)
             recorded = {"token_id": step["token_id"], "raw_prob": step["raw_prob"], "prob": step["prob"],
                         "how": step.get("how"), "candidates": step.get("candidates")}
-            table_size = len((step.get("candidates") or {}).get("candidates") or []) or DEFAULT_TABLE
-            table_size = over.candidates or table_size
             try:
                 choice = sampler.step(sequence, logits, generator=generator, prompt_len=prompt.shape[1], force=token)
             except ForcedTokenRefused:
