@@ -200,3 +200,19 @@ def test_trace_shows_a_forced_token_once():
     assert second["candidates"][-1]["removed_by"] == "top_k"
     shown = sum(c["raw_prob"] for c in second["candidates"])
     assert math.isclose(second["raw_mass_outside"], 1 - shown, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9),
+                                      dict(do_sample=True, mirostat=2)])
+def test_a_forced_sync_free_step_reads_nothing_back(settings):
+    """On CUDA a forced step stays sync-free (a constraint's check is the one read-back, at forced steps only)."""
+    from host_syncs import HostSyncs
+
+    ids = torch.randint(0, 4096, (2, 6))
+    logits = _logits(3, vocab=4096)
+    sampler = Sampler(SamplingConfig(**settings), sync_free=True)
+    with HostSyncs() as syncs:
+        choice = sampler.step(ids, logits, generator=torch.Generator().manual_seed(1), prompt_len=2,
+                              force=torch.tensor([7, -1]))
+    assert syncs.seen == [], syncs.seen
+    assert int(choice.token_ids[0]) == 7 and choice.forced.tolist() == [True, False]

@@ -486,6 +486,8 @@ def replay_view(report: dict[str, Any]) -> list[Any]:
         Text(f"recorded  {_where(report['recorded'])}"),
         Text(f"now       {_where(report['now'])}"),
     ]
+    if report.get("overrides"):
+        out.append(Text(f"changed   {', '.join(report['overrides'])}"))
     tolerance = f"tolerance {report['tolerance']:g}"
     d = report["divergence"]
     if d is None:

@@ -61,6 +61,7 @@ class Report:
     comparison: Comparison
     warnings: list[str] = field(default_factory=list)
     description: str = ""  # "1 sample, 24 tokens, seed 7" / "branch 0, 12 steps"
+    overrides: list[str] = field(default_factory=list)  # what the command line changed: "top_k=2", "quantize=int8"
 
     @property
     def identical(self) -> bool:
@@ -71,7 +72,8 @@ class Report:
         return {"type": "replay", "schema": 1, "file": self.path, "kind": self.kind, "identical": self.identical,
                 "tolerance": self.tolerance, "steps_compared": c.steps, "max_difference": c.max_difference,
                 "recorded": self.recorded, "now": self.now, "description": self.description,
-                "warnings": self.warnings, "divergence": c.divergence.to_dict() if c.divergence else None}
+                "overrides": self.overrides, "warnings": self.warnings,
+                "divergence": c.divergence.to_dict() if c.divergence else None}
 
 
 @dataclass
@@ -90,6 +92,15 @@ class Overrides:
     ignore_eos: Optional[bool] = None
     truncate: bool = False
     branch: Optional[int] = None
+
+    def describe(self) -> list[str]:
+        """What is changed, as ``NAME=VALUE`` (for the report)."""
+        out = [f"{name}={getattr(self, name)}" for name in ("model", "device", "dtype", "engine", "quantize", "seed",
+                                                             "ignore_eos") if getattr(self, name) is not None]
+        for table in ("sampling", "generation"):
+            out += [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in self.layer.get(table, {}).items()]
+        out += [f"force {spec.spec}" for spec in self.force]
+        return out
 
 
 # ---- comparing -------------------------------------------------------------------------------------------------
@@ -130,15 +141,22 @@ def table_difference(recorded: Optional[dict], now: Optional[dict]) -> tuple[flo
                 recorded["stages"], a.get("stage_probs", []), b.get("stage_probs", []))]
         for what, x, y in pairs:
             if _gap(x, y) > worst:
-                worst, where = _gap(x, y), f"token {token}: {what}"
+                worst, where = _gap(x, y), f"{_named(a)}: {what}"
     for table, other, side in ((mine, theirs, "new"), (theirs, mine, "recorded")):
         if not other:
             continue
         floor = min(c["raw_prob"] for c in other.values())
         for token, c in table.items():
             if token not in other and c["raw_prob"] - floor > worst:
-                worst, where = c["raw_prob"] - floor, f"token {token} is missing from the {side} table"
+                worst, where = c["raw_prob"] - floor, f"{_named(c)} is missing from the {side} table"
     return worst, where
+
+
+def _named(candidate: dict) -> str:
+    """A candidate for a message: its text when the table has it, and its id."""
+    if "token" in candidate:
+        return f"{json.dumps(candidate['token'], ensure_ascii=False)} (token {candidate['token_id']})"
+    return f"token {candidate['token_id']}"
 
 
 def _taken(sample: dict, j: int, table: bool = True) -> dict:
@@ -158,7 +176,9 @@ def _taken(sample: dict, j: int, table: bool = True) -> dict:
 def compare_step(recorded: dict, now: dict, tolerance: float) -> tuple[float, Optional[tuple[str, str]]]:
     """One step: its largest probability difference, and ``(kind, detail)`` when it differs."""
     if recorded["token_id"] != now["token_id"]:
-        return 0.0, ("token", "another token")
+        gap, _ = table_difference(recorded.get("candidates"), now.get("candidates"))
+        also = f" (the candidates' probabilities differ by up to {gap:.3g} at this step)" if gap > tolerance else ""
+        return gap, ("token", "another token" + also)
     worst, kind, detail = 0.0, None, ""
     for name in ("raw_prob", "prob"):
         gap = _gap(recorded.get(name), now.get(name))
@@ -284,7 +304,7 @@ def replay(rec: recording.Recording, over: Overrides, tolerance: float, err: Any
     else:
         comparison, description = _replay_explore(rec, over, lm, tolerance, quiet, warnings)
     return Report(rec.path, rec.label, tolerance, environment(rec.data), now_environment(lm), comparison, warnings,
-                  description)
+                  description, over.describe())
 
 
 def _generate_setup(rec: recording.Recording, over: Overrides, warnings: list[str]) -> tuple[Any, tuple, int]:
