@@ -538,7 +538,8 @@ def replay(
 
     A generate --format json output is re-run with its recorded model, device, dtype, quantization, seed, settings,
     prompt and forced steps; an explore session is replayed teacher-forced (its tokens fed, each step's
-    probabilities computed again with that step's settings). Any option given overrides what was recorded.
+    probabilities computed again with that step's settings). Any option given overrides what was recorded (a
+    sampling option's [default] below is the built-in one; left out, the recorded value holds).
 
     Examples:
 
