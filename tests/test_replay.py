@@ -222,6 +222,9 @@ def test_a_session_step_with_other_settings_is_computed_with_them(cli, session, 
 
 
 def test_session_faults(cli, session, tmp_path):
+    code, _, err = cli("replay", str(session), "--force", "2=a", "--max-new-tokens", "3")
+    assert code == 2 and err.startswith("llmsample: error: --force, --max-new-tokens cannot apply to an explore "
+                                        "session: its recorded tokens are fed as they are")
     code, _, err = cli("replay", str(session), "--branch", "5")
     assert code == 2 and err.endswith(f"--branch 5: {session} has branches 0, 1\n")
     code, _, err = cli("replay", str(changed(session, tmp_path, lambda d: d["branches"][0]["steps"][2].pop("prob"))))

@@ -295,6 +295,13 @@ def replay(rec: recording.Recording, over: Overrides, tolerance: float, err: Any
         settings, forces, candidates = _generate_setup(rec, over, warnings)
     else:
         settings = forces = candidates = None
+        given = [flag for flag, value in (("--force", over.force), ("--ignore-eos/--stop-at-eos", over.ignore_eos),
+                                          ("--truncate", over.truncate or None))
+                 if value not in (None, ())]
+        given += ["--" + key.replace("_", "-") for key in over.layer.get("generation", {})]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot apply to an explore session: its recorded tokens are fed "
+                              "as they are (only the model and sampling options change a teacher-forced replay)")
     for message in warnings:
         quiet.warn(message)
     lm, _ = load(rec, over, err, warnings, quiet)
