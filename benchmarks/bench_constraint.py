@@ -5,7 +5,9 @@
 1. Mask time per token at batch 1: the whole stage (llguidance's mask, unpacking it, removing the forbidden
    logits, the raw mass it cut) along a fixed valid answer to a JSON schema, and llguidance's mask alone.
 2. Set-up: reading the vocabulary as bytes the first time (no cache), again in a new process (from the cache),
-   and compiling the schema.
+   and compiling the schema; then what a user waits for: whole ``llmsample`` runs (one new token) with a
+   constraint and without, in new processes, alternating, best and median of ``--repeats`` + 2 each (with the
+   cache, the table is built in a thread while the model loads).
 3. Decode: tokens/s of llmsample's decode loop (T 0.7, top_k 50, top_p 0.9) with the schema and without it, the
    same number of tokens (EOS ignored), best of ``--repeats`` runs each.
 """
@@ -95,6 +97,25 @@ def setup_times(lm, eos: list[int]) -> None:
           f"schema compile + first mask {1000 * compile_s:.1f} ms")
 
 
+def process_times(repeats: int) -> None:
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "llmsample", "The capital of France is", "--max-new-tokens", "1", "--seed", "1"]
+    runs = {"without": base, "with --regex": base + ["--regex", "[A-Z][a-z]+"]}
+    subprocess.run(runs["with --regex"], check=True, capture_output=True)  # the byte table is in the cache now
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats + 2):
+        for name, command in runs.items():
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            walls[name].append(time.perf_counter() - start)
+    text = ", ".join(f"{name} a constraint {min(w):.2f} s (median {statistics.median(w):.2f})"
+                     for name, w in walls.items())
+    extra = min(walls["with --regex"]) - min(walls["without"])
+    print(f"a whole later run, one token, best of {repeats + 2}: {text}; the constraint adds {extra:+.2f} s")
+
+
 def decode_times(lm, eos: list[int], tokens: int, repeats: int) -> None:
     import torch
 
@@ -132,6 +153,7 @@ def main() -> None:
     lm = models.load(None)
     eos = eos_ids(lm)
     setup_times(lm, eos)
+    process_times(args.repeats)
     mask_times(lm, eos)
     decode_times(lm, eos, args.tokens, args.repeats)
 

@@ -160,7 +160,7 @@ def test_length_penalty_formula_is_documented_in_beam_only():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [262_144, 100_003, 40_000])
-@pytest.mark.parametrize("k", [1, 7, 51, 256])
+@pytest.mark.parametrize("k", [1, 7, 51, 256, 423, 1024, 4000])  # the larger k: smaller chunks
 def test_fast_topk_equals_torch_topk(dtype, width, k):
     from llmsample.sampling.stages import fast_topk
 
@@ -172,3 +172,62 @@ def test_fast_topk_equals_torch_topk(dtype, width, k):
     assert torch.equal(values, expected)
     assert torch.equal(x.gather(1, columns), values)
     assert all(len(set(row)) == k for row in columns.tolist())
+
+
+def _top_p_sorted(logits, p, min_keep):
+    """top_p by its one-sort path (the one a sync-free step takes): the reference for the faster ones."""
+    from llmsample.sampling import stages
+
+    token = stages._SYNC_FREE.set(True)
+    try:
+        return stages.top_p(Candidates.from_logits(logits), p, min_keep).dense().isfinite()
+    finally:
+        stages._SYNC_FREE.reset(token)
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_top_p_on_wide_flat_rows_keeps_what_a_full_sort_keeps(trial):
+    """Flat rows (a large nucleus) take the histogram path: the same kept set as sorting the whole row, with
+    ties, removed tokens, a peak over a flat tail, nearly uniform rows and min_tokens_to_keep."""
+    from llmsample.sampling import stages
+
+    g = torch.Generator().manual_seed(trial)
+    batch = 1 + trial % 3
+    width = 16_384 + 997 * trial
+    logits = torch.randn(batch, width, generator=g) * (0.05 + 4 * torch.rand(1, generator=g).item())
+    kind = trial % 5
+    if kind == 1:
+        logits = (logits * 4).round() / 4  # many ties, across bins' edges too
+    elif kind == 2:
+        logits[torch.rand(batch, width, generator=g) < 0.3] = float("-inf")
+    elif kind == 3:
+        logits[:, :5] += 20  # a peak, then a flat tail
+    elif kind == 4:
+        logits = logits * 0.001  # nearly uniform: too crowded for the histogram, sorted instead
+    p = 0.01 + 0.98 * torch.rand(1, generator=g).item()
+    min_keep = 1 + trial % 3
+    ours = stages.top_p(Candidates.from_logits(logits), p, min_keep).dense().isfinite()
+    assert torch.equal(ours, _top_p_sorted(logits, p, min_keep))
+
+
+def test_the_histogram_path_runs_on_a_flat_row():
+    """The test above would pass if the histogram were never used: make sure it answers for a typical flat row."""
+    from llmsample.sampling import stages
+
+    logits = torch.randn(2, 262_144, generator=torch.Generator().manual_seed(5)) * 3
+    log_total = torch.logsumexp(logits, -1, keepdim=True)
+    cut = torch.tensor(1 - 0.9, dtype=torch.float32)
+    threshold = stages._top_p_threshold_from_histogram(logits, log_total, cut, 1)
+    assert threshold is not None
+    expected = _top_p_sorted(logits, 0.9, 1)
+    assert torch.equal(logits >= threshold, expected)
+    assert int(expected.sum(-1).min()) > 5_000  # a large nucleus indeed
+
+
+def test_remove_below_equals_a_mask():
+    from llmsample.sampling.stages import remove_below
+
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(1)).round(decimals=1)
+    logits[0, :10] = float("-inf")
+    threshold = logits[:, 7:8].clone()  # ties with the threshold are kept
+    assert torch.equal(remove_below(logits, threshold), logits.masked_fill(logits < threshold, float("-inf")))

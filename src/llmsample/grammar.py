@@ -30,7 +30,7 @@ FLAGS = {"json_schema": "--json-schema", "grammar": "--grammar", "regex": "--reg
 # JSON is written on one line with a space after ',' and ':' (no free whitespace: a model, a random one above all,
 # could otherwise pad an answer with newlines until the token limit).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-TABLE_FORMAT = 1  # bump when the cached token table's layout changes
+TABLE_FORMAT = 2  # bump when the cached token table's layout changes
 
 
 # ---- the settings' texts → an llguidance grammar (no tokenizer, no torch) -----------------------------------------
@@ -146,6 +146,7 @@ def active(cfg: Any) -> Optional[tuple[str, Any]]:
 # ---- the tokenizer bridge ------------------------------------------------------------------------------------------
 
 _TABLES: dict[Any, Any] = {}  # in this process: (id(tokenizer), eos ids) → llguidance.LLTokenizer
+_PENDING: dict[str, "_Prefetch"] = {}  # cache file name → a table being built from it in a thread
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -156,11 +157,26 @@ def _backend(tokenizer: Any) -> Any:
     raise ConfigError("constraints need a fast tokenizer (a tokenizer.json); this model's tokenizer is not one")
 
 
-def _table_key(backend: Any, eos: Sequence[int]) -> str:
-    """What the byte table depends on: every token's string, the decoder, the EOS ids."""
+def _file_key(source: Path) -> Optional[str]:
+    """A tokenizer.json's identity without reading it: its path, size and modification time (as .pyc files do)."""
+    try:
+        stat = source.stat()
+    except OSError:
+        return None
+    text = f"{TABLE_FORMAT}\x00{source.resolve()}\x00{stat.st_size}\x00{stat.st_mtime_ns}"
+    return "f" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:31]
+
+
+def _table_key(tokenizer: Any, backend: Any) -> str:
+    """What the byte table depends on: the tokenizer file when the tokenizer says which one it read, else every
+    token's string and the decoder (a transformers tokenizer)."""
+    source = getattr(tokenizer, "source", None)
+    key = _file_key(source) if source is not None else None
+    if key is not None:
+        return key
     size = backend.get_vocab_size(with_added_tokens=True)
     digest = hashlib.sha256()
-    digest.update(f"{TABLE_FORMAT}\x00{size}\x00{sorted(eos)}\x00".encode())
+    digest.update(f"{TABLE_FORMAT}\x00{size}\x00".encode())
     digest.update("\x00".join(backend.id_to_token(i) or "" for i in range(size)).encode("utf-8", "surrogatepass"))
     decoder = backend.decoder
     digest.update(decoder.__getstate__() if decoder is not None else b"")
@@ -173,7 +189,9 @@ def _table_dir() -> Path:
     return cache_root() / "grammar"
 
 
-def _read_table(path: Path) -> Optional[tuple[list[bytes], list[int]]]:
+def _read_table(path: Path) -> Optional[tuple[list[bytes], list[int], list[int], Optional[int]]]:
+    """The cached token bytes, special ids, the EOS ids the last run used and the BOS id; ``None`` when absent or
+    damaged."""
     try:
         data = path.read_bytes()
         header, _, body = data.partition(b"\n")
@@ -184,61 +202,129 @@ def _read_table(path: Path) -> Optional[tuple[list[bytes], list[int]]]:
             offset += length
         if offset != len(body):
             return None
-        return tokens, meta["special"]
+        bos = meta["bos"]
+        return tokens, meta["special"], [int(i) for i in meta["eos"]], None if bos is None else int(bos)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _write_table(path: Path, tokens: list[bytes], special: list[int]) -> None:
+def _write_table(path: Path, tokens: list[bytes], special: list[int], eos: list[int], bos: Optional[int]) -> None:
     """Written beside its place and renamed into it: a reader never sees half a file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=".table.", dir=path.parent)
         with os.fdopen(fd, "wb") as file:
-            file.write(json.dumps({"lengths": [len(t) for t in tokens], "special": special}).encode() + b"\n")
+            meta = {"lengths": [len(t) for t in tokens], "special": special, "eos": eos, "bos": bos}
+            file.write(json.dumps(meta).encode() + b"\n")
             file.write(b"".join(tokens))
         os.replace(partial, path)
     except OSError:  # a read-only cache only costs the next run the slow path
         pass
 
 
-class _Wrapper:
-    """What ``llguidance.TokenizerWrapper`` reads: the token bytes, the special ids, and an encoder."""
+class _Vocabulary:
+    """What ``llguidance.LLTokenizer`` reads: the token bytes, the special ids, and an encoder.
 
-    def __init__(self, tokens: list[bytes], special: list[int], eos: int, bos: Optional[int], encode: Any):
+    The encoder is the model's tokenizer, given by ``bind_encoder`` once it has loaded: the table can be built in a
+    thread while the model loads (llguidance releases the GIL while it builds its token trie), and llguidance only
+    encodes text when a grammar runs, long after that.
+    """
+
+    is_tokenizer_wrapper = True  # llguidance: call me with a str, not bytes
+
+    def __init__(self, tokens: list[bytes], special: list[int], eos: int, bos: Optional[int]):
+        import threading
+
         self.tokens, self.special_token_ids = tokens, special
         self.eos_token_id, self.bos_token_id = eos, bos
-        self._encode = encode
+        self._encode: Any = None
+        self._bound = threading.Event()
+
+    def bind_encoder(self, tokenizer: Any) -> None:
+        self._encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
+        self._bound.set()
 
     def __call__(self, text: Any) -> list[int]:
+        self._bound.wait()
         return self._encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+
+def _from_cache(tokens: list[bytes], special: list[int], eos: list[int], bos: Optional[int]) -> tuple[Any, Any]:
+    import llguidance
+
+    vocabulary = _Vocabulary(tokens, special, eos[0], bos)
+    return llguidance.LLTokenizer(vocabulary, eos_token=eos), vocabulary
+
+
+class _Prefetch:
+    """A table built from its cache file in a thread, started before the model loads."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.result: Optional[tuple[Any, Any, list[int]]] = None
+        self._thread = threading.Thread(target=self._build, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _build(self, path: Path) -> None:
+        try:
+            cached = _read_table(path)
+            if cached is not None:
+                tokens, special, eos, bos = cached
+                self.result = (*_from_cache(tokens, special, eos, bos), eos)
+        except Exception:  # noqa: BLE001 - a failed guess only means the ordinary path builds the table
+            self.result = None
+
+    def take(self) -> Optional[tuple[Any, Any, list[int]]]:
+        self._thread.join()
+        return self.result
+
+
+def prefetch(tokenizer_file: Optional[Path]) -> None:
+    """Start building the token table for the model whose tokenizer is ``tokenizer_file`` while the model loads,
+    when an earlier run left its bytes in the cache; ``token_table`` then takes the result (if the EOS ids it is
+    asked for are the ones the earlier run used, as they are for the same model and prompt format)."""
+    key = _file_key(tokenizer_file) if tokenizer_file is not None else None
+    if key is None or key in _PENDING or not (_table_dir() / f"{key}.bin").is_file():
+        return
+    _PENDING[key] = _Prefetch(_table_dir() / f"{key}.bin")
 
 
 def token_table(tokenizer: Any, eos_ids: Sequence[int]) -> Any:
     """llguidance's view of ``tokenizer`` (each token as bytes, the EOS ids), built once per model.
 
     The first time, llguidance reads the tokenizer's JSON itself (a few seconds for Gemma 3's 262,144 tokens);
-    the bytes it finds are kept in ``$XDG_CACHE_HOME/llmsample/grammar/``, so later runs only build its token trie.
+    the bytes it finds are kept in ``$XDG_CACHE_HOME/llmsample/grammar/``, so later runs only build its token trie,
+    and when ``prefetch`` started that in a thread, not even that.
     """
     import llguidance
 
     eos = sorted(set(int(i) for i in eos_ids)) or [int(tokenizer.eos_token_id or 0)]
+    bos = getattr(tokenizer, "bos_token_id", None)
     memo = (id(tokenizer), tuple(eos))
     if memo in _TABLES and _TABLES[memo][0] is tokenizer:
         return _TABLES[memo][1]
     backend = _backend(tokenizer)
-    path = _table_dir() / f"{_table_key(backend, eos)}.bin"
-    cached = _read_table(path)
-    if cached is None:
-        table = llguidance.LLTokenizer(backend.to_str(), eos_token=eos)
-        tokens = [table.decode_bytes([i]) for i in range(table.vocab_size)]
-        special = [i for i in range(table.vocab_size) if table.is_special_token(i)]
-        _write_table(path, tokens, special)
+    key = _table_key(tokenizer, backend)
+    path = _table_dir() / f"{key}.bin"
+    pending = _PENDING.pop(key, None)
+    built = pending.take() if pending is not None else None
+    if built is not None and built[2] == eos:
+        table, vocabulary, _ = built
     else:
-        tokens, special = cached
-        encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-        wrapper = _Wrapper(tokens, special, eos[0], getattr(tokenizer, "bos_token_id", None), encode)
-        table = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper), eos_token=eos)
+        cached = _read_table(path)
+        if cached is None:
+            table = llguidance.LLTokenizer(backend.to_str(), eos_token=eos)
+            tokens = [table.decode_bytes([i]) for i in range(table.vocab_size)]
+            special = [i for i in range(table.vocab_size) if table.is_special_token(i)]
+            _write_table(path, tokens, special, eos, bos)
+            _TABLES[memo] = (tokenizer, table)
+            return table
+        tokens, special, recorded, _ = cached
+        if recorded != eos:  # the next run's prefetch guesses these EOS ids
+            _write_table(path, tokens, special, eos, bos)
+        table, vocabulary = _from_cache(tokens, special, eos, bos)
+    vocabulary.bind_encoder(tokenizer)
     _TABLES[memo] = (tokenizer, table)
     return table
 

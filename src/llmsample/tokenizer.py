@@ -26,6 +26,7 @@ class FastTokenizer:
     def __init__(self, backend: Any, special_tokens: dict[str, str], chat_template: Optional[str] = None):
         self.backend = backend
         self.chat_template = chat_template  # as transformers' tokenizers keep it (``chat.read_template``)
+        self.source: Optional[Path] = None  # the tokenizer.json read (the constraint's token table is keyed by it)
         for name, text in special_tokens.items():  # bos_token, eos_token, …: the texts a chat template uses
             setattr(self, name, text)
         ids = {name: backend.token_to_id(text) for name, text in special_tokens.items()}
@@ -51,7 +52,9 @@ class FastTokenizer:
 
         from llmsample.chat import read_template
 
-        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), special, read_template(folder))
+        tokenizer = cls(Tokenizer.from_file(str(folder / "tokenizer.json")), special, read_template(folder))
+        tokenizer.source = folder / "tokenizer.json"
+        return tokenizer
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
