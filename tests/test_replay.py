@@ -246,3 +246,11 @@ def test_table_difference_matches_by_token():
     # A swap at the table's edge between near-equal tokens is no difference.
     edge = table((1, 0.5, 0.6), (3, 0.3, 0.4))
     assert table_difference(table((1, 0.5, 0.6), (2, 0.3, 0.4)), edge)[0] == 0.0
+
+
+def test_a_recorded_int8_run_on_another_device_asks_for_quantize_none(cli, recorded, tmp_path):
+    int8 = changed(recorded, tmp_path, lambda d: d["stats"].update(quantize="int8"))
+    code, out, err = cli("replay", str(int8), "--device", "cuda")
+    assert code == 2 and out == ""
+    assert err == ("llmsample: error: the file was recorded with --quantize int8, which runs in float32 on the CPU: "
+                   "add --quantize none to replay with --device cuda\n")

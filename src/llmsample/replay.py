@@ -271,6 +271,11 @@ def load(rec: recording.Recording, over: Overrides, err: Any, warnings: list[str
     dtype = over.dtype or env["dtype"] or "auto"
     engine = over.engine or env["engine"] or "auto"
     quantize = env["quantize"] if over.quantize is None else (None if over.quantize == "none" else over.quantize)
+    if quantize and over.quantize is None and (over.device not in (None, "cpu") or over.dtype not in (None,
+                                                                                          "float32")):
+        given = f"--device {over.device}" if over.device not in (None, "cpu") else f"--dtype {over.dtype}"
+        raise ConfigError(f"the file was recorded with --quantize {quantize}, which runs in float32 on the CPU: add "
+                          f"--quantize none to replay with {given}")
     if quantize and over.engine is None:
         engine = "llmsample"
     if over.model is not None and over.engine is None:
