@@ -141,7 +141,8 @@ def test_another_model_is_warned_about_naming_both(cli, recorded, tiny_model_dir
     (b'{"type": "chat"}', ': "type" is \'chat\': replay reads a generate --format json output ("summary") or an '
                           'explore session ("explore_session")'),
     (b'{"schema": 1}', ': "type" is missing'),
-    (b'{"type": "summary", "schema": 7}', ": schema version 7 of a generate output is not one this llmsample reads (1)"),
+    (b'{"type": "summary", "schema": 7}',
+     ": schema version 7 of a generate output is not one this llmsample reads (1)"),
     (b'{"type": "explore_session", "schema": 2}', ": schema version 2 of an explore session"),
 ])
 def test_a_foreign_or_corrupted_file_is_one_line_exit_2(cli, tmp_path, content, message):

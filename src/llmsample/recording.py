@@ -60,8 +60,8 @@ def read(path: str) -> Recording:
     schema = data.get("schema")
     if schema != SCHEMAS[kind]:
         shown = "missing" if "schema" not in data else json.dumps(schema)
-        raise ConfigError(f"{path}: schema version {shown} of {ARTICLES[kind]} {KINDS[kind]} is not one this llmsample reads "
-                          f"({SCHEMAS[kind]})")
+        raise ConfigError(f"{path}: schema version {shown} of {ARTICLES[kind]} {KINDS[kind]} is not one this "
+                          f"llmsample reads ({SCHEMAS[kind]})")
     check = _Checker(path)
     if kind == GENERATE:
         _check_generate(check, data)

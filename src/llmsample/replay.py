@@ -98,7 +98,8 @@ class Overrides:
         out = [f"{name}={getattr(self, name)}" for name in ("model", "device", "dtype", "engine", "quantize", "seed",
                                                              "ignore_eos") if getattr(self, name) is not None]
         for table in ("sampling", "generation"):
-            out += [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in self.layer.get(table, {}).items()]
+            given = self.layer.get(table, {})
+            out += [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in given.items()]
         out += [f"force {spec.spec}" for spec in self.force]
         return out
 

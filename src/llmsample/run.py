@@ -8,7 +8,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -387,8 +387,9 @@ def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode
                 _record_step(run, step, state, tokenizer)
     except ForceRefused as exc:
         spec = next(f.spec for f in run.forces if f.step == exc.index + 1)
-        raise ConfigError(f"--force {spec!r}: the {grammar_name(run.sampler.config)} does not allow "
-                          f"{tokenizer.decode([exc.token_id])!r} (token {exc.token_id}) at step {exc.index + 1}") from None
+        token = tokenizer.decode([exc.token_id])
+        raise ConfigError(f"--force {spec!r}: the {grammar_name(run.sampler.config)} does not allow {token!r} "
+                          f"(token {exc.token_id}) at step {exc.index + 1}") from None
 
 
 PHASE_LABELS = {"prompt": "reading the prompt", "beam": "beam search"}
