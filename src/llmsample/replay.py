@@ -174,6 +174,11 @@ def _taken(sample: dict, j: int, table: bool = True) -> dict:
     return out
 
 
+def _at_or_end(sample: dict, j: int) -> dict:
+    """Step ``j`` of a sample, or how it ended when it has no such step."""
+    return _taken(sample, j) if j < len(sample["token_ids"]) else {"finish_reason": sample.get("finish_reason")}
+
+
 def compare_step(recorded: dict, now: dict, tolerance: float) -> tuple[float, Optional[tuple[str, str]]]:
     """One step: its largest probability difference, and ``(kind, detail)`` when it differs."""
     if recorded["token_id"] != now["token_id"]:
@@ -208,18 +213,12 @@ def compare_generate(recorded: dict, now: dict, tolerance: float) -> Comparison:
                 found.append(Divergence(i, j + 1, differs[0], differs[1], mine, theirs))
                 break
         else:
-            if len(a["token_ids"]) != len(b["token_ids"]):
-                j = length
-                ends = {"recorded": (a, len(a["token_ids"])), "new": (b, len(b["token_ids"]))}
-                short = "recorded" if len(a["token_ids"]) < len(b["token_ids"]) else "new"
-                sample, n = ends[short]
-                detail = (f"the {short} run ends after {n} tokens ({sample.get('finish_reason')}), the other "
+            if len(a["token_ids"]) != len(b["token_ids"]):  # one ended (EOS, a stop) where the other goes on
+                short, n = ("recorded", a) if len(a["token_ids"]) < len(b["token_ids"]) else ("new", b)
+                detail = (f"the {short} run ends after {length} tokens ({n.get('finish_reason')}), the other "
                           "goes on")
-                found.append(Divergence(i, j + 1, "length", detail,
-                                        _taken(a, j) if j < len(a["token_ids"]) else {"finish_reason": a.get(
-                                            "finish_reason")},
-                                        _taken(b, j) if j < len(b["token_ids"]) else {"finish_reason": b.get(
-                                            "finish_reason")}))
+                found.append(Divergence(i, length + 1, "length", detail, _at_or_end(a, length),
+                                        _at_or_end(b, length)))
     if found:
         result.divergence = min(found, key=lambda d: (d.step, d.sample))
     return result
