@@ -72,6 +72,15 @@ def test_greedy_continues_greedily_after_a_force(cli, tiny_model_dir):
 
 
 
+def test_the_stages_that_read_the_text_see_the_forced_token(cli, tiny_model_dir):
+    """no_repeat_ngram 1 bans every token already in the text. Biased, 83 would be the greedy pick and 82 the next;
+    forcing 82 at step 1 puts 82, not the pick it replaced, into the text: 83 comes next and 82 never again."""
+    out = run_json(cli, tiny_model_dir, "--greedy", "--no-repeat-ngram-size", "1", "--logit-bias", "82=10",
+                   "--logit-bias", "83=12", "--force", "1=#82", "--max-new-tokens", "8")
+    tokens = out["samples"][0]["token_ids"]
+    assert tokens[:2] == [82, 83] and 82 not in tokens[1:] and len(set(tokens)) == len(tokens)
+
+
 def test_a_text_token_and_jsonl_marks(cli, tiny_model_dir):
     from transformers import AutoTokenizer
 
