@@ -21,6 +21,10 @@ BIN = Path(sys.executable).parent
         ("llmsample generate --top", 2, {"--top-k", "--top-p"}),
         ("llmsample presets s", 2, {"show"}),
         ("llmsample generate --dtype b", 3, {"bfloat16"}),
+        ("llmsample generate --for", 2, {"--force"}),
+        ("llmsample rep", 1, {"replay"}),
+        ("llmsample replay --tol", 2, {"--tolerance"}),
+        ("llmsample replay --quantize i", 3, {"int8"}),
     ],
 )
 def test_bash_completion(words, cword, expected):
