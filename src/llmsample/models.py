@@ -432,11 +432,14 @@ def _load_from(source: Any, spec: str, name: str, kwargs: dict[str, Any], torch_
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs, **NO_REMOTE_CODE)
         if report:
             report("loading the weights")
-        if device_map:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs,
-                                                      **NO_REMOTE_CODE)
-        else:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **NO_REMOTE_CODE).to(device)
+        # A .gguf file: transformers' reader would draw its own bar under our status line.
+        with _gguf_bar_off() if "gguf_file" in kwargs else contextlib.nullcontext():
+            if device_map:
+                lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs,
+                                                          **NO_REMOTE_CODE)
+            else:
+                lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs,
+                                                          **NO_REMOTE_CODE).to(device)
     except ModelError:
         raise
     except Exception as exc:  # transformers raises many types here; each becomes one clear line
