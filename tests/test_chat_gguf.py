@@ -124,3 +124,14 @@ def test_a_gguf_without_template_defaults_to_raw(cli, plain_gguf):
     assert code == 2 and out == ""
     assert err == ("llmsample: error: --chat: plain.gguf has no chat template (the GGUF's tokenizer.chat_template); "
                    "drop --chat for a plain continuation\n")
+
+
+def test_a_byte_level_gguf_without_endoftext_loads(cli, tiny_gguf, gguf_lm):
+    """transformers' byte-level GGUF tokenizer invents GPT-2's <|endoftext|> when the file lacks it (as Llama 3's
+    does, and this one does): llmsample forgets it instead of refusing the model, and the text is plain text."""
+    lm = gguf_lm
+    assert len(_transformers_tokenizer(tiny_gguf)) == lm.model.get_input_embeddings().num_embeddings + 1
+    assert len(lm.tokenizer) == lm.model.get_input_embeddings().num_embeddings
+    code, out, err = cli("a <|endoftext|> b", "--model", str(tiny_gguf), *FAST, "--raw")
+    assert code == 0, err
+    assert json.loads(out)["samples"][0]["finish_reason"] == "length"

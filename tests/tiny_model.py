@@ -145,26 +145,22 @@ def with_chat_template(source: Path, folder: Path, template, tokenizer_class: st
     return folder
 
 
-# A byte-level GGUF vocabulary needs "<|endoftext|>": transformers builds its tokenizer through GPT2Tokenizer, whose
-# default special tokens add that one when the file lacks it, one token past the model's embeddings.
-GGUF_SPECIAL = (*GEMMA_TURN_TOKENS, "<|endoftext|>")
-
-
-def build_tiny_gguf(path: Path, template: str | None = GEMMA_TEMPLATE, seed: int = 0) -> Path:
+def build_tiny_gguf(path: Path, template: str | None = GEMMA_TEMPLATE, seed: int = 0,
+                    special: tuple[str, ...] = GEMMA_TURN_TOKENS) -> Path:
     """A 2-layer Llama as a float32 ``.gguf`` file, written with the ``gguf`` package as llama.cpp's converter
-    would: the byte-level BPE vocabulary of ``_tiny_tokenizer`` with Gemma's turn tokens (``tokenizer.ggml.*``, the
-    special ones typed CONTROL), ``add_bos_token`` set, and ``template`` as ``tokenizer.chat_template`` (None:
-    no template). transformers reads it with ``from_pretrained(folder, gguf_file=name)``."""
+    would: the byte-level BPE vocabulary of ``_tiny_tokenizer`` with the ``special`` tokens after <pad>, <s>, </s>
+    (Gemma's turn tokens; all typed CONTROL), ``add_bos_token`` set, and ``template`` as ``tokenizer.chat_template``
+    (None: no template). transformers reads it with ``from_pretrained(folder, gguf_file=name)``."""
     import json
 
     import gguf
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fast = _tiny_tokenizer(path.parent / f"{path.stem}-tokenizer", extra_special=GGUF_SPECIAL)
+    fast = _tiny_tokenizer(path.parent / f"{path.stem}-tokenizer", extra_special=special)
     spec = json.loads(fast.backend_tokenizer.to_str())
-    special = {t["content"]: t["id"] for t in spec["added_tokens"]}
-    ids = {**spec["model"]["vocab"], **special}
+    control_ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    ids = {**spec["model"]["vocab"], **control_ids}
     tokens = sorted(ids, key=ids.get)
     assert [ids[t] for t in tokens] == list(range(len(tokens)))  # no gaps: GGUF stores the list, not the ids
     control, normal = 3, 1  # gguf.TokenType values
@@ -184,7 +180,7 @@ def build_tiny_gguf(path: Path, template: str | None = GEMMA_TEMPLATE, seed: int
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
-    writer.add_token_types([control if t in special else normal for t in tokens])
+    writer.add_token_types([control if t in control_ids else normal for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     writer.add_bos_token_id(fast.bos_token_id)
     writer.add_eos_token_id(fast.eos_token_id)
