@@ -23,7 +23,11 @@ BIN = Path(sys.executable).parent
         ("llmsample generate --dtype b", 3, {"bfloat16"}),
         ("llmsample expl", 1, {"explore"}),
         ("llmsample explore --top", 2, {"--top-k", "--top-p"}),
-        ("llmsample explore --for", 2, {"--format"}),
+        ("llmsample explore --for", 2, {"--format", "--force"}),
+        ("llmsample generate --for", 2, {"--force"}),
+        ("llmsample rep", 1, {"replay"}),
+        ("llmsample replay --tol", 2, {"--tolerance"}),
+        ("llmsample replay --quantize i", 3, {"int8"}),
     ],
 )
 def test_bash_completion(words, cword, expected):

@@ -356,3 +356,46 @@ def test_a_constraint_binds_to_the_end_of_text_even_with_ignore_eos(lm):
             e.sample()
         assert e.text() in (" yes", " no")
         assert e.finished() == (None if ignore else "eos")
+
+
+def test_enter_after_enter_is_generate_with_the_same_seed_and_forces(lm, cli):
+    """Sampled steps draw from the same generator as generate's loop: pressing Enter N times with --seed S (and
+    --force) gives generate's tokens with the same seed and forces, token for token."""
+    flags = ["--model", lm.name, "--engine", lm.engine, "--no-model-defaults", "--sample", "--top-k", "20",
+             "--max-new-tokens", "10", "--seed", "5", "--ignore-eos", "--format", "json"]
+    code, out, err = cli(PROMPT, *flags, "--force", "3=#7")
+    assert code == 0, err
+    expected = json.loads(out)["samples"][0]["token_ids"]
+    prompt = chat.prepare(lm.tokenizer, lm.name, PROMPT, False)
+    e = Explorer(lm, prompt.ids, settings(do_sample=True, top_k=20), seed=5, eos=run.eos_ids(lm),
+                 prompt_text=PROMPT, ignore_eos=True, forces={2: 7})
+    for _ in range(10):
+        e.sample()
+    assert e.branch.token_ids == expected
+    assert [s.how for s in e.branch.steps] == ["sampled"] * 2 + ["forced"] + ["sampled"] * 7
+    forced = e.branch.steps[2].candidates
+    assert forced["forced"] is True and [c["token_id"] for c in forced["candidates"] if c["chosen"]] == [7]
+
+
+def test_replay_reads_a_saved_session_back_identical(lm, tmp_path, cli):
+    """The round trip of the shared contract: every branch of a session (sampled, chosen, forced steps, a setting
+    changed midway, an undo) replays teacher-forced as identical."""
+    from llmsample.explore import session_file
+
+    e = explorer(lm, do_sample=True, top_k=20, temperature=0.8)
+    e.forces = {1: 9}
+    for _ in range(5):
+        e.sample()
+    e.fork()
+    e.choose(2)
+    e.configure(settings(do_sample=True, top_p=0.5))
+    e.sample()
+    e.switch()
+    e.undo()
+    e.sample()
+    path = tmp_path / "session.json"
+    session_file.write(e.session(), str(path))
+    for branch in ("0", "1"):
+        code, out, err = cli("replay", str(path), "--branch", branch)
+        assert code == 0, out + err
+        assert "identical" in out

@@ -143,3 +143,69 @@ def with_chat_template(source: Path, folder: Path, template, tokenizer_class: st
         config["tokenizer_class"] = tokenizer_class
     path.write_text(json.dumps(config), encoding="utf-8")
     return folder
+
+
+def build_tiny_gguf(path: Path, template: str | None = GEMMA_TEMPLATE, seed: int = 0,
+                    special: tuple[str, ...] = GEMMA_TURN_TOKENS) -> Path:
+    """A 2-layer Llama as a float32 ``.gguf`` file, written with the ``gguf`` package as llama.cpp's converter
+    would: the byte-level BPE vocabulary of ``_tiny_tokenizer`` with the ``special`` tokens after <pad>, <s>, </s>
+    (Gemma's turn tokens; all typed CONTROL), ``add_bos_token`` set, and ``template`` as ``tokenizer.chat_template``
+    (None: no template). transformers reads it with ``from_pretrained(folder, gguf_file=name)``."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fast = _tiny_tokenizer(path.parent / f"{path.stem}-tokenizer", extra_special=special)
+    spec = json.loads(fast.backend_tokenizer.to_str())
+    control_ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    ids = {**spec["model"]["vocab"], **control_ids}
+    tokens = sorted(ids, key=ids.get)
+    assert [ids[t] for t in tokens] == list(range(len(tokens)))  # no gaps: GGUF stores the list, not the ids
+    control, normal = 3, 1  # gguf.TokenType values
+    hidden, ff, heads, kv_heads, layers = 32, 64, 2, 1, 2
+    head_dim = hidden // heads
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([control if t in control_ids else normal for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(fast.bos_token_id)
+    writer.add_eos_token_id(fast.eos_token_id)
+    writer.add_pad_token_id(fast.pad_token_id)
+    writer.add_add_bos_token(True)
+    if template is not None:
+        writer.add_chat_template(template)
+
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> "np.ndarray":
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+    for block in range(layers):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * head_dim, hidden)),
+                            ("attn_v", (kv_heads * head_dim, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (ff, hidden)), ("ffn_up", (ff, hidden)), ("ffn_down", (hidden, ff))):
+            writer.add_tensor(f"blk.{block}.{name}.weight", weight(*shape))
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{block}.{norm}.weight", 1 + weight(hidden))
+    writer.add_tensor("output_norm.weight", 1 + weight(hidden))
+    writer.add_tensor("output.weight", weight(len(tokens), hidden))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

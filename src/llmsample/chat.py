@@ -58,8 +58,9 @@ def choose(requested: Optional[bool], template: Optional[str], model: str) -> st
         return RAW
     if template is None:
         if requested:
-            raise ConfigError(f"--chat: {model} has no chat template (tokenizer_config.json's chat_template); "
-                              "drop --chat for a plain continuation")
+            where = ("the GGUF's tokenizer.chat_template" if model.endswith(".gguf")
+                     else "tokenizer_config.json's chat_template")
+            raise ConfigError(f"--chat: {model} has no chat template ({where}); drop --chat for a plain continuation")
         return RAW
     return CHAT
 

@@ -199,6 +199,18 @@ SystemOption = Annotated[Optional[str], typer.Option(
     "--system", metavar="TEXT", help="A system message for the chat template \\[default: none].",
     rich_help_panel=GENERATION)]
 
+ForceOption = Annotated[Optional[list[str]], typer.Option("--force", metavar="STEP=TOKEN", help="At generated step "
+    "STEP (from 1) take TOKEN instead of the draw: a text that is one token, or #ID (repeatable; every sample; the "
+    "draw's random number is still used, so later steps keep the seed's stream) \\[default: none].",
+    rich_help_panel=GENERATION)]
+
+
+def parse_forces(specs: list[str], settings: Any) -> tuple:
+    """``--force`` specs checked against the resolved settings, before the model loads."""
+    from llmsample import force
+
+    return force.parse(specs, settings.generation.max_new_tokens, settings.sampling.num_beams)
+
 
 PromptArgument = Annotated[Optional[str], typer.Argument(help="The prompt (also read from stdin when piped).",
                                                          show_default=False)]
@@ -278,6 +290,7 @@ def generate(
     chat: ChatOption = None,
     system: SystemOption = None,
     num_samples: NumSamplesOption = None,
+    force: ForceOption = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = DType.auto,
@@ -320,6 +333,7 @@ def generate(
     no_model_defaults = no_model_defaults or server is not None  # the name is the server's: no local config
     settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates,
                                  max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples)
+    forces = parse_forces(force or [], settings)
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
     renderer = render.make_renderer(output_format.value, out, err, sample_separator(separator, null, output_format))
@@ -329,7 +343,7 @@ def generate(
                                   device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
                                   candidates=candidates, engine=engine.value,
                                   quantize=_quantize_mode(quantize), chat=chat, system=system, explain=explain,
-                                  server=server)
+                                  server=server, force=forces)
     try:
         run.generate(options, renderer)
     except BrokenPipeError:
@@ -461,6 +475,7 @@ def explore(
     num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="As for generate; explore "
                                                        "follows one text (b branches it), so only 1.",
                                                        rich_help_panel=GENERATION)] = None,
+    force: ForceOption = None,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = DType.auto,
@@ -517,6 +532,7 @@ def explore(
     settings = resolved_settings(stage_values, sample, preset, model, no_model_defaults, candidates,
                                  max_new_tokens=max_new_tokens, stop=stop, seed=seed, num_samples=num_samples)
     start.check_settings(settings, output_format.value)
+    forces = parse_forces(force or [], settings)
     ending = sample_separator(separator, null, Format.text if output_format == Format.text else output_format)
     text = run.read_prompt(prompt, file)
     out, err = render.make_consoles(no_color=no_color)
@@ -527,7 +543,7 @@ def explore(
     options = run.GenerateOptions(prompt=text, settings=settings, model=model, device=device, dtype=dtype.value,
                                   device_map=device_map, stats=stats, ignore_eos=ignore_eos, truncate=truncate,
                                   candidates=candidates, engine=engine.value, quantize=_quantize_mode(quantize),
-                                  chat=chat, system=system, explain=explain)
+                                  chat=chat, system=system, explain=explain, force=forces)
     try:
         start.start(options, lambda extra: settings_with("explore", base_args, extra, model), renderer,
                     output_format.value, ending, no_color)
@@ -690,6 +706,94 @@ def sweep(
         out.file.write(render.sweep_csv(rows, parsed))
     else:
         out.print(render.sweep_table(rows, parsed))
+
+
+# ---- replay ----------------------------------------------------------------------------------------------------
+
+REPLAY = "Overrides (default: as recorded)"
+
+
+@app.command()
+@stage_options()
+def replay(
+    file: Annotated[str, typer.Argument(help="A saved generate --format json (or jsonl) output, or an explore "
+                                        "session file.", show_default=False)],
+    tolerance: Annotated[float, typer.Option(help="A probability may differ by this much (JSON rounds them to 6 "
+                                             "decimals).")] = 1e-4,
+    branch: Annotated[Optional[int], typer.Option(help="The explore session's branch to replay \\[default: its "
+                                                  "current one].")] = None,
+    output_format: Annotated[ReportFormat, typer.Option("--format", help="text or json.")] = ReportFormat.text,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", help="Another model than the recorded one (with "
+                                                 "a warning).", rich_help_panel=REPLAY)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=REPLAY)] = None,
+    dtype: Annotated[Optional[DType], typer.Option(help="auto, float32, bfloat16 or float16.",
+                                                   rich_help_panel=REPLAY)] = None,
+    engine: Annotated[Optional[Engine], typer.Option(help="As for generate.", rich_help_panel=REPLAY)] = None,
+    quantize: Annotated[Optional[Quantize], typer.Option(help="int8 or none.", rich_help_panel=REPLAY)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Another seed.", rich_help_panel=REPLAY)] = None,
+    sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Sample, or take the argmax.",
+                                                   show_default=False, rich_help_panel=REPLAY)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Another token limit.", rich_help_panel=REPLAY)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Other stop texts (repeatable).",
+                                                      rich_help_panel=REPLAY)] = None,
+    num_samples: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Another number of samples.",
+                                                       rich_help_panel=REPLAY)] = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", metavar="STEP=TOKEN", help="Force a token at a "
+                                                       "step too (replaces a recorded force at that step).",
+                                                       rich_help_panel=REPLAY)] = None,
+    ignore_eos: Annotated[Optional[bool], typer.Option("--ignore-eos/--stop-at-eos", help="Keep generating past "
+                                                       "EOS, or stop there.", show_default=False,
+                                                       rich_help_panel=REPLAY)] = None,
+    truncate: Annotated[bool, typer.Option("--truncate", help="Drop the start of a prompt longer than the "
+                                           "context.", rich_help_panel=REPLAY)] = False,
+    candidates: Annotated[Optional[int], typer.Option("--candidates", metavar="N", help="Candidates per table "
+                                                      "\\[default: as the file's tables, else 10].")] = None,
+    no_color: NoColorOption = False,
+    debug: DebugOption = False,
+    stage_values: Optional[dict] = None,
+) -> None:
+    """Run a recorded generation again and report the first step where it differs (exit 0 identical, 1 differs).
+
+    A generate --format json output is re-run with its recorded model, device, dtype, quantization, seed, settings,
+    prompt and forced steps; an explore session is replayed teacher-forced (its tokens fed, each step's
+    probabilities computed again with that step's settings). Any option given overrides what was recorded (a
+    sampling option's [default] below is the built-in one; left out, the recorded value holds).
+
+    Examples:
+
+      llmsample "The sea is" --seed 1 --candidates 5 --format json > run.json; llmsample replay run.json
+
+      llmsample replay run.json --quantize int8
+    """
+    import json
+
+    from llmsample import recording, render
+    from llmsample import replay as replaying
+
+    if candidates is not None and not 1 <= candidates <= 1000:
+        raise ConfigError(f"--candidates must be an integer in [1, 1000], got {candidates}")
+    if device is not None:
+        device = device.strip().lower()
+    rec = recording.read(file)
+    layer = command_line_layer(to_layer(stage_values or {}), {"max_new_tokens": max_new_tokens, "stop": stop,
+                                                             "num_samples": num_samples}, sample)
+    from llmsample import force as forcing
+
+    limit = max_new_tokens if max_new_tokens is not None else 2**31
+    overrides = replaying.Overrides(model=model, device=device, dtype=dtype.value if dtype else None,
+                                    engine=engine.value if engine else None,
+                                    quantize=quantize.value if quantize else None, seed=seed, layer=layer,
+                                    force=forcing.parse(force or [], limit), candidates=candidates,
+                                    ignore_eos=ignore_eos, truncate=truncate, branch=branch)
+    out, err = render.make_consoles(no_color=no_color)
+    report = replaying.replay(rec, overrides, tolerance, err).to_dict()
+    if output_format == ReportFormat.json:
+        out.file.write(json.dumps(report, ensure_ascii=False) + "\n")
+    else:
+        for block in render.replay_view(report):
+            out.print(block)
+    if not report["identical"]:
+        raise typer.Exit(code=int(ExitCode.DIFFERS))
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------

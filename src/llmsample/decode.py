@@ -6,13 +6,14 @@ They yield step records and never print; rendering is the consumer's job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from llmsample.errors import SamplingError
+from llmsample.errors import ConfigError, SamplingError
 from llmsample.language_model import LanguageModel, wrap
 from llmsample.sampling import Sampler, StepTrace
+from llmsample.sampling.sampler import ForcedTokenRefused
 from llmsample.sampling.beam import BeamSearch, Hypothesis
 
 # Given the number of tokens generated so far, the temperature for the next one (None = the config's own).
@@ -35,6 +36,15 @@ class Step:
     entropy: torch.Tensor  # nats, of each row's processed distribution
     trace: Optional[StepTrace] = None  # what each stage did to the top candidates, when asked for
     record: dict = field(default_factory=dict)  # what stateful stages decided ("xtc", "mirostat_mu"), [batch] each
+    forced: Optional[torch.Tensor] = None  # [batch] bool at a step with a forced token (``force``), else None
+
+
+class ForceRefused(ConfigError):
+    """A forced token that the constraint does not allow at its step (exit 2)."""
+
+    def __init__(self, index: int, token_id: int):
+        super().__init__(f"the constraint does not allow token {token_id} at generated token {index + 1}")
+        self.index, self.token_id = index, token_id
 
 
 @dataclass
@@ -72,12 +82,15 @@ def sample_loop(
     schedule: Optional[TemperatureSchedule] = None,
     trace_top_n: int = 0,
     progress: Optional[PhaseProgress] = None,
+    force: Optional[Mapping[int, int]] = None,
 ) -> Iterator[Step]:
     """Greedy or sampled decoding of ``input_ids`` (``[batch, prompt_len]``, one row per sample) with ``model``
     (a ``LanguageModel``, or a loaded module, which is wrapped).
 
     Yields one ``Step`` per generated position. Rows end on EOS, at ``max_new_tokens``, or when the consumer calls
-    ``state.finish(row, reason)``.
+    ``state.finish(row, reason)``. ``force`` maps a step index (0 = the first generated token) to the token id
+    every active row takes there instead of its draw (``Sampler.step``'s ``force``; ``ForceRefused`` when the
+    constraint does not allow it).
     """
     model = wrap(model)
     batch, prompt_len = input_ids.shape
@@ -100,13 +113,19 @@ def sample_loop(
                     samplers[scheduled] = Sampler(sampler.config.replace(temperature=scheduled), state=sampler.state,
                                                   sync_free=sampler.sync_free)
                 step_sampler = samplers[scheduled]
+        active = torch.tensor([reason is None for reason in state.finish_reasons], device=sequence.device)
+        forced = None
+        if force and index in force:  # the active rows take this token instead of their draw
+            forced = torch.where(active, force[index], -1)
         try:
-            choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len)
+            choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len, force=forced)
             step_sampler.raise_if_invalid(logits, choice)  # a sync-free step's check, now that tokens are read
         except SamplingError as exc:
             raise SamplingError(f"{exc}, at generated token {index + 1}") from None
-        trace = step_sampler.trace(sequence, logits, trace_top_n, prompt_len=prompt_len) if trace_top_n else None
-        active = torch.tensor([reason is None for reason in state.finish_reasons], device=sequence.device)
+        except ForcedTokenRefused as exc:
+            raise ForceRefused(index, exc.token_ids[0]) from None
+        trace = step_sampler.trace(sequence, logits, trace_top_n, prompt_len=prompt_len,
+                                   extra_ids=None if forced is None else choice.token_ids) if trace_top_n else None
         tokens = torch.where(active, choice.token_ids, torch.full_like(choice.token_ids, pad))
         yield Step(
             index=index,
@@ -118,6 +137,7 @@ def sample_loop(
             entropy=choice.entropy.cpu(),
             trace=trace,
             record={key: value.cpu() for key, value in choice.record.items()},
+            forced=None if choice.forced is None else choice.forced.cpu(),
         )
         for row in (active & torch.isin(tokens, eos)).nonzero().flatten().tolist():
             state.finish(row, "eos")

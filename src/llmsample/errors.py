@@ -7,6 +7,7 @@ import enum
 
 class ExitCode(enum.IntEnum):
     OK = 0
+    DIFFERS = 1  # replay: the new run differs from the recorded one (as diff(1); an unexpected error is 1 too)
     USAGE = 2  # bad flag, bad value, bad preset
     MODEL = 3  # model or device could not be loaded; a serving engine unreachable, refusing, or without the model
     GENERATION = 4  # the model produced something the sampler cannot use (NaN logits, …)

@@ -24,6 +24,7 @@ class SampleRecord:
     finish_reason: Optional[str] = None  # eos | length | stop | interrupted | terminated
     complete: Optional[bool] = None  # with a constraint: whether the text satisfies it
     score: Optional[float] = None  # beam search: length-normalised score
+    forced: Optional[list[bool]] = None  # with --force: per step, whether the token was forced (not drawn)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -37,6 +38,8 @@ class SampleRecord:
             "finish_reason": self.finish_reason,
         }
         out.update(self.stage_state)  # "xtc_fired", "mirostat_mu", "grammar_cut": only when those stages run
+        if self.forced is not None:
+            out["forced"] = self.forced
         if self.complete is not None:
             out["complete"] = self.complete
         if self.candidates:

@@ -432,11 +432,14 @@ def _load_from(source: Any, spec: str, name: str, kwargs: dict[str, Any], torch_
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs, **NO_REMOTE_CODE)
         if report:
             report("loading the weights")
-        if device_map:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs,
-                                                      **NO_REMOTE_CODE)
-        else:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **NO_REMOTE_CODE).to(device)
+        # A .gguf file: transformers' reader would draw its own bar under our status line.
+        with _gguf_bar_off() if "gguf_file" in kwargs else contextlib.nullcontext():
+            if device_map:
+                lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs,
+                                                          **NO_REMOTE_CODE)
+            else:
+                lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs,
+                                                          **NO_REMOTE_CODE).to(device)
     except ModelError:
         raise
     except Exception as exc:  # transformers raises many types here; each becomes one clear line
@@ -444,8 +447,26 @@ def _load_from(source: Any, spec: str, name: str, kwargs: dict[str, Any], torch_
             raise ModelError(f"{spec} is not a readable GGUF file (truncated or corrupt?): {first_line(exc)}") from exc
         raise _explain_load_failure(spec, exc) from exc
     lm.eval()
+    if "gguf_file" in kwargs:
+        _drop_invented_tokens(tokenizer, lm)
     check_vocab(tokenizer, lm, name)
     return LoadedModel(lm, tokenizer, name, lm.device, dtype)
+
+
+def _drop_invented_tokens(tokenizer: Any, model: Any) -> None:
+    """Forget the added tokens past a GGUF model's embeddings: the file lists every token the model has, so those
+    are transformers' own. Its byte-level GGUF tokenizer is built through GPT2Tokenizer, whose default special
+    tokens add ``<|endoftext|>`` when the file lacks it (Llama 3's does): one id the model cannot read, which
+    ``check_vocab`` would refuse and a prompt spelling that text would crash on."""
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    backend = getattr(tokenizer, "_tokenizer", None)  # transformers' TokenizersBackend keeps the tokenizers object
+    if rows is None or backend is None or len(tokenizer) <= rows:
+        return
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    spec["added_tokens"] = [token for token in spec.get("added_tokens", []) if token["id"] < rows]
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
 
 
 def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: str, quantize: Optional[str],

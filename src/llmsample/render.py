@@ -187,8 +187,9 @@ class TextRenderer(Renderer):
             title = f"step {index + 1}" + (f" · sample {sample + 1}" if not self.streaming else "")
             if stage_state and "grammar_cut" in stage_state:
                 title += f" · grammar cut {_pct(stage_state['grammar_cut'])}% raw"
+            how = "forced" if stage_state and stage_state.get("forced") else "chose"
             table = server_candidate_table if candidates.get("source") == "server" else candidate_table
-            self.err.print(table(candidates, f"{title} · chose {token_label(text or '', 24)}"))
+            self.err.print(table(candidates, f"{title} · {how} {token_label(text or '', 24)}"))
 
     def beam_step(self, step: int, beams: list[dict[str, Any]]) -> None:
         for beam in beams:
@@ -483,3 +484,56 @@ def sweep_csv(rows: list[dict[str, Any]], grid: dict[str, list]) -> str:
                          row["chain"],
                          row["sample"]])
     return buffer.getvalue()
+
+
+def _where(env: dict[str, Any]) -> str:
+    """A run's model and machine on one line: ``M · cpu · float32 · llmsample engine · int8``."""
+    parts = [str(env.get("model")), str(env.get("device")), str(env.get("dtype"))]
+    if env.get("engine"):
+        parts.append(f"{env['engine']} engine")
+    if env.get("quantize"):
+        parts.append(str(env["quantize"]))
+    return " · ".join(parts)
+
+
+def _taken_label(side: dict[str, Any]) -> str:
+    if "token_id" not in side:
+        return f"the end ({side.get('finish_reason')})"
+    probs = []
+    for key, name in (("raw_prob", "raw"), ("prob", "final")):
+        if side.get(key) is not None:
+            probs.append(f"{name} {_pct(side[key])}%")
+    how = " forced" if side.get("forced") or side.get("how") == "forced" else ""
+    return (f"{token_label(side.get('token', ''), 24)} (id {side['token_id']}{how}"
+            + (f"; {', '.join(probs)}" if probs else "") + ")")
+
+
+def replay_view(report: dict[str, Any]) -> list[Any]:
+    """``replay``'s report: what was compared, then identical, or the first step that differs with the recorded
+    and the new candidate table at that step."""
+    out: list[Any] = [
+        Text(f"replay {report['file']} ({report['kind']}: {report['description']})", style="bold"),
+        Text(f"recorded  {_where(report['recorded'])}"),
+        Text(f"now       {_where(report['now'])}"),
+    ]
+    if report.get("overrides"):
+        out.append(Text(f"changed   {', '.join(report['overrides'])}"))
+    tolerance = f"tolerance {report['tolerance']:g}"
+    d = report["divergence"]
+    if d is None:
+        out.append(Text(f"identical: {report['steps_compared']} steps compared, largest probability difference "
+                        f"{report['max_difference']:.3g} ({tolerance})", style="green"))
+        return out
+    sample = f"sample {d['sample'] + 1}" if report["kind"] == "generate output" else f"branch {d['sample']}"
+    out.append(Text(f"differs at step {d['step']} ({sample}): {d['detail']} ({tolerance})", style="yellow"))
+    out.append(Text(f"  recorded  {_taken_label(d['recorded'])}"))
+    out.append(Text(f"  now       {_taken_label(d['now'])}"))
+    out.append(Text(f"  text before it: {json.dumps(d['text_before'], ensure_ascii=False)}", style="dim"))
+    for side, name in ((d["recorded"], "recorded"), (d["now"], "now")):
+        table = side.get("candidates")
+        if table:
+            out.append(candidate_table(table, f"{name} · step {d['step']}"))
+        elif name == "recorded":
+            out.append(Text("(the file has no candidate table at this step: record with --candidates N)",
+                            style="dim"))
+    return out

@@ -77,6 +77,7 @@ class GenerateOptions:
     history: tuple = ()  # earlier turns ({"role", "content"}) of a chat session
     explain: bool = False  # say which prompt format ran (stderr)
     server: Optional[Any] = None  # --engine openai: a remote.server.ServerOptions (the model is the server's)
+    force: tuple = ()  # --force: llmsample.force.Force specs, checked against the settings (force.parse)
 
 
 # ---- input -----------------------------------------------------------------------------------------------------
@@ -227,6 +228,7 @@ class _Decoding:
     stats: dict[str, Any]
     stops: list[Any]  # one StopMatcher per sample
     detoks: list[Any]  # one IncrementalDetokenizer per sample
+    forces: tuple = ()  # --force: llmsample.force.Force, each with its token id
 
     @property
     def rows(self) -> int:
@@ -239,14 +241,16 @@ def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[A
     """Load the model (unless ``loaded``: a model and its load time, as a chat session keeps it), decode, render.
     Returns the summary record. With ``opts.server`` the run goes to a serving engine (``llmsample.remote``)."""
     if opts.server is not None:
+        if opts.force:
+            raise ConfigError("--force needs a local model: a serving engine draws its tokens itself")
         from llmsample.remote.generate import generate as generate_remote
 
         return generate_remote(opts, renderer, loaded[0] if loaded else None)
-    from llmsample import chat, grammar, models
+    from llmsample import chat, force, grammar, models
     from llmsample.decode import DecodeState
     from llmsample.detok import IncrementalDetokenizer, StopMatcher
     from llmsample.sampling import Sampler
-    from llmsample.token_text import control_token_ids, for_model
+    from llmsample.token_text import control_token_ids, encoder, for_model, vocab_size
 
     cfg, gen = opts.settings.sampling, opts.settings.generation
     values = {key: value for key, value, _ in opts.settings.rows()}
@@ -282,13 +286,20 @@ def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[A
     model_cfg = for_model(lm, cfg)
     sampler = Sampler(model_cfg, state=grammar.bind(model_cfg, lm.tokenizer, eos_ids(lm, prompt.mode == chat.CHAT)),
                       sync_free=lm.device.type == "cuda")  # CUDA: never wait within a step
+    forces = force.resolve(opts.force, encoder(lm.tokenizer), vocab_size(lm))
+    for late in (f for f in forces if f.step > max_new_tokens):  # the context left less room than asked for
+        renderer.warn(f"--force {late.spec!r} has no effect: generation stops after {max_new_tokens} tokens here")
     run = _Decoding(lm, prompt_ids, sampler, max_new_tokens,
                     [] if opts.ignore_eos else eos_ids(lm, prompt.mode == chat.CHAT),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
                     {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None,
                      "engine": lm.engine, "quantize": lm.quantize},
                     stops=[StopMatcher(gen.stop) for _ in samples],
-                    detoks=[IncrementalDetokenizer(lm.tokenizer, prompt_ids[0].tolist(), hidden) for _ in samples])
+                    detoks=[IncrementalDetokenizer(lm.tokenizer, prompt_ids[0].tolist(), hidden) for _ in samples],
+                    forces=forces)
+    if forces:
+        for record in run.records:
+            record.forced = []
     state = DecodeState(gen.num_samples)
 
     decode_start = time.perf_counter()
@@ -309,11 +320,13 @@ def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[A
     run.stats.update(grammar_cut_stats(run.records))
     settings = cfg.to_dict() | {"max_new_tokens": max_new_tokens, "stop": run.stops_text,
                                 "num_samples": gen.num_samples, "chain": run.sampler.describe(),
-                                "schedule": [[e.from_token, e.temperature] for e in opts.settings.schedule]}
+                                "schedule": [[e.from_token, e.temperature] for e in opts.settings.schedule],
+                                "force": [f.to_dict(lm.tokenizer.decode([f.token_id])) for f in forces],
+                                "ignore_eos": opts.ignore_eos}
     summary = events.summary(opts.prompt, run.records, settings, {
         "seed": seed, "model": lm.name, "device": device, "dtype": dtype,
         "finish_reason": run.records[0].finish_reason, "stats": run.stats, "prompt_format": prompt.mode,
-    } | ({"rendered_prompt": prompt.text} if prompt.mode == chat.CHAT else {}) | ({"complete": run.records[0].complete} if run.records[0].complete is not None else {}))
+    } | ({"rendered_prompt": prompt.text, "system": opts.system} if prompt.mode == chat.CHAT else {}) | ({"complete": run.records[0].complete} if run.records[0].complete is not None else {}))
     renderer.finish(summary)
     if opts.stats:
         renderer.note(format_stats(run.stats))
@@ -361,7 +374,8 @@ def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode
     """Sampled or greedy decoding of all samples as one batch, streaming each token to the renderer."""
     import torch
 
-    from llmsample.decode import sample_loop
+    from llmsample import force
+    from llmsample.decode import ForceRefused, sample_loop
 
     tokenizer = run.lm.tokenizer
     samples = len(run.records)
@@ -370,12 +384,19 @@ def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode
     loop = sample_loop(run.lm.language_model, run.prompt_ids.expand(samples, -1), run.sampler, run.max_new_tokens,
                        run.stop_ids, generator=generator, state=state,
                        schedule=(lambda i: temperature_at(schedule, i)) if schedule else None,
-                       trace_top_n=run.candidates, progress=_phase_reporter(run, decode_start))
-    for step in loop:
-        if run.stats["first_token_s"] is None:
-            run.stats["first_token_s"] = time.perf_counter() - decode_start
-        with _signals_deferred():  # a token is recorded and streamed, or neither: the JSON summary matches the stream
-            _record_step(run, step, state, tokenizer)
+                       trace_top_n=run.candidates, progress=_phase_reporter(run, decode_start),
+                       force=force.by_index(run.forces))
+    try:
+        for step in loop:
+            if run.stats["first_token_s"] is None:
+                run.stats["first_token_s"] = time.perf_counter() - decode_start
+            with _signals_deferred():  # a token is recorded and streamed, or neither: the summary matches the stream
+                _record_step(run, step, state, tokenizer)
+    except ForceRefused as exc:
+        spec = next(f.spec for f in run.forces if f.step == exc.index + 1)
+        token = tokenizer.decode([exc.token_id])
+        raise ConfigError(f"--force {spec!r}: the {grammar_name(run.sampler.config)} does not allow {token!r} "
+                          f"(token {exc.token_id}) at step {exc.index + 1}") from None
 
 
 PHASE_LABELS = {"prompt": "reading the prompt", "beam": "beam search"}
@@ -422,16 +443,21 @@ def _record_step(run: _Decoding, step: Any, state: Any, tokenizer: Any) -> None:
         record.probs.append(float(step.prob[row]))
         record.temperatures.append(step.temperature)
         record.entropies.append(float(step.entropy[row]))
+        forced = step.forced is not None and bool(step.forced[row])
         table = candidates_dict(step.trace, row, tokenizer, token_id) if step.trace else None
         if table is not None:
+            if forced:
+                table["forced"] = True
             record.candidates.append(table)
         decided = events.stage_state(step.record, row)
         for key, value in decided.items():
             record.stage_state.setdefault(key, []).append(value)
+        if record.forced is not None:
+            record.forced.append(forced)
         emitted, stopped = run.stops[row].feed(run.detoks[row].add(token_id))
         record.text += emitted
         run.renderer.token(row, step.index, token_id, emitted, record.raw_probs[-1], record.probs[-1],
-                           step.temperature, table, decided)
+                           step.temperature, table, decided | {"forced": True} if forced else decided)
         if stopped:
             state.finish(row, "stop")
 

@@ -93,8 +93,9 @@ def build(opts: run.GenerateOptions, renderer: Any) -> Any:
 
     import torch
 
-    from llmsample import chat
+    from llmsample import chat, force
     from llmsample.explore.stepper import Explorer
+    from llmsample.token_text import encoder, vocab_size
 
     lm, _ = run.load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err, opts.engine,
                            opts.quantize)
@@ -114,9 +115,13 @@ def build(opts: run.GenerateOptions, renderer: Any) -> Any:
         settings = dataclasses.replace(settings, generation=dataclasses.replace(gen, max_new_tokens=max_new))
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
     eos = run.eos_ids(lm, prompt.mode == chat.CHAT)
+    forces = force.resolve(opts.force, encoder(lm.tokenizer), vocab_size(lm))
+    for late in (f for f in forces if f.step > max_new):  # the context left less room than asked for
+        renderer.warn(f"--force {late.spec!r} has no effect: generation stops after {max_new} tokens here")
     with run.cache_checked(lm):
         return Explorer(lm, ids[0].tolist(), settings, seed, eos, rows=opts.candidates or DEFAULT_ROWS,
-                        prompt_text=prompt.text, given_prompt=opts.prompt, ignore_eos=opts.ignore_eos)
+                        prompt_text=prompt.text, given_prompt=opts.prompt, ignore_eos=opts.ignore_eos,
+                        forces=force.by_index(forces))
 
 
 def start(opts: run.GenerateOptions, configure: Optional[Callable[[list[str]], Settings]], renderer: Any,

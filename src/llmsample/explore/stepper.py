@@ -19,6 +19,7 @@ import torch
 
 from llmsample.config import SamplingConfig, Settings, temperature_at
 from llmsample.detok import IncrementalDetokenizer, StopMatcher
+from llmsample.errors import ConfigError
 
 SAMPLED, CHOSEN, FORCED = "sampled", "chosen", "forced"
 DEFAULT_ROWS = 10  # candidate rows shown when --candidates is not given
@@ -77,11 +78,13 @@ def rewind(cache: Any, length: int) -> bool:
     return int(cache.get_seq_length()) == length
 
 
-def settings_json(cfg: SamplingConfig, max_new_tokens: int, stops: list[str], schedule: tuple) -> dict:
-    """The settings in the shape of generate's JSON ``settings``."""
+def settings_json(cfg: SamplingConfig, max_new_tokens: int, stops: list[str], schedule: tuple,
+                  force: list[dict], ignore_eos: bool) -> dict:
+    """The settings in the shape of generate's JSON ``settings`` (``force``: ``[{step, token_id, token}]``)."""
     return cfg.to_dict() | {"max_new_tokens": max_new_tokens, "stop": list(stops), "num_samples": 1,
                             "chain": cfg.describe_chain(),
-                            "schedule": [[e.from_token, e.temperature] for e in schedule]}
+                            "schedule": [[e.from_token, e.temperature] for e in schedule],
+                            "force": force, "ignore_eos": ignore_eos}
 
 
 class Explorer:
@@ -89,14 +92,15 @@ class Explorer:
 
     ``lm``: ``models.LoadedModel``; ``prompt_ids``: the ids fed (template and BOS included); ``settings``: the
     resolved settings; ``eos``: the ids that end a text (a constraint needs them even with ``ignore_eos``, which
-    only keeps them from ending the branch); ``rows``: candidate rows per table; ``prompt_text``: the
+    only keeps them from ending the branch); ``forces``: ``--force``'s ``{step index: token id}``, which
+    ``sample`` takes at those steps; ``rows``: candidate rows per table; ``prompt_text``: the
     prompt as the model reads it (a chat template rendered), shown above the text; ``given_prompt``: as the user
     gave it (the session file's ``prompt``; default ``prompt_text``).
     """
 
     def __init__(self, lm: Any, prompt_ids: list[int], settings: Settings, seed: int, eos: list[int],
                  rows: int = DEFAULT_ROWS, prompt_text: str = "", given_prompt: Optional[str] = None,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, forces: Optional[dict[int, int]] = None):
         from llmsample.token_text import control_token_ids
 
         self.lm = lm
@@ -107,6 +111,7 @@ class Explorer:
         self.given_prompt = prompt_text if given_prompt is None else given_prompt
         self.eos = list(eos)
         self.ignore_eos = ignore_eos
+        self.forces = dict(forces or {})  # --force: {step index (0-based): token id}, taken by sample()
         self.rows = rows
         self.hidden = control_token_ids(self.tokenizer)
         self.seed = self.start_seed = seed
@@ -161,7 +166,9 @@ class Explorer:
         return cfg, self._samplers[key]
 
     def settings_json(self, cfg: SamplingConfig) -> dict:
-        return settings_json(cfg, self.max_new_tokens, self.stops, self.settings.schedule)
+        force = [{"step": index + 1, "token_id": token, "token": self.tokenizer.decode([token])}
+                 for index, token in sorted(self.forces.items())]
+        return settings_json(cfg, self.max_new_tokens, self.stops, self.settings.schedule, force, self.ignore_eos)
 
     # ---- where the session is ------------------------------------------------------------------------------
 
@@ -215,19 +222,25 @@ class Explorer:
             self._preview = self._table(self.branch.next_logits, self.index, chosen=None, replay={})
         return self._preview
 
-    def _table(self, logits: torch.Tensor, index: int, chosen: Optional[int], replay: dict) -> dict:
+    def _table(self, logits: torch.Tensor, index: int, chosen: Optional[int], replay: dict,
+               extra: Optional[int] = None) -> dict:
+        """A candidate table of step ``index``; ``extra``: a token followed too when it is not among the rows."""
         from llmsample.run import candidates_dict
 
         _, sampler = self._step_config(index)
         steps = self.branch.steps[:index]
+        extra_ids = None if extra is None else torch.tensor([extra], device=logits.device)
         trace = sampler.trace(self.sequence(steps), logits, self.rows, prompt_len=len(self.prompt_ids),
-                              replay=replay)
+                              replay=replay, extra_ids=extra_ids)
         return candidates_dict(trace, 0, self.tokenizer, chosen)
 
     # ---- taking a token ------------------------------------------------------------------------------------
 
     def sample(self) -> TakenStep:
-        """Draw the next token with the current settings (greedy: the argmax) and take it."""
+        """Draw the next token with the current settings (greedy: the argmax) and take it; at a step given by
+        ``--force`` the forced token is taken instead (the draw still runs, as in generate)."""
+        if self.index in self.forces:
+            return self.force(self.forces[self.index])
         cfg, sampler = self._step_config(self.index)
         logits = self.branch.next_logits
         choice = sampler.step(self.sequence(), logits, generator=self.generator, prompt_len=len(self.prompt_ids))
@@ -250,13 +263,24 @@ class Explorer:
                           _mark(table, chosen["token_id"]))
 
     def force(self, token_id: int) -> TakenStep:
-        """Take ``token_id`` whatever its probability (``--force``'s rule): its raw and chain probability recorded."""
+        """Take ``token_id`` as ``generate --force`` does: the draw runs (its random number is used), stages with
+        state learn from the token, its probability is the chain's (0 where a stage removed it); a constraint that
+        forbids it is a ``ConfigError``."""
+        from llmsample.sampling.sampler import ForcedTokenRefused
+
         cfg, sampler = self._step_config(self.index)
         logits = self.branch.next_logits
-        raw = float(torch.softmax(logits.float(), dim=-1)[0, token_id])
-        processed = sampler.process(self.sequence(), logits, prompt_len=len(self.prompt_ids))
-        prob = float(torch.softmax(processed, dim=-1)[0, token_id])
-        return self._take(token_id, FORCED, raw, prob, cfg, _mark(self.preview(), token_id))
+        try:
+            choice = sampler.step(self.sequence(), logits, generator=self.generator,
+                                  prompt_len=len(self.prompt_ids), force=torch.tensor([token_id]))
+        except ForcedTokenRefused:
+            text = self.tokenizer.decode([token_id])
+            raise ConfigError(f"the constraint does not allow {text!r} (#{token_id}) at step {self.index + 1}") from None
+        table = self.preview()
+        if token_id not in [c["token_id"] for c in table["candidates"]] or choice.record:
+            table = self._table(logits, self.index, token_id, dict(choice.record), extra=token_id)
+        table = _mark(table, token_id) | {"forced": True}  # as generate's table of a forced step
+        return self._take(token_id, FORCED, float(choice.raw_prob[0]), float(choice.prob[0]), cfg, table)
 
     def _take(self, token: int, how: str, raw_prob: float, prob: float, cfg: SamplingConfig, table: dict) -> TakenStep:
         branch = self.branch

@@ -9,7 +9,7 @@ k = (ε̂·2^μ / (1 − N^(−ε̂)))^(1/ŝ), ε̂ = ŝ − 1, N the vocabulary
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -70,11 +70,23 @@ class Mirostat:
         threshold = v2_threshold(c, mu) if self.version == 2 else v1_threshold(c, mu)
         return keep_from(c, threshold)
 
-    def after_draw(self, c: Candidates, columns: torch.Tensor, history: History) -> None:
-        """μ ← μ − η·(−log2 p_drawn − τ), p_drawn in the truncated distribution ``c``."""
+    def after_draw(self, c: Candidates, columns: torch.Tensor, history: History,
+                   removed: Optional[torch.Tensor] = None, token_ids: Optional[torch.Tensor] = None) -> None:
+        """μ ← μ − η·(−log2 p_drawn − τ), p_drawn in the truncated distribution ``c``.
+
+        A forced token (``generate --force``) counts as drawn. One the chain removed (``removed``, or probability 0)
+        would have an infinite surprise and send μ to −∞ for good, so it counts with its raw probability (the
+        model's, T=1) instead; a token the model itself gives probability 0 leaves μ as it was.
+        """
         log_probs = torch.log_softmax(c.logits, dim=-1).gather(1, columns.unsqueeze(-1)).squeeze(-1)
+        if token_ids is not None and history.raw_logits is not None:
+            raw = (history.raw_logits.gather(1, token_ids.unsqueeze(-1)) - history.raw_log_total).squeeze(-1)
+            gone = ~torch.isfinite(log_probs) if removed is None else removed | ~torch.isfinite(log_probs)
+            log_probs = torch.where(gone, raw, log_probs)
         surprise = -log_probs / LN2
-        history.state["mirostat_mu"] = history.record["mirostat_mu"] - self.eta * (surprise - self.tau)
+        mu = history.record["mirostat_mu"]
+        updated = mu - self.eta * (surprise - self.tau)
+        history.state["mirostat_mu"] = torch.where(torch.isfinite(updated), updated, mu)
 
 
 def mirostat_stage(cfg: Any) -> Mirostat:

@@ -22,6 +22,15 @@ class Choice:
     entropy: torch.Tensor  # nats, of the processed distribution
     record: dict = field(default_factory=dict)  # what stateful stages decided: "xtc" fired, "mirostat_mu" [batch]
     valid: Optional[torch.Tensor] = None  # sync-free samplers: 0-d bool, the logits were usable (else raise)
+    forced: Optional[torch.Tensor] = None  # [batch] bool: the row took a forced token instead of its draw
+
+
+class ForcedTokenRefused(ValueError):
+    """A forced token that the constraint (grammar stage) does not allow at this step."""
+
+    def __init__(self, rows: list[int], token_ids: list[int]):
+        super().__init__(f"the constraint does not allow token {token_ids[0]} here (batch row {rows[0]})")
+        self.rows, self.token_ids = rows, token_ids
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,15 @@ class StepTrace:
     kept: torch.Tensor
     removed_by: list[list[Optional[str]]]
     raw_mass_outside: torch.Tensor  # [batch] raw probability of everything not in the table
+    # With ``extra_ids`` (a forced token shown even when it is not among the top n): the last column is that token,
+    # and ``extra_repeats[b]`` says it is already one of row b's top n (the column is then left out of the row).
+    extra_repeats: Optional[torch.Tensor] = None
+
+    def columns(self, row: int = 0) -> range:
+        """The columns of row ``row`` to show: every one, less a repeated extra token."""
+        n = self.token_ids.shape[1]
+        repeated = self.extra_repeats is not None and bool(self.extra_repeats[row])
+        return range(n - 1 if repeated else n)
 
     def to_dict(self, row: int = 0) -> dict:
         """One row as plain JSON-ready data."""
@@ -56,7 +74,7 @@ class StepTrace:
                     "final_prob": float(self.final_probs[row, i]),
                     "removed_by": self.removed_by[row][i],
                 }
-                for i in range(self.token_ids.shape[1])
+                for i in self.columns(row)
             ],
         }
 
@@ -138,18 +156,53 @@ class Sampler:
         logits: torch.Tensor,
         generator: Optional[torch.Generator] = None,
         prompt_len: int = 0,
+        force: Optional[torch.Tensor] = None,
     ) -> Choice:
-        """Pick the next tokens and report their processed and raw probabilities (what the decode loop needs)."""
+        """Pick the next tokens and report their processed and raw probabilities (what the decode loop needs).
+
+        ``force`` (``[batch]`` long, −1 = draw): the rows whose token is given instead of drawn. The draw still
+        runs, so it takes its random numbers and the steps after use the same stream as a run without the force;
+        the stages with state (mirostat's μ) learn from the forced token as if it had been drawn, and its
+        probability is the one the chain gave it (0 when a stage removed it). ``ForcedTokenRefused`` when the
+        constraint does not allow a forced token.
+        """
         history, c = self._run(input_ids, logits, prompt_len, generator)
-        columns = self._draw(c, generator, history)
+        columns = self._select_columns(c, generator)
+        forced = removed = None
+        if force is not None:
+            force = force.to(c.logits.device)
+            forced = force >= 0
+            self._check_constraint(history, c, force, forced)
+            forced_columns, present = _column_of(c, force.clamp(min=0))
+            removed = forced & ~present
+            columns = torch.where(forced, forced_columns, columns)
+        token_ids = c.to_vocab(columns)
+        if forced is not None:  # a forced token the chain removed is not among the columns
+            token_ids = torch.where(forced, force, token_ids)
+        if self._after_draw is not None:
+            self._after_draw(c, columns, history, removed=removed, token_ids=token_ids)
+        self.last_record = history.record
         log_probs = torch.log_softmax(c.logits, dim=-1)
         prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
         entropy = -(log_probs.exp() * log_probs).nansum(-1)
-        token_ids = c.to_vocab(columns)
+        if removed is not None:  # its probability under the chain is 0
+            prob = torch.where(removed, torch.zeros_like(prob), prob)
         log_total = history.raw_log_total.squeeze(1)
         raw_prob = torch.exp(history.raw_logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - log_total)
         valid = torch.isfinite(log_total).all() if self.sync_free and self.check_finite else None
-        return Choice(token_ids, prob, raw_prob, entropy, history.record, valid)
+        return Choice(token_ids, prob, raw_prob, entropy, history.record, valid, forced)
+
+    def _check_constraint(self, history: History, c: Candidates, force: torch.Tensor, forced: torch.Tensor) -> None:
+        """``ForcedTokenRefused`` when the grammar stage runs and forbids a forced token (reads back: only at a
+        forced step)."""
+        constraint = self.state.get("grammar")
+        if constraint is None or "grammar" not in self.stage_names:
+            return
+        allowed = constraint.allowed(history.generated, c.vocab_size).to(force.device)
+        ok = allowed.gather(1, force.clamp(min=0).unsqueeze(1)).squeeze(1) | ~forced
+        if not bool(ok.all()):
+            rows = (~ok).nonzero().flatten().tolist()
+            raise ForcedTokenRefused(rows, [int(force[r]) for r in rows])
 
     def raise_if_invalid(self, logits: torch.Tensor, choice: Choice) -> None:
         """After a sync-free step, once its tokens are read anyway: the error ``check_logits`` would have raised."""
@@ -176,18 +229,25 @@ class Sampler:
     # ---- tracing ---------------------------------------------------------------------------------------------
 
     def trace(self, input_ids: torch.Tensor, logits: torch.Tensor, top_n: int = 10, prompt_len: int = 0,
-              replay: Optional[dict] = None) -> StepTrace:
+              replay: Optional[dict] = None, extra_ids: Optional[torch.Tensor] = None) -> StepTrace:
         """Follow the top-n tokens by raw probability through every active stage.
 
         Stages that draw or keep state repeat what ``replay`` recorded (default: the last ``step``), so a trace
-        taken after a step shows that step's decisions.
+        taken after a step shows that step's decisions. ``extra_ids`` (``[batch]``, a forced token) is followed
+        too, as a last column, in the rows where it is not among the top n.
         """
         history, c = self._start(input_ids, logits, prompt_len, None, self.last_record if replay is None else replay)
         raw_probs_all = torch.softmax(c.logits, dim=-1)
         n = min(top_n, raw_probs_all.shape[-1])
         raw_probs, token_ids = torch.topk(raw_probs_all, n, dim=-1)
-        batch = token_ids.shape[0]
-        removed_by: list[list[Optional[str]]] = [[None] * n for _ in range(batch)]
+        repeats = None
+        if extra_ids is not None:
+            extra = extra_ids.to(token_ids.device).unsqueeze(1)  # [batch, 1]
+            repeats = (token_ids == extra).any(-1)
+            token_ids = torch.cat((token_ids, extra), dim=1)
+            raw_probs = torch.cat((raw_probs, raw_probs_all.gather(1, extra)), dim=1)
+        batch, width = token_ids.shape
+        removed_by: list[list[Optional[str]]] = [[None] * width for _ in range(batch)]
         stage_probs, kept = [], []
         alive = torch.ones_like(token_ids, dtype=torch.bool)
         for name, stage in zip(self.stage_names, self._stages):
@@ -205,11 +265,13 @@ class Sampler:
             stage_names=self.stage_names,
             token_ids=token_ids,
             raw_probs=raw_probs,
-            stage_probs=torch.stack(stage_probs, dim=1) if stage_probs else raw_probs.new_zeros(batch, 0, n),
+            stage_probs=torch.stack(stage_probs, dim=1) if stage_probs else raw_probs.new_zeros(batch, 0, width),
             final_probs=final,
             kept=torch.stack(kept, dim=1) if kept else token_ids.new_zeros(batch, 0),
             removed_by=removed_by,
-            raw_mass_outside=(1.0 - raw_probs.sum(-1)).clamp(min=0.0),
+            raw_mass_outside=(1.0 - raw_probs[:, :n].sum(-1) - (0.0 if repeats is None else torch.where(
+                repeats, 0.0, raw_probs[:, n]))).clamp(min=0.0),
+            extra_repeats=repeats,
         )
 
     # ---- internals -------------------------------------------------------------------------------------------
@@ -233,6 +295,15 @@ class Sampler:
         history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state,
                           raw_logits=logits, raw_log_total=log_total)
         return history, Candidates.from_logits(logits)
+
+
+def _column_of(c: Candidates, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch]`` column of each row's ``token_ids`` in ``c``, and whether the row holds it at all (a compacted
+    row holds only its survivors). No read-back: fixed shapes, as the sync-free path needs."""
+    if c.is_dense:
+        return token_ids, torch.ones_like(token_ids, dtype=torch.bool)
+    match = c.ids == token_ids.unsqueeze(1)  # [batch, n]
+    return match.int().argmax(-1), match.any(-1)
 
 
 def _keep_best_if_emptied(c: Candidates, raw: Candidates) -> Candidates:
