@@ -11,6 +11,7 @@ its ``/props``. Each server records the requests it gets, so tests can check wha
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,6 +71,16 @@ LLAMA_SERVER_STREAM = [
 ]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A handler's failure (the client hung up on a slow or cut answer, as the tests make it) is kept, not printed:
+    socketserver prints it to stderr from its own thread, where it would land in a later test's captured output."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.errors.append(sys.exc_info()[1])
+
+
 class Recorded:
     """A loopback server; ``mode`` picks its behaviour, ``requests`` holds what it got."""
 
@@ -78,7 +89,8 @@ class Recorded:
         self.mode = "ok"  # ok | cut | slow | bad_request | need_key
         self.key: Optional[str] = None
         self.requests: list[dict] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = _QuietServer(("127.0.0.1", 0), self._handler())
+        self.server.errors = []
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
