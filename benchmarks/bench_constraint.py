@@ -6,8 +6,8 @@
    logits, the raw mass it cut) along a fixed valid answer to a JSON schema, and llguidance's mask alone.
 2. Set-up: reading the vocabulary as bytes the first time (no cache), again in a new process (from the cache),
    and compiling the schema; then what a user waits for: whole ``llmsample`` runs (one new token) with a
-   constraint and without, in new processes, alternating, best and median of ``--repeats`` + 2 each (with the
-   cache, the table is built in a thread while the model loads).
+   constraint and without, in new processes, alternating, best and median of ``--repeats`` + 2 each (the byte
+   table in the cache: what every later run with a constraint pays).
 3. Decode: tokens/s of llmsample's decode loop (T 0.7, top_k 50, top_p 0.9) with the schema and without it, the
    same number of tokens (EOS ignored), best of ``--repeats`` runs each.
 """

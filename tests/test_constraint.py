@@ -257,57 +257,40 @@ def test_the_bridge_reads_sentencepiece_byte_fallback_and_caches_the_table(tmp_p
     assert after.nonzero().flatten().tolist() == [vocab["<0xA9>"]]
 
 
-def test_a_later_run_builds_the_table_while_the_model_loads(tmp_path, monkeypatch):
-    """``prefetch`` starts the table from the cache file before the tokenizer loads; ``token_table`` takes it when
-    the EOS ids match, and a changed tokenizer file, other EOS ids or a damaged cache fall back to the slow path."""
+def test_the_table_cache_is_keyed_by_the_tokenizer_file(tmp_path, monkeypatch):
+    """A tokenizer that names its tokenizer.json is keyed by the file (path, size, mtime: no pass over the
+    vocabulary); a changed file is another key; a damaged cache file is rebuilt; the table built from the cache
+    encodes the texts a grammar forces with the model's tokenizer."""
     from llmsample import grammar
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(grammar, "_TABLES", {})
-    monkeypatch.setattr(grammar, "_PENDING", {})
     tokenizer, vocab = _sentencepiece_tokenizer()
     source = tmp_path / "tokenizer.json"
     tokenizer.backend.save(str(source))
     tokenizer.source = source
-    grammar.prefetch(source)
-    assert grammar._PENDING == {}  # nothing cached yet: nothing to start
     first = grammar.token_table(tokenizer, [1])
     expected = [first.decode_bytes([i]) for i in range(len(tokenizer))]
+    folder = tmp_path / "cache" / "llmsample" / "grammar"
+    (cached,) = folder.glob("*.bin")
+    assert cached.name == f"{grammar._file_key(source)}.bin"
 
-    def next_run(eos):
-        grammar._TABLES.clear()
-        grammar.prefetch(source)
-        started = dict(grammar._PENDING)
-        table = grammar.token_table(tokenizer, eos)
-        assert grammar._PENDING == {}  # taken (or dropped) by token_table
-        assert [table.decode_bytes([i]) for i in range(len(tokenizer))] == expected
-        return started, table
-
-    started, table = next_run([1])
-    assert len(started) == 1
-    (pending,) = started.values()
-    assert table is pending.result[0]  # the thread's table, not a second one
-    assert table.tokenize_str("the") == tokenizer.encode("the")  # its encoder was bound after the build
-    # A fixed text is forced as the tokenizer itself splits it: that calls the encoder too.
-    constraint = grammar.Constraint("regex", " the", table)
-    allowed = constraint.allowed(torch.zeros(1, 0, dtype=torch.long), len(tokenizer))[0]
+    grammar._TABLES.clear()  # a new process: the table comes from the cache file
+    again = grammar.token_table(tokenizer, [1, 2])
+    assert [again.decode_bytes([i]) for i in range(len(tokenizer))] == expected
+    assert list(again.eos_tokens) == [1, 2]
+    # A fixed text is forced as the tokenizer itself splits it: that calls the encoder.
+    allowed = grammar.Constraint("regex", " the", again).allowed(torch.zeros(1, 0, dtype=torch.long),
+                                                                len(tokenizer))[0]
     assert allowed.nonzero().flatten().tolist() == tokenizer.encode(" the")[:1] == [vocab["▁"]]
 
-    started, table = next_run([1, 2])  # other EOS ids: the guess is dropped, the table built for these
-    assert table is not next(iter(started.values())).result[0]
-    assert list(table.eos_tokens) == [1, 2] and list(first.eos_tokens) == [1]
-    started, table = next_run([1, 2])  # and the next run guesses them
-    assert table is next(iter(started.values())).result[0]
-
-    (cached,) = (tmp_path / "cache" / "llmsample" / "grammar").glob("*.bin")
     cached.write_bytes(b"damaged")
-    started, table = next_run([1, 2])
-    assert next(iter(started.values())).result is None
-    source.write_text(source.read_text())  # a changed file (new mtime): another key, nothing to prefetch
-    os.utime(source, ns=(1, 1))
     grammar._TABLES.clear()
-    grammar.prefetch(source)
-    assert grammar._PENDING == {}
+    rebuilt = grammar.token_table(tokenizer, [1])
+    assert [rebuilt.decode_bytes([i]) for i in range(len(tokenizer))] == expected
+    assert grammar._read_table(cached) is not None  # written again
+    os.utime(source, ns=(1, 1))  # a changed file: another key
+    assert grammar._file_key(source) != cached.stem
 
 
 def test_beams_that_swap_texts_take_their_parsers_along(tiny_lm):

@@ -154,7 +154,6 @@ def active(cfg: Any) -> Optional[tuple[str, Any]]:
 # ---- the tokenizer bridge ------------------------------------------------------------------------------------------
 
 _TABLES: dict[Any, Any] = {}  # in this process: (id(tokenizer), eos ids) → llguidance.LLTokenizer
-_PENDING: dict[str, "_Prefetch"] = {}  # cache file name → a table being built from it in a thread
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -197,9 +196,8 @@ def _table_dir() -> Path:
     return cache_root() / "grammar"
 
 
-def _read_table(path: Path) -> Optional[tuple[list[bytes], list[int], list[int], Optional[int]]]:
-    """The cached token bytes, special ids, the EOS ids the last run used and the BOS id; ``None`` when absent or
-    damaged."""
+def _read_table(path: Path) -> Optional[tuple[list[bytes], list[int]]]:
+    """The cached token bytes and special ids; ``None`` when absent or damaged."""
     try:
         data = path.read_bytes()
         header, _, body = data.partition(b"\n")
@@ -210,19 +208,18 @@ def _read_table(path: Path) -> Optional[tuple[list[bytes], list[int], list[int],
             offset += length
         if offset != len(body):
             return None
-        bos = meta["bos"]
-        return tokens, meta["special"], [int(i) for i in meta["eos"]], None if bos is None else int(bos)
+        return tokens, meta["special"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _write_table(path: Path, tokens: list[bytes], special: list[int], eos: list[int], bos: Optional[int]) -> None:
+def _write_table(path: Path, tokens: list[bytes], special: list[int]) -> None:
     """Written beside its place and renamed into it: a reader never sees half a file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=".table.", dir=path.parent)
         with os.fdopen(fd, "wb") as file:
-            meta = {"lengths": [len(t) for t in tokens], "special": special, "eos": eos, "bos": bos}
+            meta = {"lengths": [len(t) for t in tokens], "special": special}
             file.write(json.dumps(meta).encode() + b"\n")
             file.write(b"".join(tokens))
         os.replace(partial, path)
@@ -231,79 +228,27 @@ def _write_table(path: Path, tokens: list[bytes], special: list[int], eos: list[
 
 
 class _Vocabulary:
-    """What ``llguidance.LLTokenizer`` reads: the token bytes, the special ids, and an encoder.
-
-    The encoder is the model's tokenizer, given by ``bind_encoder`` once it has loaded: the table can be built in a
-    thread while the model loads (llguidance releases the GIL while it builds its token trie), and llguidance only
-    encodes text when a grammar runs, long after that.
-    """
+    """What ``llguidance.LLTokenizer`` reads: the token bytes, the special ids, and an encoder (the model's
+    tokenizer, for the fixed texts a grammar forces)."""
 
     is_tokenizer_wrapper = True  # llguidance: call me with a str, not bytes
 
-    def __init__(self, tokens: list[bytes], special: list[int], eos: int, bos: Optional[int]):
-        import threading
-
+    def __init__(self, tokens: list[bytes], special: list[int], eos: int, bos: Optional[int], tokenizer: Any):
         self.tokens, self.special_token_ids = tokens, special
         self.eos_token_id, self.bos_token_id = eos, bos
-        self._encode: Any = None
-        self._bound = threading.Event()
-
-    def bind_encoder(self, tokenizer: Any) -> None:
-        self._encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
-        self._bound.set()
+        self._tokenizer = tokenizer
 
     def __call__(self, text: Any) -> list[int]:
-        self._bound.wait()
-        return self._encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
-
-
-def _from_cache(tokens: list[bytes], special: list[int], eos: list[int], bos: Optional[int]) -> tuple[Any, Any]:
-    import llguidance
-
-    vocabulary = _Vocabulary(tokens, special, eos[0], bos)
-    return llguidance.LLTokenizer(vocabulary, eos_token=eos), vocabulary
-
-
-class _Prefetch:
-    """A table built from its cache file in a thread, started before the model loads."""
-
-    def __init__(self, path: Path):
-        import threading
-
-        self.result: Optional[tuple[Any, Any, list[int]]] = None
-        self._thread = threading.Thread(target=self._build, args=(path,), daemon=True)
-        self._thread.start()
-
-    def _build(self, path: Path) -> None:
-        try:
-            cached = _read_table(path)
-            if cached is not None:
-                tokens, special, eos, bos = cached
-                self.result = (*_from_cache(tokens, special, eos, bos), eos)
-        except Exception:  # noqa: BLE001 - a failed guess only means the ordinary path builds the table
-            self.result = None
-
-    def take(self) -> Optional[tuple[Any, Any, list[int]]]:
-        self._thread.join()
-        return self.result
-
-
-def prefetch(tokenizer_file: Optional[Path]) -> None:
-    """Start building the token table for the model whose tokenizer is ``tokenizer_file`` while the model loads,
-    when an earlier run left its bytes in the cache; ``token_table`` then takes the result (if the EOS ids it is
-    asked for are the ones the earlier run used, as they are for the same model and prompt format)."""
-    key = _file_key(tokenizer_file) if tokenizer_file is not None else None
-    if key is None or key in _PENDING or not (_table_dir() / f"{key}.bin").is_file():
-        return
-    _PENDING[key] = _Prefetch(_table_dir() / f"{key}.bin")
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
 
 
 def token_table(tokenizer: Any, eos_ids: Sequence[int]) -> Any:
     """llguidance's view of ``tokenizer`` (each token as bytes, the EOS ids), built once per model.
 
     The first time, llguidance reads the tokenizer's JSON itself (a few seconds for Gemma 3's 262,144 tokens);
-    the bytes it finds are kept in ``$XDG_CACHE_HOME/llmsample/grammar/``, so later runs only build its token trie,
-    and when ``prefetch`` started that in a thread, not even that.
+    the bytes it finds are kept in ``$XDG_CACHE_HOME/llmsample/grammar/``, so later runs only build its token trie
+    (llguidance cannot save that: about 0.9 s here).
     """
     import llguidance
 
@@ -313,26 +258,16 @@ def token_table(tokenizer: Any, eos_ids: Sequence[int]) -> Any:
     if memo in _TABLES and _TABLES[memo][0] is tokenizer:
         return _TABLES[memo][1]
     backend = _backend(tokenizer)
-    key = _table_key(tokenizer, backend)
-    path = _table_dir() / f"{key}.bin"
-    pending = _PENDING.pop(key, None)
-    built = pending.take() if pending is not None else None
-    if built is not None and built[2] == eos:
-        table, vocabulary, _ = built
+    path = _table_dir() / f"{_table_key(tokenizer, backend)}.bin"
+    cached = _read_table(path)
+    if cached is None:
+        table = llguidance.LLTokenizer(backend.to_str(), eos_token=eos)
+        tokens = [table.decode_bytes([i]) for i in range(table.vocab_size)]
+        special = [i for i in range(table.vocab_size) if table.is_special_token(i)]
+        _write_table(path, tokens, special)
     else:
-        cached = _read_table(path)
-        if cached is None:
-            table = llguidance.LLTokenizer(backend.to_str(), eos_token=eos)
-            tokens = [table.decode_bytes([i]) for i in range(table.vocab_size)]
-            special = [i for i in range(table.vocab_size) if table.is_special_token(i)]
-            _write_table(path, tokens, special, eos, bos)
-            _TABLES[memo] = (tokenizer, table)
-            return table
-        tokens, special, recorded, _ = cached
-        if recorded != eos:  # the next run's prefetch guesses these EOS ids
-            _write_table(path, tokens, special, eos, bos)
-        table, vocabulary = _from_cache(tokens, special, eos, bos)
-    vocabulary.bind_encoder(tokenizer)
+        tokens, special = cached
+        table = llguidance.LLTokenizer(_Vocabulary(tokens, special, eos[0], bos, tokenizer), eos_token=eos)
     _TABLES[memo] = (tokenizer, table)
     return table
 

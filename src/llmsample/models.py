@@ -240,14 +240,6 @@ def _gguf_bar_off() -> Any:
         reader.tqdm = bar
 
 
-def tokenizer_file(model: Optional[str]) -> Optional[Path]:
-    """The tokenizer.json that loading ``model`` will read, found without loading anything (``None`` when it is
-    not known beforehand: a hub id, a GGUF file, a default model not converted yet)."""
-    folder = default_model_dir("float32") if model is None else Path(model).expanduser()
-    found = folder / "tokenizer.json"
-    return found if found.is_file() else None
-
-
 def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str], None]] = None) -> Path:
     """The converted default model's folder, converting the packaged GGUF on first use."""
     return build_cache(default_model_dir(dtype), lambda out: convert_packaged_gguf(out, dtype, report),

@@ -260,8 +260,6 @@ def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[A
         raise ConfigError(f"--num-samples must be <= --num-beams ({cfg.num_beams}) with beam search, "
                           f"got {gen.num_samples}")
     seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**31)
-    if loaded is None and grammar.active(cfg):
-        grammar.prefetch(models.tokenizer_file(opts.model))  # its token table is built while the model loads
     lm, load_s = loaded or load_model(opts.model, opts.device, opts.dtype, opts.device_map, renderer.err,
                                       opts.engine, opts.quantize)
     device, dtype = str(lm.device), lm.dtype
