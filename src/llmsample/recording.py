@@ -143,10 +143,9 @@ def _check_generate(check: _Checker, data: dict) -> None:
     samples = check.field(data, "samples", "list")
     if not samples:
         check.fail('field "samples" is empty')
+    check.items(samples, "object", "samples")
     for i, sample in enumerate(samples):
         where = f"samples[{i}]"
-        if not isinstance(sample, dict):
-            check.fail(f'field "{where}" must be an object, got {_shown(sample)}')
         ids = check.field(sample, "token_ids", "list", where)
         check.items(ids, "id", f"{where}.token_ids")
         for key in ("raw_probs", "probs"):
@@ -167,10 +166,9 @@ def _check_table(check: _Checker, table: Any, where: str) -> None:
         check.fail(f'field "{where}" must be an object, got {_shown(table)}')
     check.field(table, "stages", "list", where)
     rows = check.field(table, "candidates", "list", where)
+    check.items(rows, "object", f"{where}.candidates")
     for k, row in enumerate(rows):
         at = f"{where}.candidates[{k}]"
-        if not isinstance(row, dict):
-            check.fail(f'field "{at}" must be an object, got {_shown(row)}')
         check.field(row, "token_id", "id", at)
         check.field(row, "raw_prob", "number", at)
         check.field(row, "final_prob", "number", at)
@@ -189,16 +187,14 @@ def _check_explore(check: _Checker, data: dict) -> None:
     branches = check.field(data, "branches", "list")
     if not branches:
         check.fail('field "branches" is empty')
+    check.items(branches, "object", "branches")
     for i, branch in enumerate(branches):
         where = f"branches[{i}]"
-        if not isinstance(branch, dict):
-            check.fail(f'field "{where}" must be an object, got {_shown(branch)}')
         check.field(branch, "id", "int", where)
         steps = check.field(branch, "steps", "list", where)
+        check.items(steps, "object", f"{where}.steps")
         for j, step in enumerate(steps):
             at = f"{where}.steps[{j}]"
-            if not isinstance(step, dict):
-                check.fail(f'field "{at}" must be an object, got {_shown(step)}')
             check.field(step, "token_id", "id", at)
             check.field(step, "raw_prob", "prob", at)
             check.field(step, "prob", "prob", at)
