@@ -247,3 +247,26 @@ def test_a_batch_that_cannot_fit_is_refused_up_front_with_an_estimate(limited, t
     assert re.match(rf"llmsample: error: {re.escape(what)} needs at least about [\d.]+ GB for its KV cache and "
                     r"logits \(\d+ \+ \d+ positions\), more than the [\d.]+ [MG]B cpu has left: use fewer samples",
                     err), err
+
+
+def test_a_signal_inside_signals_held_takes_effect_at_the_end_of_the_block():
+    """The handlers ask process.deliver: a Ctrl-C within a token's record-and-stream raises after both, whichever
+    thread the kernel handed the signal to (a sigmask in the main thread missed those given to torch's threads)."""
+    import os
+    import signal
+
+    from llmsample import process
+
+    done = []
+    with process.guarded():
+        try:
+            with process.signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # Python runs the handler between bytecodes, here in the block
+                    done.append(1)
+                done.append("end of block")
+        except KeyboardInterrupt:
+            done.append("raised")
+    assert done[-2:] == ["end of block", "raised"]
+    with pytest.raises(KeyboardInterrupt):
+        process.deliver(KeyboardInterrupt)  # outside a block: at once

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 class QuietStderr:
@@ -60,7 +60,34 @@ def _interrupt(signum: int, frame: Any) -> None:
     if now - _last_interrupt < GRACE_S:
         return
     _last_interrupt = now
-    raise KeyboardInterrupt
+    deliver(KeyboardInterrupt)
+
+
+_held: list[Optional[type]] = []  # one entry per open ``signals_held`` block: the signal's exception, once one came
+
+
+def deliver(exception: type) -> None:
+    """Raise ``exception`` from a signal handler now, or at the end of the ``signals_held`` block it came in."""
+    if _held:
+        _held[-1] = _held[-1] or exception
+        return
+    raise exception()
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that come inside the block take effect at its end, not in its middle.
+
+    Python runs a handler in the main thread wherever that thread is, whichever thread the kernel gave the signal
+    to (torch's workers can take one), so masking signals in the main thread is not enough; the handlers ask here.
+    """
+    _held.append(None)
+    try:
+        yield
+    finally:
+        pending = _held.pop()
+    if pending is not None:
+        deliver(pending)
 
 
 def was_interrupted() -> bool:

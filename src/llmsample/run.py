@@ -45,7 +45,7 @@ def _sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into ``_Terminated`` for the block."""
 
     def on_term(signum: int, frame: Any) -> None:
-        raise _Terminated()
+        process.deliver(_Terminated)
 
     try:
         previous = signal.signal(signal.SIGTERM, on_term)
@@ -353,21 +353,6 @@ def _until_stopped(decode: Any, device: str) -> tuple[Optional[tuple[str, ExitCo
         return None, out_of_memory(device)
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (they are delivered then, not lost)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):  # no sigmask on this platform
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode_start: float) -> None:
     """Sampled or greedy decoding of all samples as one batch, streaming each token to the renderer."""
     import torch
@@ -388,7 +373,7 @@ def _decode_samples(run: _Decoding, state: Any, seed: int, schedule: Any, decode
         for step in loop:
             if run.stats["first_token_s"] is None:
                 run.stats["first_token_s"] = time.perf_counter() - decode_start
-            with _signals_deferred():  # a token is recorded and streamed, or neither: the summary matches the stream
+            with process.signals_held():  # a token is recorded and streamed, or neither: the summary matches the stream
                 _record_step(run, step, state, tokenizer)
     except ForceRefused as exc:
         spec = next(f.spec for f in run.forces if f.step == exc.index + 1)
