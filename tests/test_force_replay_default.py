@@ -20,7 +20,8 @@ def cli_json(cli, *args: str) -> dict:
 
 
 def test_force_takes_the_token_and_keeps_the_seeds_stream(cli):
-    args = [PROMPT, "--seed", "1", "--max-new-tokens", "12", "--format", "json", "--device", "cpu"]
+    args = [PROMPT, "--seed", "1", "--max-new-tokens", "12", "--format", "json", "--device", "cpu", "--dtype",
+            "float32"]
     plain = cli_json(cli, *args)["samples"][0]
     forced = cli_json(cli, *args, "--force", '2= the')["samples"][0]
     assert forced["token_ids"][0] == plain["token_ids"][0] and forced["token_ids"][1] == THE
@@ -64,19 +65,19 @@ def test_replay_of_a_default_model_run_is_identical(cli, greedy_run):
     assert code == 0, err
     report = json.loads(out)
     assert report["identical"] and report["steps_compared"] == 24
-    assert report["now"]["engine"] == "llmsample" and report["now"]["quantize"] is None
+    assert report["now"]["engine"] == "llmsample" and report["now"]["quantize"] == "int8"  # the default on the CPU
 
 
-def test_replay_with_int8_shows_where_it_first_matters(cli, greedy_run):
-    code, out, _ = cli("replay", str(greedy_run), "--quantize", "int8", "--format", "json")
+def test_replay_in_float32_shows_where_int8_first_matters(cli, greedy_run):
+    code, out, _ = cli("replay", str(greedy_run), "--quantize", "none", "--format", "json")
     assert code == 1
     report = json.loads(out)
-    assert report["now"]["quantize"] == "int8" and report["recorded"]["quantize"] is None
-    assert report["overrides"] == ["quantize=int8"]
+    assert report["now"]["quantize"] is None and report["recorded"]["quantize"] == "int8"
+    assert report["overrides"] == ["quantize=none"]
     first = report["divergence"]
     assert first["step"] == 1 and first["kind"] in ("probability", "candidates")  # int8 moves every probability
     assert first["recorded"]["candidates"] and first["now"]["candidates"]
-    code, out, _ = cli("replay", str(greedy_run), "--quantize", "int8", "--tolerance", "1", "--format", "json")
+    code, out, _ = cli("replay", str(greedy_run), "--quantize", "none", "--tolerance", "1", "--format", "json")
     report = json.loads(out)
     if code == 1:  # the first token int8 changes, if any within the 24
         token = report["divergence"]
@@ -91,7 +92,8 @@ def test_an_explore_session_on_the_default_model_replays(cli, tmp_path):
     from llmsample import chat, models
 
     data = cli_json(cli, PROMPT, "--seed", "2", "--max-new-tokens", "10", "--top-k", "40", "--top-p", "0.9",
-                    "--force", "3= the", "--candidates", "5", "--format", "json", "--device", "cpu")
+                    "--force", "3= the", "--candidates", "5", "--format", "json", "--device", "cpu", "--dtype",
+                    "float32")
     lm = models.load(device="cpu", dtype="float32")
     prompt_ids = chat.prepare(lm.tokenizer, lm.name, PROMPT, False).ids
     sample = data["samples"][0]

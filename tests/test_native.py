@@ -178,13 +178,18 @@ def _head(rows: int, cols: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, cols, generator=generator) * torch.logspace(-2, 0, rows)[:, None]
     channel_scale = torch.rand(cols, generator=generator) * 3 + 0.2
-    return weight, quantize.Int8Head(*quantize.quantize_weight(weight * channel_scale), channel_scale)
+    head = quantize.Int8Head(*quantize.quantize_weight(weight * channel_scale), channel_scale)
+    quantize.pack_for_fbgemm([head])
+    return weight, head
+
+
+FBGEMM = quantize._fbgemm_available()
 
 
 def test_int8_head_two_part_activations_are_finer_than_bfloat16(monkeypatch):
     weight, head = _head(5000, 64)  # over 4,096 rows: packed in two halves
-    if torch.backends.quantized.engine in ("x86", "fbgemm"):
-        assert head._packing.result() is not None and len(head._packing.result()) == 2
+    if FBGEMM:
+        assert head.fbgemm.ready() and len(head.fbgemm.get()) == 2
     x = torch.randn(4, 64) * torch.tensor([[1.0], [1e-3], [50.0], [0.0]])
     x[0, 5] = 40.0  # an outlier channel
     dequantized = (head.int8_weight.double() * head.scales.double()[:, None])
@@ -197,10 +202,50 @@ def test_int8_head_two_part_activations_are_finer_than_bfloat16(monkeypatch):
     assert ((got - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs()).all()
     monkeypatch.setattr(quantize, "_fbgemm_available", lambda: False)  # a torch without fbgemm: bfloat16, coarser
     fallback = quantize.Int8Head(head.int8_weight, head.scales, head.channel_scale)
+    quantize.pack_for_fbgemm([fallback])
     assert "bfloat16" in repr(fallback)
     coarse = fallback(x).double()
     assert (coarse - exact).abs().mean() > 2 * (got - exact).abs().mean()
     assert torch.allclose(coarse, exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
+
+
+@pytest.mark.skipif(not FBGEMM, reason="this torch has no fbgemm int8 product")
+def test_int8_layers_fuse_their_products_and_decode_through_fbgemm_finer_than_bfloat16():
+    generator = torch.Generator().manual_seed(1)
+    parts = [quantize.Int8Linear(*quantize.quantize_weight(torch.randn(out, 48, generator=generator)))
+             for out in (32, 8, 8)]
+    fused = quantize.Int8Fused(parts)
+    quantize.pack_for_fbgemm([fused, parts[0]])
+    weight = torch.cat([p.int8_weight.double() * p.scales.double()[:, None] for p in parts])
+    x = torch.randn(3, 48, generator=generator) * torch.tensor([[1.0], [1e-4], [30.0]])
+    x[0, 7] = 25.0  # an outlier channel
+    exact = x.double() @ weight.t()
+    got = fused(x).double()
+    bound = x.double().abs().amax(1, keepdim=True) / (63 * 126 * 2) * weight.abs().sum(1)[None, :]
+    assert got.shape == (3, 48) and ((got - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs()).all()
+    assert torch.allclose(parts[0](x).double(), got[:, :32], rtol=1e-6, atol=1e-6)  # alone: the same product
+    bf16 = torch.cat([p.bf16_product(x) for p in parts], dim=1).double()
+    assert (bf16 - exact).abs().mean() > 2 * (got - exact).abs().mean()
+    rows = x.repeat(6, 1)  # a prompt's chunk (16+ rows): each part in bfloat16, side by side
+    assert torch.equal(fused(rows), torch.cat([p.bf16_product(rows) for p in parts], dim=1))
+
+
+def test_the_head_rescores_its_top_chunks_in_float():
+    weight, head = _head(5000, 64)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    int8 = head(x)  # no exact weight yet: the int8 logits as they are
+    head.exact_weight = weight
+    got = head(x)
+    columns = quantize.rescored_columns(int8)
+    assert columns.shape == (3, quantize.RESCORE_CHUNKS * quantize.RESCORE_CHUNK + 5000 % quantize.RESCORE_CHUNK)
+    exact = x @ weight.t()
+    assert torch.allclose(got.gather(1, columns), exact.gather(1, columns), rtol=1e-5, atol=1e-5)
+    untouched = torch.ones_like(got, dtype=torch.bool).scatter_(1, columns, False)
+    assert torch.equal(got[untouched], int8[untouched])
+    for row in range(3):  # the int8 row's highest values lie in the chunks chosen
+        assert set(int8[row].topk(quantize.RESCORE_CHUNKS).indices.tolist()) <= set(columns[row].tolist())
+    assert torch.equal(got.argmax(1), exact.argmax(1))
+    assert quantize.rescored_columns(torch.randn(2, 100)).shape == (2, 100)  # narrow rows: every column
 
 
 def test_int8_head_channel_scaling_is_exact_in_float_and_saved():

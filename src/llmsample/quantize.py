@@ -20,10 +20,20 @@ Chinese texts, float32 = 24.24 and 73.73; decode tok/s, greedy, batch 1):
   benchmark's (``benchmarks/calibrate_head.py``: mean KL 0.0033 against 0.0074 unscaled). Together: 40-44
   tok/s, perplexity -0.1% / +1.4% (``benchmarks/bench_generate.py``).
 
+- Then the decoder layers went through the same kernel and two-part activations as the head (few rows only;
+  a prompt's chunks stay bfloat16): its product takes 24-55 us where ``_weight_int8pack_mm`` takes 47-172 us, and
+  the activations are finer than bfloat16's, so the layers' error fell too (KL from float32 on the benchmark's
+  Chinese text 0.0051 against 0.0080 with the float32 head). Products that read the same input are one product
+  (q, k and v; gate and up): per-row int8 quantization makes the concatenated weight exactly the parts'.
+- The head's remaining error (int8 over 262,144 rows) is taken out where it matters: the highest logits (the
+  chunks of columns around them, ``rescored_columns``) are computed again in float32 from the embedding (which stays in memory for the lookup anyway),
+  so the candidates a table shows and the sampler mostly draws from are exact for the hidden state. With it,
+  perplexity on the benchmark's texts moved -0.7% / +0.8% from float32 (without: +0.1% / +1.4%).
+
 Every ``nn.Linear`` is replaced, the output projection included (untied from the embedding, which stays in
 float32 for the lookup). The int8 values and scales are plain tensors, so a cache maps them back in at once.
-Where torch lacks fbgemm's quantized kernels (another CPU architecture, a future torch), the head falls back to
-``_weight_int8pack_mm`` with the same weights.
+Where torch lacks fbgemm's quantized kernels (another CPU architecture, a future torch), every product falls back
+to ``_weight_int8pack_mm`` with the same weights.
 """
 
 from __future__ import annotations
@@ -40,10 +50,15 @@ from torch import nn
 BF16_PRODUCT_ROWS = 16
 HEAD_GAIN_EXPONENT = 0.2  # see the module notes: chosen by benchmarks/calibrate_head.py
 _FINE_STEPS = 126  # the second part holds the first's rounding error (within ±0.5) times this: within ±63
+# The head's highest logits are recomputed in float32: every logit of the RESCORE_CHUNKS chunks of RESCORE_CHUNK
+# columns with the highest maxima (1,024 tokens; found in ~40 us where a topk over the row takes ~450 us here).
+RESCORE_CHUNK = 64
+RESCORE_CHUNKS = 16
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (int8 * scale).T``, with ``x`` rounded to bfloat16 for the product and ``y`` in ``x``'s dtype."""
+    """``y = x @ (int8 * scale).T``, ``y`` in ``x``'s dtype. Few rows (decoding) go through fbgemm with two-part
+    activations once ``attach_fbgemm`` has packed the weights; otherwise ``x`` is rounded to bfloat16."""
 
     def __init__(self, int8_weight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
@@ -51,19 +66,79 @@ class Int8Linear(nn.Module):
         self.register_buffer("int8_weight", _aligned(int8_weight))
         self.register_buffer("scales", scales.float())
         self._scales_bf16 = scales.to(torch.bfloat16)
+        self.fbgemm: Optional[_Packed] = None  # set by ``attach_fbgemm``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] < BF16_PRODUCT_ROWS and self.fbgemm is not None and self.fbgemm.ready():
+            y = two_part_product(rows.float(), self.fbgemm.get())
+        else:
+            y = self.bf16_product(rows)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def bf16_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` ``[n, in]`` rounded to bfloat16 times the int8 weights: ``[n, out]`` in float32."""
+        rows = rows.to(torch.bfloat16)
         if rows.shape[0] >= BF16_PRODUCT_ROWS:
             # Many rows (a prompt's chunk): compute-bound, where oneDNN's bfloat16 product runs about 5x faster
             # than the int8 kernel here. The int8 values are exact in bfloat16; the scales apply after, in float32.
-            y = torch.nn.functional.linear(rows, self.int8_weight.to(torch.bfloat16)).float() * self.scales
+            return torch.nn.functional.linear(rows, self.int8_weight.to(torch.bfloat16)).float() * self.scales
+        return torch._weight_int8pack_mm(rows, self.int8_weight, self._scales_bf16).float()
+
+    def extra_repr(self) -> str:
+        kernel = "fbgemm, two-part activations" if self.fbgemm is not None and self.fbgemm.ready() else \
+            "bfloat16 activations"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel, {kernel}"
+
+
+class Int8Fused(nn.Module):
+    """Several ``Int8Linear`` of the same input as one product (q, k, v; gate, up): the outputs side by side.
+
+    The parts stay the saved modules (a plain list here, so their weights are not saved twice); for few rows
+    their concatenated weight, packed by ``attach_fbgemm``, makes one product and one quantized input.
+    """
+
+    def __init__(self, parts: list[Int8Linear]):
+        super().__init__()
+        self.parts = list(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(part.out_features for part in parts)
+        self.fbgemm: Optional[_Packed] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] < BF16_PRODUCT_ROWS and self.fbgemm is not None and self.fbgemm.ready():
+            y = two_part_product(rows.float(), self.fbgemm.get())
         else:
-            y = torch._weight_int8pack_mm(rows, self.int8_weight, self._scales_bf16)
+            y = torch.cat([part.bf16_product(rows) for part in self.parts], dim=1)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {len(self.parts)} products as one"
+
+
+def two_part_product(rows: torch.Tensor, packed: list[Any]) -> torch.Tensor:
+    """``rows`` (float32 ``[n, in]``) times fbgemm-packed int8 weights (side by side when several), each row
+    entering as two 7-bit rows: its values rounded to 63 steps of the row's largest magnitude, and the rounding
+    error rounded to 126 finer steps of one of those (an error within 1/16,000 of the row's largest value) for
+    one pass over the weights. ``[n, out]`` in float32.
+
+    >>> int8, scales = quantize_weight(torch.tensor([[1.0, -2.0], [0.5, 0.25]]))
+    >>> packs = _pack_now(int8, scales) if _fbgemm_available() else None
+    >>> x = torch.tensor([[0.3, 0.7]])
+    >>> packs is None or torch.allclose(two_part_product(x, [packs]), x @ (int8 * scales[:, None]).t(), atol=1e-4)
+    True
+    """
+    peak = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # an all-zero row: any step gives zeros
+    step = peak / 63
+    scaled = rows / step
+    coarse = torch.round(scaled)
+    both = torch.cat((coarse, scaled.sub_(coarse).mul_(_FINE_STEPS)))
+    # Inputs on the integer grid with scale 1 and zero point 64: fbgemm sees 1..127 (no 16-bit overflow).
+    parts = [_fbgemm_product(both, 1.0, 64, weight) for weight in packed]
+    y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    n = rows.shape[0]
+    return y[:n].add_(y[n:], alpha=1 / _FINE_STEPS).mul_(step)
 
 
 def _aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
@@ -75,38 +150,51 @@ def _aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 
 class Int8Head(Int8Linear):
-    """The output projection: int8 weights of ``W * channel_scale``, applied to ``x / channel_scale``.
+    """The output projection: int8 weights of ``W * channel_scale``, applied to ``x / channel_scale``, then the
+    highest logits of each row (``rescored_columns``) recomputed in float32 from ``exact_weight`` (the embedding, when
+    ``attach_fbgemm`` gives it; a head without it returns the int8 logits as they are).
 
-    On fbgemm (x86) each row of ``x`` enters the int8 x int8 product as two 7-bit rows, its values rounded to
-    63 steps of the row's largest magnitude and the remainder rounded to 126 finer steps of one of those:
-    an error within 1/16,000 of the row's largest value, from one pass over the weights.
+    Over 4,096 rows the weights are packed as two halves, multiplied side by side.
     """
 
     def __init__(self, int8_weight: torch.Tensor, scales: torch.Tensor, channel_scale: torch.Tensor):
         super().__init__(int8_weight, scales)
         self.register_buffer("channel_scale", channel_scale.float())
-        self._packing = _PackInBackground(self.int8_weight, self.scales)
+        self.exact_weight: Optional[torch.Tensor] = None  # [vocab, hidden] float, not saved (it is the embedding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float() / self.channel_scale
-        packed = self._packing.result()
-        if packed is None:
-            return super().forward(rows).to(x.dtype).view(*x.shape[:-1], self.out_features)
-        peak = rows.abs().amax(dim=1, keepdim=True)
-        step = torch.where(peak > 0, peak, torch.ones_like(peak)) / 63
-        scaled = rows / step
-        coarse = torch.round(scaled)
-        both = torch.cat((coarse, (scaled - coarse) * _FINE_STEPS))
-        # Inputs on the integer grid with scale 1 and zero point 64: fbgemm sees 1..127 (no 16-bit overflow).
-        parts = [_fbgemm_product(both, 1.0, 64, half) for half in packed]
-        y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        n = rows.shape[0]
-        y = (y[:n] + y[n:] / _FINE_STEPS) * step
+        rows = x.reshape(-1, self.in_features).float()
+        y = super().forward(rows / self.channel_scale)
+        if self.exact_weight is not None:
+            top = rescored_columns(y)
+            exact = torch.bmm(self.exact_weight[top].float(), rows.unsqueeze(2)).squeeze(2)
+            y.scatter_(1, top, exact)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kernel = "fbgemm, two-part activations" if self._packing.result() is not None else "bfloat16 activations"
-        return f"{super().extra_repr()}, channel-scaled, {kernel}"
+        rescored = ", top chunks rescored in float" if self.exact_weight is not None else ""
+        return f"{super().extra_repr()}, channel-scaled{rescored}"
+
+
+def rescored_columns(y: torch.Tensor) -> torch.Tensor:
+    """Per row of ``y`` ``[n, width]``: the columns of its ``RESCORE_CHUNKS`` chunks (of ``RESCORE_CHUNK``) with the
+    highest maxima, and a ragged tail; every column when the row is narrower than that. The row's highest
+    ``RESCORE_CHUNKS`` values are always among them (each lies in a chunk whose maximum is at least its own).
+
+    >>> rescored_columns(torch.arange(10.0)[None]).tolist()
+    [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    """
+    n, width = y.shape
+    chunks = width // RESCORE_CHUNK
+    if chunks <= RESCORE_CHUNKS:
+        return torch.arange(width, device=y.device).expand(n, -1)
+    maxima = y[:, : chunks * RESCORE_CHUNK].view(n, chunks, RESCORE_CHUNK).amax(-1)
+    best = torch.topk(maxima, RESCORE_CHUNKS, dim=1, sorted=False).indices
+    columns = (best.unsqueeze(-1) * RESCORE_CHUNK + torch.arange(RESCORE_CHUNK, device=y.device)).view(n, -1)
+    if width > chunks * RESCORE_CHUNK:
+        tail = torch.arange(chunks * RESCORE_CHUNK, width, device=y.device).expand(n, -1)
+        columns = torch.cat((columns, tail), dim=1)
+    return columns
 
 
 def _fbgemm_product(*args: Any) -> torch.Tensor:
@@ -124,42 +212,46 @@ def _fbgemm_available() -> bool:
 
 
 class _PackInBackground:
-    """fbgemm's packed form of int8 weights, made by threads while loading goes on; ``result()`` waits for it.
+    """fbgemm's packed forms of several int8 weights, made by threads while loading goes on.
 
-    Packing the default model's head takes about 1.7 s on one core; it is split in two halves of rows (two
-    threads, multiplied side by side) and overlaps the tokenizer's loading. That loading holds the GIL for a
-    second, so the constructor returns only once each thread is about to enter torch's packing op (which releases
-    it). ``result()`` is ``None`` where this torch has no fbgemm int8 product or packing failed.
+    Packing the default model's weights takes about 2.7 core-seconds; two threads share the work and overlap the
+    tokenizer's loading. That loading holds the GIL for a second, so the constructor returns only once each thread
+    is about to enter torch's packing op (which releases it). ``get(i)`` waits for all of them and is ``None`` where
+    this torch has no fbgemm int8 product or packing failed.
     """
 
-    def __init__(self, int8_weight: torch.Tensor, scales: torch.Tensor):
-        rows = int8_weight.shape[0]
-        bounds = [(0, rows)] if rows < 4096 else [(0, rows // 2), (rows // 2, rows)]
-        self._packed: list[Any] = [None] * len(bounds)
+    def __init__(self, weights: list[tuple[torch.Tensor, torch.Tensor]], threads: int = 2):
+        self._packed: list[Any] = [None] * len(weights)
         self._threads: list[threading.Thread] = []
         self._failed = not _fbgemm_available()
-        if self._failed:
+        if self._failed or not weights:
             return
         try:
             with warnings.catch_warnings():  # quantized tensors are deprecated; this is their one use here
                 warnings.simplefilter("ignore")
-                halves = [torch._make_per_channel_quantized_tensor(
-                    int8_weight[start:end], scales[start:end].double(), torch.zeros(end - start, dtype=torch.long), 0)
-                    for start, end in bounds]
+                quantized = [_per_channel(int8, scales) for int8, scales in weights]
         except (RuntimeError, AttributeError):
             self._failed = True
             return
-        entering = [threading.Event() for _ in halves]
-        self._threads = [threading.Thread(target=self._pack, args=(i, half, entering[i]), daemon=True)
-                         for i, half in enumerate(halves)]
+        # Largest first, each to the thread with least so far: the two threads finish together.
+        shares: list[list[int]] = [[] for _ in range(min(threads, len(weights)))]
+        loads = [0] * len(shares)
+        for i in sorted(range(len(weights)), key=lambda i: -weights[i][0].numel()):
+            least = loads.index(min(loads))
+            shares[least].append(i)
+            loads[least] += weights[i][0].numel()
+        entering = [threading.Event() for _ in shares]
+        self._threads = [threading.Thread(target=self._pack, args=(share, quantized, entering[t]), daemon=True)
+                         for t, share in enumerate(shares)]
         for thread, event in zip(self._threads, entering):
             thread.start()
             event.wait()
 
-    def _pack(self, i: int, weight: torch.Tensor, entering: threading.Event) -> None:
+    def _pack(self, share: list[int], quantized: list[torch.Tensor], entering: threading.Event) -> None:
         try:
             entering.set()
-            self._packed[i] = torch.ops.quantized.linear_prepack(weight, None)
+            for i in share:
+                self._packed[i] = torch.ops.quantized.linear_prepack(quantized[i], None)
         except (RuntimeError, AttributeError):
             self._failed = True
 
@@ -167,6 +259,70 @@ class _PackInBackground:
         while self._threads:
             self._threads.pop().join()
         return None if self._failed else self._packed
+
+
+class _Packed:
+    """One module's share of a ``_PackInBackground``: the packed weights it multiplies side by side."""
+
+    def __init__(self, packer: _PackInBackground, indices: list[int]):
+        self._packer, self._indices = packer, indices
+
+    def get(self) -> list[Any]:
+        packed = self._packer.result()
+        assert packed is not None
+        return [packed[i] for i in self._indices]
+
+    def ready(self) -> bool:
+        """Whether fbgemm products are available (waits for the packing)."""
+        return self._packer.result() is not None
+
+
+def _per_channel(int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    rows = int8.shape[0]
+    return torch._make_per_channel_quantized_tensor(int8, scales.double(), torch.zeros(rows, dtype=torch.long), 0)
+
+
+def _pack_now(int8: torch.Tensor, scales: torch.Tensor) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_prepack(_per_channel(int8, scales), None)
+
+
+def pack_for_fbgemm(modules: list[nn.Module]) -> None:
+    """Give each ``Int8Linear``, ``Int8Head`` or ``Int8Fused`` of ``modules`` its fbgemm-packed weights, packed by
+    two background threads (a module's first few-row product waits for them)."""
+    weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+    shares: list[list[int]] = []
+    for module in modules:
+        first = len(weights)
+        if isinstance(module, Int8Fused):
+            parts = module.parts
+            weights.append((torch.cat([p.int8_weight for p in parts]), torch.cat([p.scales for p in parts])))
+        elif module.out_features > 4096:  # the head: two halves, packed and multiplied side by side
+            half = module.out_features // 2
+            weights += [(module.int8_weight[:half], module.scales[:half]),
+                        (module.int8_weight[half:], module.scales[half:])]
+        else:
+            weights.append((module.int8_weight, module.scales))
+        shares.append(list(range(first, len(weights))))
+    packer = _PackInBackground(weights)
+    for module, indices in zip(modules, shares):
+        module.fbgemm = _Packed(packer, indices)
+
+
+def attach_fbgemm(model: Any) -> Any:
+    """Ready a quantized llmsample ``gemma3`` model for fast decoding: q/k/v and gate/up fused into one product
+    each, every few-row product through fbgemm (packed by background threads), and the head's top logits
+    rescored from the float embedding. Nothing here is saved: it is derived from the int8 state at each load."""
+    products: list[nn.Module] = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv = Int8Fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp.gate_up = Int8Fused([mlp.gate_proj, mlp.up_proj])
+        products += [attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj]
+    pack_for_fbgemm([model.lm_head] + products)  # the head first: it is the largest
+    model.lm_head.exact_weight = model.get_input_embeddings().weight
+    return model
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +375,7 @@ def quantize_int8(model: Any) -> Any:
             setattr(parent, name, Int8Head(*quantize_weight(weight), channel_scale))
         else:
             setattr(parent, name, Int8Linear(*quantize_weight(linear.weight.detach())))
-    return model
+    return attach_fbgemm(model)
 
 
 def int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -249,5 +405,5 @@ def from_int8_state(model: Any, state: dict[str, torch.Tensor]) -> Any:
             setattr(parent, name, Int8Head(*weights, state[f"{key}.channel_scale"]))
         else:
             setattr(parent, name, Int8Linear(*weights))
-    return model
+    return attach_fbgemm(model)
 

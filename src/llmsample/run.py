@@ -196,7 +196,10 @@ def load_model(model: Optional[str], device: str, dtype: str, device_map: Option
     start until it was ready (imports included: what a person waits for)."""
     from llmsample import models
 
+    given_dtype = dtype
     device, dtype = resolve_device(device, dtype)
+    if quantize == "auto":
+        quantize = models.auto_quantize(model, device, given_dtype, device_map, engine)
     try:
         with _sigterm_raises(), err.status("loading the model…", spinner="dots") as status:
             lm = models.load(model, device=device, dtype=dtype, device_map=device_map,
