@@ -366,3 +366,13 @@ def test_a_boolean_schema_is_refused_with_a_clear_line(schema):
 
     with pytest.raises(ConfigError, match=r"json_schema: the boolean schema (true|false) is not supported"):
         SamplingConfig(json_schema=schema)
+
+
+def test_the_token_classes_kept_are_llguidances_own():
+    """grammar.SLICES names two of llguidance's general slices by their text: a release that changes them would
+    leave llmsample with classes that match no JSON string position (masks still right, but slow)."""
+    import llguidance
+
+    from llmsample import grammar
+
+    assert set(grammar.SLICES) <= set(llguidance.LLTokenizer.general_slices())
