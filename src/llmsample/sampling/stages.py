@@ -66,15 +66,21 @@ class History:
     record: dict = field(default_factory=dict, repr=False)
     replay: Optional[dict] = field(default=None, repr=False)
     state: dict = field(default_factory=dict, repr=False)
-    # The step's raw logits ([batch, vocab], the model's, before any stage) and their log-normaliser, computed
-    # once (the finiteness check and the raw probability need it); a stage whose input is still exactly the raw
-    # row reuses it.
+    # The step's raw logits ([batch, vocab], the model's, before any stage). Their log-normaliser is a full pass
+    # over the vocabulary, so it is computed once, on first use (the raw probability of a step's token, top_p on
+    # the raw row), and a step that needs it nowhere (``Sampler.sample`` in transformers' order) never pays it.
     raw_logits: Optional[torch.Tensor] = field(default=None, repr=False)
     raw_log_total: Optional[torch.Tensor] = field(default=None, repr=False)
 
+    def raw_log_normaliser(self) -> torch.Tensor:
+        """``logsumexp`` of the raw logits' rows, ``[batch, 1]``: computed on the first call, then reused."""
+        if self.raw_log_total is None:
+            self.raw_log_total = logsumexp(self.raw_logits)
+        return self.raw_log_total
+
     def log_total(self, c: Candidates) -> Optional[torch.Tensor]:
         """``logsumexp`` of ``c``'s rows, ``[batch, 1]``, when ``c`` is the raw row unchanged; else None."""
-        return self.raw_log_total if c.is_dense and c.logits is self.raw_logits else None
+        return self.raw_log_normaliser() if c.is_dense and c.logits is self.raw_logits else None
 
     @property
     def generated(self) -> torch.Tensor:
@@ -86,6 +92,18 @@ class History:
         if last_n >= 0:
             start = max(start, length - last_n)
         return self.input_ids[:, min(start, length) :]
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(x, -1, keepdim=True)``, the same arithmetic with fewer passes and copies.
+
+    A row's max is subtracted, the difference exponentiated in place and summed (a row whose max is infinite is
+    shifted by 0 instead, so all −inf gives −inf and +inf gives +inf, as ``torch.logsumexp`` does). The fused
+    softmax kernel would be faster, but its float32 running sums are ~1e-4 off on a 262,144-wide row.
+    """
+    top = x.amax(-1, keepdim=True)
+    shift = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    return torch.sub(x, shift).exp_().sum(-1, keepdim=True).log_().add_(shift)
 
 
 def kth_logit(c: Candidates, k: int) -> torch.Tensor:
@@ -304,7 +322,7 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
     logits = c.logits
     width = logits.shape[-1]
     if log_total is None:  # the caller may know it (the raw row's, computed once per step)
-        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+        log_total = logsumexp(logits)
     cut = torch.tensor(1.0 - p, dtype=torch.float32, device=logits.device)
     if sync_free():  # one sort of the whole row: fixed shapes, nothing read back (cheap on a GPU)
         values, _ = torch.sort(logits, dim=-1, descending=True)
