@@ -119,3 +119,36 @@ def test_sample_leaves_the_raw_normaliser_alone_until_a_step_needs_it():
     choice = sampler.step(ids, logits, generator=torch.Generator().manual_seed(0))
     expected = torch.softmax(logits, -1).gather(1, choice.token_ids[:, None]).squeeze(1)
     torch.testing.assert_close(choice.raw_prob, expected, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_top_p_on_batches_of_unlike_rows_keeps_what_a_full_sort_keeps(trial):
+    """Rows of one batch that take different routes (a peaked row whose cut the first window holds, a flat one
+    whose lower bound sends the batch to the histogram, one whose cut lies within 1e-5 of a token's edge and
+    needs its own total) keep what sorting each whole row keeps."""
+    g = torch.Generator().manual_seed(2000 + trial)
+    width = 20_000 + 3_001 * trial
+    peaked = torch.randn(1, width, generator=g) * 3
+    peaked[0, :40] += 12
+    flat = torch.randn(1, width, generator=g) * (0.2 + torch.rand(1, generator=g).item())
+    tied = (torch.randn(1, width, generator=g) * 2).round()
+    rows = [peaked, flat, tied][: 1 + trial % 3] + [peaked.roll(trial, -1)]
+    logits = torch.cat(rows)
+    p = 0.5 + 0.49 * torch.rand(1, generator=g).item()
+    ours = stages.top_p(Candidates.from_logits(logits), p).dense().isfinite()
+    with plain_paths():
+        expected = stages.top_p(Candidates.from_logits(logits), p).dense().isfinite()
+    assert torch.equal(ours, expected)
+
+
+def test_top_p_sums_a_row_only_where_its_cut_is_that_close():
+    """A cut placed on a token's edge (mass above it exactly p) needs the row's total; its batch neighbour
+    does not, and both keep what a full sort keeps."""
+    probs = torch.full((2, 4_096), 0.5 / 4_094)
+    probs[:, 0], probs[:, 1] = 0.3, 0.2  # p = 0.5: the mass above token 2 is exactly p
+    logits = probs.log()
+    logits[1] = torch.randn(4_096, generator=torch.Generator().manual_seed(9)) * 3
+    for p in (0.5, 0.3, 0.7):
+        ours = stages.top_p(Candidates.from_logits(logits), p).dense().isfinite()
+        with plain_paths():
+            assert torch.equal(ours, stages.top_p(Candidates.from_logits(logits), p).dense().isfinite())

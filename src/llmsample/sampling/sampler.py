@@ -289,10 +289,13 @@ class Sampler:
         logits = logits.float()  # fp16/bf16 logits are processed in float32; float32 input is not copied
         # The check is one max per row (no exponential): it is finite exactly when the row has no NaN (max
         # propagates it), no +inf and a finite value. The raw log-normaliser waits until something needs it.
-        if self.check_finite and not self.sync_free and not bool(torch.isfinite(logits.amax(-1)).all()):
-            stages.diagnose_logits(logits)
+        row_max = None
+        if self.check_finite and not self.sync_free:
+            row_max = logits.amax(-1, keepdim=True)  # temperature reuses it
+            if not bool(torch.isfinite(row_max).all()):
+                stages.diagnose_logits(logits)
         history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state,
-                          raw_logits=logits)
+                          raw_logits=logits, raw_max=row_max)
         return history, Candidates.from_logits(logits)
 
 
