@@ -101,11 +101,14 @@ def test_logsumexp_is_torchs():
         assert torch.equal(ours.nan_to_num(7.0), theirs.nan_to_num(7.0))  # bit for bit, ±inf included
 
 
-def test_the_log_total_from_the_softmax_is_close():
-    x = torch.randn(3, 262_144, generator=torch.Generator().manual_seed(7)) * 3
+def test_the_quick_logsumexp_is_close_and_keeps_unusable_rows_unusable():
+    x = torch.randn(6, 262_144, generator=torch.Generator().manual_seed(7)) * 3
     x[2, ::2] = NEG_INF
-    quick = truncation._log_total_from_softmax(x, torch.softmax(x, -1))
-    torch.testing.assert_close(quick, torch.logsumexp(x, -1, keepdim=True), atol=1e-5, rtol=0)
+    x[3, 5], x[4, :], x[5, 9] = float("inf"), NEG_INF, float("nan")
+    quick, exact = stages.quick_logsumexp(x), torch.logsumexp(x, -1, keepdim=True)
+    torch.testing.assert_close(quick[:3], exact[:3], atol=1e-5, rtol=0)
+    assert not torch.isfinite(quick[3:]).any()
+    assert quick[3, 0] == float("inf") and quick[4, 0] == NEG_INF and quick[5, 0].isnan()
 
 
 def test_sample_leaves_the_raw_normaliser_alone_until_a_step_needs_it():

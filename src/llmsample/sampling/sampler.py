@@ -187,7 +187,7 @@ class Sampler:
         entropy = -(log_probs.exp() * log_probs).nansum(-1)
         if removed is not None:  # its probability under the chain is 0
             prob = torch.where(removed, torch.zeros_like(prob), prob)
-        log_total = history.raw_log_normaliser().squeeze(1)
+        log_total = history.raw_log_normaliser(quick=True).squeeze(1)
         raw_prob = torch.exp(history.raw_logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - log_total)
         valid = torch.isfinite(log_total).all() if self.sync_free and self.check_finite else None
         return Choice(token_ids, prob, raw_prob, entropy, history.record, valid, forced)

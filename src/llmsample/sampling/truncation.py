@@ -13,7 +13,7 @@ import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
 from llmsample.sampling.stages import (COMPACT_LIMIT, SMALL_ROW, History, Stage, fast_topk, keep_from,
-                                       kth_logit, protect, sync_free)
+                                       kth_logit, protect, quick_logsumexp, sync_free)
 
 
 def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
@@ -152,7 +152,7 @@ def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
     probs = torch.softmax(logits, dim=-1)  # the cut compares these, and the entropy weighs by them
     floor = None
     if logits.shape[-1] > SMALL_ROW and not sync_free():
-        floor, scratch = _eta_floor(eps, logits, probs, _log_total_from_softmax(logits, probs))
+        floor, scratch = _eta_floor(eps, logits, probs, quick_logsumexp(logits, probs))
         gap = torch.sub(probs, floor, out=scratch).abs_().amin(-1, keepdim=True)  # the nearest probability
         near = (gap <= floor * ETA_FLOOR_MARGIN).any() | ~torch.isfinite(floor).all()
         if bool(near):  # a token this close to the floor (or a row with nothing finite): the plain way
@@ -169,16 +169,6 @@ def _eta_floor(eps: float, logits: torch.Tensor, probs: torch.Tensor,
     log_probs = torch.sub(logits, log_total).clamp_(min=torch.finfo(logits.dtype).min)
     entropy = -log_probs.mul_(probs).sum(-1, keepdim=True)
     return torch.minimum(torch.tensor(eps, device=entropy.device), math.sqrt(eps) * torch.exp(-entropy)), log_probs
-
-
-def _log_total_from_softmax(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """The rows' logsumexp from their softmax, with no second exponential pass: the largest probability is
-    1/S (S the sum of exp(ℓ − max)), and the sum of the probabilities (torch's cascaded sum, accurate where the
-    softmax kernel's running float32 sums are ≈1e-4 off on a wide row) corrects it, leaving float32 rounding
-    (≈1e-6 here). A row with nothing finite gives NaN, which the caller catches."""
-    top = logits.amax(-1, keepdim=True).double()
-    p_max = probs.amax(-1, keepdim=True).double()
-    return (top - p_max.log() + probs.sum(-1, keepdim=True).double().log()).float()
 
 
 def top_n_sigma_stage(cfg: Any) -> Stage:
