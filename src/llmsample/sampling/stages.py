@@ -71,6 +71,7 @@ class History:
     # the raw row), and a step that needs it nowhere (``Sampler.sample`` in transformers' order) never pays it.
     raw_logits: Optional[torch.Tensor] = field(default=None, repr=False)
     raw_log_total: Optional[torch.Tensor] = field(default=None, repr=False)
+    raw_log_total_quick: Optional[torch.Tensor] = field(default=None, repr=False)  # quick_logsumexp's
     raw_max: Optional[torch.Tensor] = field(default=None, repr=False)  # [batch, 1], when the check computed it
 
     def row_max(self, c: Candidates) -> torch.Tensor:
@@ -83,18 +84,21 @@ class History:
     def raw_log_normaliser(self, quick: bool = False) -> torch.Tensor:
         """``logsumexp`` of the raw logits' rows, ``[batch, 1]``: computed on the first call, then reused.
 
-        ``quick``: within float32 rounding is enough (a probability to report, not a cut to decide): the exact
-        value if a stage already needed it, else ``quick_logsumexp`` (about two thirds of the time).
+        ``quick``: within float32 rounding is enough (a probability to report; top_p, whose cut tolerates it):
+        the exact value if a stage already needed it, else ``quick_logsumexp`` (about two thirds of the time).
         """
-        if self.raw_log_total is None:
-            if quick:
-                return quick_logsumexp(self.raw_logits, top=self.raw_max)
-            self.raw_log_total = logsumexp(self.raw_logits)
+        if self.raw_log_total is not None:
+            return self.raw_log_total
+        if quick:
+            if self.raw_log_total_quick is None:
+                self.raw_log_total_quick = quick_logsumexp(self.raw_logits, top=self.raw_max)
+            return self.raw_log_total_quick
+        self.raw_log_total = logsumexp(self.raw_logits)
         return self.raw_log_total
 
     def log_total(self, c: Candidates) -> Optional[torch.Tensor]:
-        """``logsumexp`` of ``c``'s rows, ``[batch, 1]``, when ``c`` is the raw row unchanged; else None."""
-        return self.raw_log_normaliser() if c.is_dense and c.logits is self.raw_logits else None
+        """``quick_logsumexp`` of ``c``'s rows, ``[batch, 1]``, when ``c`` is the raw row unchanged; else None."""
+        return self.raw_log_normaliser(quick=True) if c.is_dense and c.logits is self.raw_logits else None
 
     @property
     def generated(self) -> torch.Tensor:
@@ -357,7 +361,9 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
     logits = c.logits
     width = logits.shape[-1]
     if log_total is None:  # the caller may know it (the raw row's, computed once per step)
-        log_total = logsumexp(logits)
+        # Within float32 rounding: it scales every probability alike, by ≈1e-6, far inside the margin below, so
+        # only a cut that float32 rounding decides anyway (as transformers' float32 sum does) could move.
+        log_total = quick_logsumexp(logits)
     cut = torch.tensor(1.0 - p, dtype=torch.float32, device=logits.device)
     if sync_free():  # one sort of the whole row: fixed shapes, nothing read back (cheap on a GPU)
         values, _ = torch.sort(logits, dim=-1, descending=True)
