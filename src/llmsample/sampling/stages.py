@@ -34,8 +34,13 @@ HISTOGRAM_SORT_LIMIT = 16384  # more tokens than this in the cut's bins (a nearl
 # save by working on fewer columns.
 COMPACT_LIMIT = 8192
 # fast_topk splits a row into chunks, narrower for a larger k, and needs at least this many of them to pay off.
-# The widths keep its second topk's input (k chunks) under 64·k values, where torch's CPU topk takes nth_element
-# instead of a heap-based partial sort (measured at vocab 262,144: k = 1,024 in 0.37 ms instead of 0.70).
+# From WIDE_K on, the widths keep its second topk's input (k chunks) under 64·k values, where torch's CPU topk
+# takes nth_element instead of a heap-based partial sort (at vocab 262,144: k = 1,024 in 0.37 ms instead of 0.70).
+# Below it (top_k's own k) the widths are the earlier ones, which order tied values as before, so a seed draws the
+# same of several tied tokens (half-precision logits tie often) as it did.
+CHUNK = 256
+MIN_CHUNK = 16
+WIDE_K = 128
 FAST_TOPK_MIN_CHUNKS = 64
 
 
@@ -175,17 +180,23 @@ def _table(ids: torch.Tensor, vocab_size: int, counts: bool) -> torch.Tensor:
 def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(x, k)`` (sorted) for wide rows, through chunk maxima instead of a pass over every value.
 
-    Split the row into chunks (128 values, 64 from k = 128, 32 from k = 512) and let t be the k-th largest chunk
-    maximum. Every value above t sits in one of the k chunks with the largest maxima, and those chunks hold at
-    least k values ``>= t``; so topk over them (plus the ragged tail) returns exactly the k largest values, and
-    every value left out is ``<= t <=`` the k-th returned: the guarantee ``torch.topk`` gives, which the callers'
-    tie checks rely on.
-    Which of several tied columns is returned may differ from ``torch.topk`` (as it may between its devices).
+    Split the row into chunks (256 values, halved while k is over a quarter of their number; 64 from k = 128, 32
+    from k = 512) and let t be the k-th largest chunk maximum. Every value above t sits in one of the k chunks
+    with the largest maxima, and those chunks hold at least k values ``>= t``; so topk over them (plus the ragged
+    tail) returns exactly the k largest values, and every value left out is ``<= t <=`` the k-th returned: the
+    guarantee ``torch.topk`` gives, which the callers' tie checks rely on. Which of several tied columns is returned may differ from ``torch.topk`` (as it may between its devices).
     """
     batch, width = x.shape
-    chunk = 128 if k < 128 else 64 if k < 512 else 32  # a larger k: smaller chunks, so that few are read
+    if k < WIDE_K:
+        chunk = CHUNK
+        while chunk > MIN_CHUNK and k > (width // chunk) // 4:  # a larger k: smaller chunks, so that few are read
+            chunk //= 2
+        limit = (width // chunk) // 4
+    else:
+        chunk = 64 if k < 512 else 32
+        limit = (width // chunk) // 2
     chunks = width // chunk
-    if chunks < FAST_TOPK_MIN_CHUNKS or k > chunks // 2:
+    if chunks < FAST_TOPK_MIN_CHUNKS or k > limit:
         return torch.topk(x, k, dim=-1)
     body = x[:, : chunks * chunk].reshape(batch, chunks, chunk)
     best_chunks = torch.topk(body.amax(-1), k, dim=-1).indices  # [batch, k]
