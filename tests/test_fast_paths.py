@@ -39,6 +39,8 @@ def wide_rows(trial: int) -> torch.Tensor:
         logits[:, :7] += 15  # a peak over a flat tail
     elif kind == 4:
         logits[0] = 0.0  # a uniform row beside ordinary ones
+    if trial % 7 == 6:
+        logits = logits * 1e3  # huge logits: their normaliser's float32 spacing is coarse
     return logits
 
 

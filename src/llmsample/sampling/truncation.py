@@ -133,9 +133,10 @@ def epsilon(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
     return _cutoff(c, torch.softmax(c.logits, dim=-1), floor, min_keep)
 
 
-# eta's quick entropy may differ from the plain computation by float32 rounding (≈3e-6 nats on 262,144-wide rows,
-# a relative 3e-6 on the floor); where a token's probability lies within this relative margin of the floor, the
-# floor is computed the plain way, so the kept set is always the plain computation's.
+# eta's quick entropy differs from the plain computation by float32 rounding: its normaliser is rounded apart by up
+# to a float32 spacing of the normaliser, and the rest measured ≤ 3e-6 nats on 262,144-wide rows (the floor moves
+# by as much, relatively). Where a token's probability lies within this margin plus four such spacings of the
+# floor, relatively, the floor is computed the plain way, so the kept set is the plain computation's.
 ETA_FLOOR_MARGIN = 1e-5
 
 
@@ -152,9 +153,11 @@ def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
     probs = torch.softmax(logits, dim=-1)  # the cut compares these, and the entropy weighs by them
     floor = None
     if logits.shape[-1] > SMALL_ROW and not sync_free():
-        floor, scratch = _eta_floor(eps, logits, probs, quick_logsumexp(logits, probs))
+        log_total = quick_logsumexp(logits, probs)
+        floor, scratch = _eta_floor(eps, logits, probs, log_total)
         gap = torch.sub(probs, floor, out=scratch).abs_().amin(-1, keepdim=True)  # the nearest probability
-        near = (gap <= floor * ETA_FLOOR_MARGIN).any() | ~torch.isfinite(floor).all()
+        spacing = torch.nextafter(log_total, torch.full_like(log_total, math.inf)) - log_total
+        near = (gap <= floor * (ETA_FLOOR_MARGIN + 4 * spacing)).any() | ~torch.isfinite(floor).all()
         if bool(near):  # a token this close to the floor (or a row with nothing finite): the plain way
             floor = None
     if floor is None:
