@@ -80,7 +80,7 @@ class Mirostat:
         """
         log_probs = torch.log_softmax(c.logits, dim=-1).gather(1, columns.unsqueeze(-1)).squeeze(-1)
         if token_ids is not None and history.raw_logits is not None:
-            raw = (history.raw_logits.gather(1, token_ids.unsqueeze(-1)) - history.raw_log_total).squeeze(-1)
+            raw = (history.raw_logits.gather(1, token_ids.unsqueeze(-1)) - history.raw_log_normaliser()).squeeze(-1)
             gone = ~torch.isfinite(log_probs) if removed is None else removed | ~torch.isfinite(log_probs)
             log_probs = torch.where(gone, raw, log_probs)
         surprise = -log_probs / LN2

@@ -187,7 +187,7 @@ class Sampler:
         entropy = -(log_probs.exp() * log_probs).nansum(-1)
         if removed is not None:  # its probability under the chain is 0
             prob = torch.where(removed, torch.zeros_like(prob), prob)
-        log_total = history.raw_log_total.squeeze(1)
+        log_total = history.raw_log_normaliser(quick=True).squeeze(1)
         raw_prob = torch.exp(history.raw_logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - log_total)
         valid = torch.isfinite(log_total).all() if self.sync_free and self.check_finite else None
         return Choice(token_ids, prob, raw_prob, entropy, history.record, valid, forced)
@@ -287,13 +287,15 @@ class Sampler:
         if not 0 <= prompt_len <= input_ids.shape[1]:
             raise ValueError(f"prompt_len must be in [0, {input_ids.shape[1]}], got {prompt_len}")
         logits = logits.float()  # fp16/bf16 logits are processed in float32; float32 input is not copied
-        # One logsumexp per row serves three needs: the check (it is finite exactly when the row has no NaN, no
-        # +inf and a finite value), the raw probability of the chosen token, and top_p on the raw row.
-        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
-        if self.check_finite and not self.sync_free and not bool(torch.isfinite(log_total).all()):
-            stages.diagnose_logits(logits)
+        # The check is one max per row (no exponential): it is finite exactly when the row has no NaN (max
+        # propagates it), no +inf and a finite value. The raw log-normaliser waits until something needs it.
+        row_max = None
+        if self.check_finite and not self.sync_free:
+            row_max = logits.amax(-1, keepdim=True)  # temperature reuses it
+            if not bool(torch.isfinite(row_max).all()):
+                stages.diagnose_logits(logits)
         history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state,
-                          raw_logits=logits, raw_log_total=log_total)
+                          raw_logits=logits, raw_max=row_max)
         return history, Candidates.from_logits(logits)
 
 

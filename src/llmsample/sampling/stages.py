@@ -33,9 +33,14 @@ HISTOGRAM_SORT_LIMIT = 16384  # more tokens than this in the cut's bins (a nearl
 # keep_from compacts a wide row when at most this many survive: gathering more costs more than the later stages
 # save by working on fewer columns.
 COMPACT_LIMIT = 8192
-# fast_topk splits a row into chunks this wide and needs at least this many of them to pay off.
+# fast_topk splits a row into chunks, narrower for a larger k, and needs at least this many of them to pay off.
+# From WIDE_K on, the widths keep its second topk's input (k chunks) under 64·k values, where torch's CPU topk
+# takes nth_element instead of a heap-based partial sort (at vocab 262,144: k = 1,024 in 0.37 ms instead of 0.70).
+# Below it (top_k's own k) the widths are the earlier ones, which order tied values as before, so a seed draws the
+# same of several tied tokens (half-precision logits tie often) as it did.
 CHUNK = 256
 MIN_CHUNK = 16
+WIDE_K = 128
 FAST_TOPK_MIN_CHUNKS = 64
 
 
@@ -66,15 +71,39 @@ class History:
     record: dict = field(default_factory=dict, repr=False)
     replay: Optional[dict] = field(default=None, repr=False)
     state: dict = field(default_factory=dict, repr=False)
-    # The step's raw logits ([batch, vocab], the model's, before any stage) and their log-normaliser, computed
-    # once (the finiteness check and the raw probability need it); a stage whose input is still exactly the raw
-    # row reuses it.
+    # The step's raw logits ([batch, vocab], the model's, before any stage). Their log-normaliser is a full pass
+    # over the vocabulary, so it is computed once, on first use (the raw probability of a step's token, top_p on
+    # the raw row), and a step that needs it nowhere (``Sampler.sample`` in transformers' order) never pays it.
     raw_logits: Optional[torch.Tensor] = field(default=None, repr=False)
     raw_log_total: Optional[torch.Tensor] = field(default=None, repr=False)
+    raw_log_total_quick: Optional[torch.Tensor] = field(default=None, repr=False)  # quick_logsumexp's
+    raw_max: Optional[torch.Tensor] = field(default=None, repr=False)  # [batch, 1], when the check computed it
+
+    def row_max(self, c: Candidates) -> torch.Tensor:
+        """``[batch, 1]`` largest logit of ``c``'s rows: the one the finiteness check found, when ``c`` is the raw
+        row unchanged."""
+        if self.raw_max is not None and c.is_dense and c.logits is self.raw_logits:
+            return self.raw_max
+        return c.logits.amax(-1, keepdim=True)
+
+    def raw_log_normaliser(self, quick: bool = False) -> torch.Tensor:
+        """``logsumexp`` of the raw logits' rows, ``[batch, 1]``: computed on the first call, then reused.
+
+        ``quick``: within float32 rounding is enough (a probability to report; top_p, whose cut tolerates it):
+        the exact value if a stage already needed it, else ``quick_logsumexp`` (about two thirds of the time).
+        """
+        if self.raw_log_total is not None:
+            return self.raw_log_total
+        if quick:
+            if self.raw_log_total_quick is None:
+                self.raw_log_total_quick = quick_logsumexp(self.raw_logits, top=self.raw_max)
+            return self.raw_log_total_quick
+        self.raw_log_total = logsumexp(self.raw_logits)
+        return self.raw_log_total
 
     def log_total(self, c: Candidates) -> Optional[torch.Tensor]:
-        """``logsumexp`` of ``c``'s rows, ``[batch, 1]``, when ``c`` is the raw row unchanged; else None."""
-        return self.raw_log_total if c.is_dense and c.logits is self.raw_logits else None
+        """``quick_logsumexp`` of ``c``'s rows, ``[batch, 1]``, when ``c`` is the raw row unchanged; else None."""
+        return self.raw_log_normaliser(quick=True) if c.is_dense and c.logits is self.raw_logits else None
 
     @property
     def generated(self) -> torch.Tensor:
@@ -86,6 +115,40 @@ class History:
         if last_n >= 0:
             start = max(start, length - last_n)
         return self.input_ids[:, min(start, length) :]
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(x, -1, keepdim=True)``, the same arithmetic with fewer passes and copies.
+
+    A row's max is subtracted, the difference exponentiated in place and summed (a row whose max is infinite is
+    shifted by 0 instead, so all −inf gives −inf and +inf gives +inf, as ``torch.logsumexp`` does). The fused
+    softmax kernel would be faster, but its float32 running sums are ~1e-4 off on a 262,144-wide row.
+    """
+    top = x.amax(-1, keepdim=True)
+    shift = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    return torch.sub(x, shift).exp_().sum(-1, keepdim=True).log_().add_(shift)
+
+
+def quick_logsumexp(x: torch.Tensor, probs: Optional[torch.Tensor] = None,
+                    top: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[batch, 1]`` logsumexp of wide rows within float32 rounding (≈1e-6 here), from their softmax (``probs``,
+    computed here unless given): one exponential pass by the fused softmax kernel, 0.15 ms over 262,144 logits
+    where ``logsumexp`` takes 0.28.
+
+    The largest probability is 1/S (S the sum of exp(ℓ − max)), and the sum of the probabilities (torch's
+    cascaded sum, accurate where the kernel's own float32 running sums are ≈1e-4 off on a wide row) corrects
+    it. A row with NaN, +inf or nothing finite gives NaN or its infinite max, so a finiteness check still holds.
+    ``top``: the rows' max, when the caller has it.
+    """
+    if x.shape[-1] <= SMALL_ROW and probs is None:
+        return torch.logsumexp(x, dim=-1, keepdim=True)
+    if probs is None:
+        probs = torch.softmax(x, dim=-1)
+    if top is None:
+        top = x.amax(-1, keepdim=True)
+    p_max = probs.amax(-1, keepdim=True).double()
+    quick = (top.double() - p_max.log() + probs.sum(-1, keepdim=True).double().log()).float()
+    return torch.where(torch.isinf(top), top, quick)
 
 
 def kth_logit(c: Candidates, k: int) -> torch.Tensor:
@@ -117,18 +180,23 @@ def _table(ids: torch.Tensor, vocab_size: int, counts: bool) -> torch.Tensor:
 def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(x, k)`` (sorted) for wide rows, through chunk maxima instead of a pass over every value.
 
-    Split the row into chunks of ``CHUNK`` (smaller, down to ``MIN_CHUNK``, for a larger k) and let t be the k-th largest chunk maximum. Every value above t sits
-    in one of the k chunks with the largest maxima, and those chunks hold at least k values ``>= t``; so topk
-    over them (plus the ragged tail) returns exactly the k largest values, and every value left out is
-    ``<= t <=`` the k-th returned: the guarantee ``torch.topk`` gives, which the callers' tie checks rely on.
-    Which of several tied columns is returned may differ from ``torch.topk`` (as it may between its devices).
+    Split the row into chunks (256 values, halved while k is over a quarter of their number; 64 from k = 128, 32
+    from k = 512) and let t be the k-th largest chunk maximum. Every value above t sits in one of the k chunks
+    with the largest maxima, and those chunks hold at least k values ``>= t``; so topk over them (plus the ragged
+    tail) returns exactly the k largest values, and every value left out is ``<= t <=`` the k-th returned: the
+    guarantee ``torch.topk`` gives, which the callers' tie checks rely on. Which of several tied columns is returned may differ from ``torch.topk`` (as it may between its devices).
     """
     batch, width = x.shape
-    chunk = CHUNK
-    while chunk > MIN_CHUNK and k > (width // chunk) // 4:  # a larger k: smaller chunks, so that few are read
-        chunk //= 2
+    if k < WIDE_K:
+        chunk = CHUNK
+        while chunk > MIN_CHUNK and k > (width // chunk) // 4:  # a larger k: smaller chunks, so that few are read
+            chunk //= 2
+        limit = (width // chunk) // 4
+    else:
+        chunk = 64 if k < 512 else 32
+        limit = (width // chunk) // 2
     chunks = width // chunk
-    if chunks < FAST_TOPK_MIN_CHUNKS or k > chunks // 4:
+    if chunks < FAST_TOPK_MIN_CHUNKS or k > limit:
         return torch.topk(x, k, dim=-1)
     body = x[:, : chunks * chunk].reshape(batch, chunks, chunk)
     best_chunks = torch.topk(body.amax(-1), k, dim=-1).indices  # [batch, k]
@@ -304,7 +372,9 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
     logits = c.logits
     width = logits.shape[-1]
     if log_total is None:  # the caller may know it (the raw row's, computed once per step)
-        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+        # Within float32 rounding: it scales every probability alike, by ≈1e-6, far inside the margin below, so
+        # only a cut that float32 rounding decides anyway (as transformers' float32 sum does) could move.
+        log_total = quick_logsumexp(logits)
     cut = torch.tensor(1.0 - p, dtype=torch.float32, device=logits.device)
     if sync_free():  # one sort of the whole row: fixed shapes, nothing read back (cheap on a GPU)
         values, _ = torch.sort(logits, dim=-1, descending=True)
@@ -313,23 +383,27 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         total = probs.sum(-1, keepdim=True)
         kept = ((total - mass_above).float() > cut).sum(-1, keepdim=True).clamp(min=min(min_keep, width))
         return keep_from(c, values.gather(1, kept - 1))
-    total = None  # the row's mass, ≈ 1 within float32 rounding: summed only when a cut lies that close
+    total = None  # each row's mass, ≈ 1 within float32 rounding: summed only for a row whose cut lies that close
     window = FIRST_WINDOW if width > SMALL_ROW else width
+    histogram_tried = False
     while True:
         window = min(window, width)
         values, columns = fast_topk(logits, window)  # sorted, descending
         probs = torch.exp(values - log_total).double()
         mass_above = probs.cumsum(-1) - probs
         # transformers' rule at its precision: keep j iff fl32(mass from j down) > fl32(1 - p).
-        if total is None:
-            low = ((1.0 - 1e-5 - mass_above).float() > cut).sum(-1, keepdim=True)
-            high = ((1.0 + 1e-5 - mass_above).float() > cut).sum(-1, keepdim=True)
-            if torch.equal(low, high):
-                kept = low
-            else:
-                total = torch.exp(logits - log_total).double().sum(-1, keepdim=True)
-        if total is not None:
-            kept = ((total - mass_above).float() > cut).sum(-1, keepdim=True)
+        low = ((1.0 - 1e-5 - mass_above).float() > cut).sum(-1, keepdim=True)
+        high = ((1.0 + 1e-5 - mass_above).float() > cut).sum(-1, keepdim=True)
+        kept = low
+        unsure = low != high  # [batch, 1]: a row whose cut lies that close to a token's edge needs its total
+        if bool(unsure.any()):
+            if total is None:
+                total = torch.full_like(log_total, math.nan, dtype=torch.float64)
+            rows = (unsure & total.isnan()).flatten().nonzero().flatten()
+            if rows.numel():  # only those rows: a full pass over each, in float64
+                total[rows] = torch.exp(logits[rows] - log_total[rows]).double().sum(-1, keepdim=True)
+            exact = ((total - mass_above).float() > cut).sum(-1, keepdim=True)
+            kept = torch.where(unsure, exact, low)
         kept = kept.clamp(min=min(min_keep, window))
         threshold = values.gather(1, kept - 1)
         if window == width:
@@ -340,11 +414,20 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
             keep = int((values >= threshold).sum(-1).max())
             kept_values = values[:, :keep]
             return c.take(columns[:, :keep], kept_values.masked_fill(kept_values < threshold, NEG_INF))
-        if window == HISTOGRAM_AFTER_WINDOW and width >= HISTOGRAM_MIN_WIDTH:  # a flat row: a large nucleus
+        # Every token past the window is at most as probable as its last one, so the mass still missing bounds
+        # the nucleus from below: the windows it cannot fit in are skipped, and a row that needs more than
+        # HISTOGRAM_AFTER_WINDOW goes to the histogram at once (a flat row: a large nucleus).
+        missing = (1.0 - p) - probs.sum(-1)
+        at_least = float((window + missing / probs[:, -1]).nan_to_num(nan=0.0).max())
+        if width >= HISTOGRAM_MIN_WIDTH and not histogram_tried and (
+                window >= HISTOGRAM_AFTER_WINDOW or at_least > HISTOGRAM_AFTER_WINDOW):
+            histogram_tried = True
             threshold = _top_p_threshold_from_histogram(logits, log_total, cut, min_keep)
             if threshold is not None:
                 return keep_from(c, threshold)
         window *= WINDOW_GROWTH
+        while window < min(at_least, width):
+            window *= WINDOW_GROWTH
 
 
 def _top_p_threshold_from_histogram(logits: torch.Tensor, log_total: torch.Tensor, cut: torch.Tensor,
@@ -361,9 +444,12 @@ def _top_p_threshold_from_histogram(logits: torch.Tensor, log_total: torch.Tenso
     """
     batch = logits.shape[0]
     probs = torch.exp(logits - log_total)  # float32 as the sorted path computes them; 0 for a removed token
-    bins = (probs.view(torch.int32) >> HISTOGRAM_SHIFT).long()  # ≥ 0, ≤ the bin of 1.0 (and of 1 + rounding)
-    mass = torch.zeros(batch, HISTOGRAM_BINS, dtype=torch.float64, device=logits.device)
-    mass = mass.scatter_add_(1, bins, probs.double()).flip(-1)  # most probable bin first
+    bins = probs.view(torch.int32) >> HISTOGRAM_SHIFT  # ≥ 0, ≤ the bin of 1.0 (and of 1 + rounding)
+    index = bins  # one bincount for the batch: row r's bins offset by r histograms
+    if batch > 1:
+        index = bins + torch.arange(batch, dtype=torch.int32, device=logits.device).unsqueeze(1) * HISTOGRAM_BINS
+    mass = torch.bincount(index.flatten(), weights=probs.flatten().double(), minlength=batch * HISTOGRAM_BINS)
+    mass = mass.view(batch, HISTOGRAM_BINS).flip(-1)  # most probable bin first
     total = mass.sum(-1, keepdim=True)
     after = mass.cumsum(-1)
     before = after - mass
@@ -381,7 +467,7 @@ def _top_p_threshold_from_histogram(logits: torch.Tensor, log_total: torch.Tenso
         negated = torch.nn.functional.threshold(row, low, 0.0).neg_()  # -p where p > low
         rows.append(torch.nn.functional.threshold(negated, -above, 0.0).neg_())  # and p < above
     near = torch.stack(rows) if batch > 1 else rows[0].unsqueeze(0)
-    count = int(near.gt(0).sum(-1).max())
+    count = int(torch.count_nonzero(near, dim=-1).max())
     if count > HISTOGRAM_SORT_LIMIT or count == 0:
         return None
     picked, columns = fast_topk(near, count)
@@ -452,7 +538,7 @@ def typical_p(c: Candidates, mass: float, min_keep: int = 1) -> Candidates:
 # ---- shape -----------------------------------------------------------------------------------------------------
 
 
-def temperature(c: Candidates, t: float) -> Candidates:
+def temperature(c: Candidates, t: float, row_max: Optional[torch.Tensor] = None) -> Candidates:
     """ℓ / T. T = 0 keeps only the top token (the first one on a tie). Neutral: 1.0.
 
     >>> temperature(Candidates.from_logits(torch.tensor([[1.0, 2.0]])), 0.5).logits
@@ -464,8 +550,12 @@ def temperature(c: Candidates, t: float) -> Candidates:
         return c.take(c.logits.argmax(-1, keepdim=True))
     # ℓ/T overflows only for absurd logits (|ℓ| near float32's limit at small T); only there is the row shifted
     # by its maximum first, which leaves its softmax unchanged. Everywhere else the values are exactly ℓ/T.
-    row_max = c.logits.amax(-1, keepdim=True)
-    shift = torch.where(torch.isinf(row_max / t) & torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    if row_max is None:  # the caller may know it (the raw row's, from the finiteness check)
+        row_max = c.logits.amax(-1, keepdim=True)
+    overflows = torch.isinf(row_max / t) & torch.isfinite(row_max)
+    if not sync_free() and not bool(overflows.any()):
+        return c.with_logits(torch.div(c.logits, t))  # one pass (ℓ − 0 is ℓ: the same values as below)
+    shift = torch.where(overflows, row_max, torch.zeros_like(row_max))
     return c.with_logits(torch.sub(c.logits, shift).div_(t))  # one new tensor, divided in place
 
 
@@ -525,7 +615,9 @@ def typical_p_stage(cfg: Any) -> Stage:
 def temperature_stage(cfg: Any) -> Stage:
     if cfg.dynatemp_range > 0.0:
         return lambda c, h: dynamic_temperature(c, cfg.temperature, cfg.dynatemp_range, cfg.dynatemp_exponent)
-    return lambda c, h: temperature(c, cfg.temperature)
+    if cfg.temperature in (0.0, 1.0):
+        return lambda c, h: temperature(c, cfg.temperature)
+    return lambda c, h: temperature(c, cfg.temperature, h.row_max(c))
 
 
 def check_logits(logits: torch.Tensor) -> None:

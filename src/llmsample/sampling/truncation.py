@@ -7,12 +7,13 @@ survivors of a wide row are compacted and ties at the boundary are kept.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
-from llmsample.sampling.stages import History, Stage, fast_topk, keep_from, kth_logit, protect
+from llmsample.sampling.stages import (COMPACT_LIMIT, SMALL_ROW, History, Stage, fast_topk, keep_from,
+                                       kth_logit, protect, quick_logsumexp, sync_free)
 
 
 def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
@@ -75,14 +76,49 @@ def xtc(c: Candidates, history: History, probability: float, threshold: float, m
     return c.with_logits(logits.scatter(1, columns, values.masked_fill(removed, NEG_INF)))
 
 
-def _cutoff(c: Candidates, probability_floor: torch.Tensor, min_keep: int) -> Candidates:
-    """Keep tokens whose probability is ≥ the floor (``[batch, 1]``), or whose logit reaches the ``min_keep``-th
-    largest (ties kept). Compared in probability space, as transformers does, so the boundary rounds the same way;
-    the row keeps its form (a dense row stays dense: compacting would cost more passes than it saves here)."""
+def _cutoff(c: Candidates, probs: torch.Tensor, probability_floor: torch.Tensor, min_keep: int) -> Candidates:
+    """Keep tokens whose probability (``probs``, the row's softmax, which this overwrites) is ≥ the floor
+    (``[batch, 1]``), or whose logit reaches the ``min_keep``-th largest (ties kept). Compared in probability
+    space, as transformers does, so the boundary rounds the same way.
+
+    A wide dense row marks its kept tokens in place, without a boolean pass (on the CPU a comparison into bools
+    costs as much as the softmax, and a new batch-wide tensor as much again): the sign of p − floor is exact, a
+    float difference being 0 only between equal floats. When few are kept, they are compacted.
+    """
     logits = c.logits
-    kept = torch.softmax(logits, dim=-1) >= probability_floor
+    if min_keep <= 1 and c.is_dense and logits.shape[-1] > SMALL_ROW and not sync_free():
+        marks = probs.sub_(probability_floor).sign_().add_(1.0).clamp_(max=1.0)  # 1 where p ≥ floor, else 0
+        compacted = _compacted(c, marks)
+        if compacted is not None:
+            return compacted
+        kept = marks > 0
+    else:
+        kept = probs >= probability_floor
     kept |= logits >= (kth_logit(c, min_keep) if min_keep > 1 else logits.amax(-1, keepdim=True))
     return c.with_logits(logits.masked_fill(~kept, NEG_INF))
+
+
+def _compacted(c: Candidates, marks: torch.Tensor) -> Optional[Candidates]:
+    """The tokens ``marks`` (1.0 kept, 0.0 not, ``[batch, vocab]``) as a compacted row, when few; else ``None``.
+
+    Probabilities are monotone in the logits and tied logits have equal probabilities, so the kept tokens are the
+    row's top ``count`` logits, and one ``topk`` of that size gathers them; that is checked, and a set that is not
+    (a rounding that broke monotony) is left to the mask. So is a row where nothing reaches the floor (it keeps
+    its top logit and the ties, the mask's rule). The columns are put back in vocabulary order, so the draw walks
+    the survivors in the order it walked the dense row and a seed picks the same token.
+    """
+    logits = c.logits
+    count = marks.sum(-1, keepdim=True).long()
+    fewest, widest = (int(v) for v in torch.aminmax(count))
+    if fewest < 1 or widest > COMPACT_LIMIT:
+        return None
+    values, columns = fast_topk(logits, widest)
+    inside = torch.arange(widest, device=logits.device) < count  # [batch, widest]
+    if not bool(((marks.gather(1, columns) > 0) == inside).all()):
+        return None
+    columns, order = columns.sort(-1)
+    values = values.gather(1, order).masked_fill(~inside.gather(1, order), NEG_INF)
+    return c.take(columns, values)
 
 
 def epsilon(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
@@ -94,7 +130,14 @@ def epsilon(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
     if eps <= 0.0:
         return c
     floor = torch.full((c.logits.shape[0], 1), eps, dtype=c.logits.dtype, device=c.logits.device)
-    return _cutoff(c, floor, min_keep)
+    return _cutoff(c, torch.softmax(c.logits, dim=-1), floor, min_keep)
+
+
+# eta's quick entropy differs from the plain computation by float32 rounding: its normaliser is rounded apart by up
+# to a float32 spacing of the normaliser, and the rest measured ≤ 3e-6 nats on 262,144-wide rows (the floor moves
+# by as much, relatively). Where a token's probability lies within this margin plus four such spacings of the
+# floor, relatively, the floor is computed the plain way, so the kept set is the plain computation's.
+ETA_FLOOR_MARGIN = 1e-5
 
 
 def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
@@ -106,12 +149,29 @@ def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
     """
     if eps <= 0.0:
         return c
-    # The entropy as torch's Categorical computes it (what transformers uses), so the floor rounds the same way.
     logits = c.logits
-    log_probs = (logits - logits.logsumexp(-1, keepdim=True)).clamp(min=torch.finfo(logits.dtype).min)
-    entropy = -(log_probs * torch.softmax(logits, dim=-1)).sum(-1, keepdim=True)
-    floor = torch.minimum(torch.tensor(eps, device=entropy.device), math.sqrt(eps) * torch.exp(-entropy))
-    return _cutoff(c, floor, min_keep)
+    probs = torch.softmax(logits, dim=-1)  # the cut compares these, and the entropy weighs by them
+    floor = None
+    if logits.shape[-1] > SMALL_ROW and not sync_free():
+        log_total = quick_logsumexp(logits, probs)
+        floor, scratch = _eta_floor(eps, logits, probs, log_total)
+        gap = torch.sub(probs, floor, out=scratch).abs_().amin(-1, keepdim=True)  # the nearest probability
+        spacing = torch.nextafter(log_total, torch.full_like(log_total, math.inf)) - log_total
+        near = (gap <= floor * (ETA_FLOOR_MARGIN + 4 * spacing)).any() | ~torch.isfinite(floor).all()
+        if bool(near):  # a token this close to the floor (or a row with nothing finite): the plain way
+            floor = None
+    if floor is None:
+        floor = _eta_floor(eps, logits, probs, logits.logsumexp(-1, keepdim=True))[0]
+    return _cutoff(c, probs, floor, min_keep)
+
+
+def _eta_floor(eps: float, logits: torch.Tensor, probs: torch.Tensor,
+               log_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """min(η, √η·e^(−H)), the entropy H as torch's Categorical computes it (what transformers uses), so the floor
+    rounds the same way; and the row-sized buffer it used, free for the caller."""
+    log_probs = torch.sub(logits, log_total).clamp_(min=torch.finfo(logits.dtype).min)
+    entropy = -log_probs.mul_(probs).sum(-1, keepdim=True)
+    return torch.minimum(torch.tensor(eps, device=entropy.device), math.sqrt(eps) * torch.exp(-entropy)), log_probs
 
 
 def top_n_sigma_stage(cfg: Any) -> Stage:

@@ -1,0 +1,159 @@
+"""The sampler's fast paths against its plain ones: the same kept set, the same values, the same seeded token."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from llmsample.config import SamplingConfig
+from llmsample.sampling import Sampler, stages, truncation
+from llmsample.sampling.candidates import Candidates
+
+NEG_INF = float("-inf")
+
+
+@contextlib.contextmanager
+def plain_paths():
+    """The sync-free paths: fixed shapes, no compaction, eta's floor the plain way (the reference)."""
+    token = stages._SYNC_FREE.set(True)
+    try:
+        yield
+    finally:
+        stages._SYNC_FREE.reset(token)
+
+
+def wide_rows(trial: int) -> torch.Tensor:
+    """Rows wider than SMALL_ROW, each of its own kind: ties, removed tokens, a peak, flat, differing scales."""
+    g = torch.Generator().manual_seed(trial)
+    batch = 1 + trial % 4
+    width = 4_096 + 1_021 * trial
+    logits = torch.randn(batch, width, generator=g) * (0.5 + 4 * torch.rand(batch, 1, generator=g))
+    kind = trial % 5
+    if kind == 1:
+        logits = (logits * 2).round() / 2  # many ties, at the cut too
+    elif kind == 2:
+        logits[torch.rand(batch, width, generator=g) < 0.4] = NEG_INF  # removed upstream
+    elif kind == 3:
+        logits[:, :7] += 15  # a peak over a flat tail
+    elif kind == 4:
+        logits[0] = 0.0  # a uniform row beside ordinary ones
+    if trial % 7 == 6:
+        logits = logits * 1e3  # huge logits: their normaliser's float32 spacing is coarse
+    return logits
+
+
+@pytest.mark.parametrize("trial", range(30))
+@pytest.mark.parametrize("stage", ["epsilon", "eta"])
+def test_epsilon_and_eta_compacted_equal_the_mask(trial, stage):
+    g = torch.Generator().manual_seed(1000 + trial)
+    logits = wide_rows(trial)
+    cutoff = float(10 ** (-1 - 4 * torch.rand(1, generator=g).item()))  # 1e-5 .. 1e-1
+    min_keep = 1 + trial % 2
+    cut = getattr(truncation, stage)
+    fast = cut(Candidates.from_logits(logits), cutoff, min_keep)
+    with plain_paths():
+        plain = cut(Candidates.from_logits(logits), cutoff, min_keep)
+    assert plain.is_dense
+    assert torch.equal(fast.dense(), plain.dense())
+
+
+def test_the_compacted_path_runs_and_keeps_vocabulary_order():
+    logits = torch.randn(3, 262_144, generator=torch.Generator().manual_seed(3)) * 3
+    logits[:, :300] += 8  # a model's head: eta's floor stays above the tail
+    logits[1, 100:110] = logits[1].max()  # tied tops
+    for cut in (truncation.epsilon, truncation.eta):
+        fast = cut(Candidates.from_logits(logits), 3e-4)
+        assert not fast.is_dense and fast.logits.shape[-1] < 3_400  # at most 1/3e-4 reach the floor
+        assert bool((fast.ids[:, 1:] > fast.ids[:, :-1]).all())  # vocabulary order, as the dense row's
+        with plain_paths():
+            assert torch.equal(fast.dense(), cut(Candidates.from_logits(logits), 3e-4).dense())
+
+
+def test_eta_near_its_floor_takes_the_plain_floor(monkeypatch):
+    """A margin that always finds a token near the floor sends every row the plain way: the same kept set."""
+    logits = torch.randn(4, 50_000, generator=torch.Generator().manual_seed(4)) * 2
+    quick = truncation.eta(Candidates.from_logits(logits), 3e-4)
+    monkeypatch.setattr(truncation, "ETA_FLOOR_MARGIN", 1.0)
+    assert torch.equal(quick.dense(), truncation.eta(Candidates.from_logits(logits), 3e-4).dense())
+
+
+@pytest.mark.parametrize("name", ["epsilon", "eta"])
+def test_a_seed_draws_the_same_token_from_the_compacted_row_as_from_the_dense_one(name):
+    """The draw over the few survivors in vocabulary order maps each uniform number onto the same token as the
+    draw over the whole masked row (equal up to float rounding at an interval's edge: none in these seeds)."""
+    logits = torch.randn(4, 262_144, generator=torch.Generator().manual_seed(5)) * 2.5
+    logits[:, :300] += 6
+    cfg = SamplingConfig(do_sample=True, order="hf", temperature=0.8, **{f"{name}_cutoff": 3e-4})
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for seed in range(40):
+        fast = Sampler(cfg).sample(ids, logits, generator=torch.Generator().manual_seed(seed))
+        plain = Sampler(cfg, sync_free=True).sample(ids, logits, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(fast, plain), seed
+
+
+def test_logsumexp_is_torchs():
+    rows = torch.randn(5, 262_144, generator=torch.Generator().manual_seed(6)) * 4
+    rows[1, ::3] = NEG_INF
+    odd = torch.tensor([[NEG_INF] * 4, [1.0, float("inf"), 0.0, 2.0], [float("nan"), 1.0, 2.0, 3.0], [0.0, 1, 2, 3]])
+    for x in (rows, odd):
+        ours, theirs = stages.logsumexp(x), torch.logsumexp(x, -1, keepdim=True)
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.nan_to_num(7.0), theirs.nan_to_num(7.0))  # bit for bit, ±inf included
+
+
+def test_the_quick_logsumexp_is_close_and_keeps_unusable_rows_unusable():
+    x = torch.randn(6, 262_144, generator=torch.Generator().manual_seed(7)) * 3
+    x[2, ::2] = NEG_INF
+    x[3, 5], x[4, :], x[5, 9] = float("inf"), NEG_INF, float("nan")
+    quick, exact = stages.quick_logsumexp(x), torch.logsumexp(x, -1, keepdim=True)
+    torch.testing.assert_close(quick[:3], exact[:3], atol=1e-5, rtol=0)
+    assert not torch.isfinite(quick[3:]).any()
+    assert quick[3, 0] == float("inf") and quick[4, 0] == NEG_INF and quick[5, 0].isnan()
+
+
+def test_sample_leaves_the_raw_normaliser_alone_until_a_step_needs_it():
+    """In transformers' order nothing in ``sample`` reads the raw row's logsumexp (a full-vocabulary pass);
+    ``step`` computes it once, for the raw probability."""
+    logits = torch.randn(2, 262_144, generator=torch.Generator().manual_seed(8)) * 3
+    sampler = Sampler(SamplingConfig(do_sample=True, order="hf", temperature=0.7, top_p=0.9))
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    history, _ = sampler._run(ids, logits, 0)
+    assert history.raw_log_total is None
+    choice = sampler.step(ids, logits, generator=torch.Generator().manual_seed(0))
+    expected = torch.softmax(logits, -1).gather(1, choice.token_ids[:, None]).squeeze(1)
+    torch.testing.assert_close(choice.raw_prob, expected, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_top_p_on_batches_of_unlike_rows_keeps_what_a_full_sort_keeps(trial):
+    """Rows of one batch that take different routes (a peaked row whose cut the first window holds, a flat one
+    whose lower bound sends the batch to the histogram, one whose cut lies within 1e-5 of a token's edge and
+    needs its own total) keep what sorting each whole row keeps."""
+    g = torch.Generator().manual_seed(2000 + trial)
+    width = 20_000 + 3_001 * trial
+    peaked = torch.randn(1, width, generator=g) * 3
+    peaked[0, :40] += 12
+    flat = torch.randn(1, width, generator=g) * (0.2 + torch.rand(1, generator=g).item())
+    tied = (torch.randn(1, width, generator=g) * 2).round()
+    rows = [peaked, flat, tied][: 1 + trial % 3] + [peaked.roll(trial, -1)]
+    logits = torch.cat(rows)
+    p = 0.5 + 0.49 * torch.rand(1, generator=g).item()
+    ours = stages.top_p(Candidates.from_logits(logits), p).dense().isfinite()
+    with plain_paths():
+        expected = stages.top_p(Candidates.from_logits(logits), p).dense().isfinite()
+    assert torch.equal(ours, expected)
+
+
+def test_top_p_sums_a_row_only_where_its_cut_is_that_close():
+    """A cut placed on a token's edge (mass above it exactly p) needs the row's total; its batch neighbour
+    does not, and both keep what a full sort keeps."""
+    probs = torch.full((2, 4_096), 0.5 / 4_094)
+    probs[:, 0], probs[:, 1] = 0.3, 0.2  # p = 0.5: the mass above token 2 is exactly p
+    logits = probs.log()
+    logits[1] = torch.randn(4_096, generator=torch.Generator().manual_seed(9)) * 3
+    for p in (0.5, 0.3, 0.7):
+        ours = stages.top_p(Candidates.from_logits(logits), p).dense().isfinite()
+        with plain_paths():
+            assert torch.equal(ours, stages.top_p(Candidates.from_logits(logits), p).dense().isfinite())
