@@ -184,7 +184,8 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     from k = 512) and let t be the k-th largest chunk maximum. Every value above t sits in one of the k chunks
     with the largest maxima, and those chunks hold at least k values ``>= t``; so topk over them (plus the ragged
     tail) returns exactly the k largest values, and every value left out is ``<= t <=`` the k-th returned: the
-    guarantee ``torch.topk`` gives, which the callers' tie checks rely on. Which of several tied columns is returned may differ from ``torch.topk`` (as it may between its devices).
+    guarantee ``torch.topk`` gives, which the callers' tie checks rely on. Which of several tied columns is
+    returned may differ from ``torch.topk`` (as it may between its devices).
     """
     batch, width = x.shape
     if k < WIDE_K:
