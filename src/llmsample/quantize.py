@@ -123,10 +123,10 @@ def two_part_product(rows: torch.Tensor, packed: list[Any]) -> torch.Tensor:
     error rounded to 126 finer steps of one of those (an error within 1/16,000 of the row's largest value) for
     one pass over the weights. ``[n, out]`` in float32.
 
-    >>> int8, scales = quantize_weight(torch.tensor([[1.0, -2.0], [0.5, 0.25]]))
-    >>> packs = _pack_now(int8, scales) if _fbgemm_available() else None
-    >>> x = torch.tensor([[0.3, 0.7]])
-    >>> packs is None or torch.allclose(two_part_product(x, [packs]), x @ (int8 * scales[:, None]).t(), atol=1e-4)
+    >>> layer = Int8Linear(*quantize_weight(torch.tensor([[1.0, -2.0], [0.5, 0.25]])))
+    >>> pack_for_fbgemm([layer])
+    >>> x, weight = torch.tensor([[0.3, 0.7]]), layer.int8_weight * layer.scales[:, None]
+    >>> not layer.fbgemm.ready() or torch.allclose(two_part_product(x, layer.fbgemm.get()), x @ weight.t(), atol=1e-4)
     True
     """
     peak = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # an all-zero row: any step gives zeros
@@ -262,30 +262,30 @@ class _PackInBackground:
 
 
 class _Packed:
-    """One module's share of a ``_PackInBackground``: the packed weights it multiplies side by side."""
+    """One module's share of a ``_PackInBackground``: the packed weights it multiplies side by side, looked up
+    once (the first product waits for the packing; every later one, each token's, reads the list kept here)."""
 
     def __init__(self, packer: _PackInBackground, indices: list[int]):
         self._packer, self._indices = packer, indices
-
-    def get(self) -> list[Any]:
-        packed = self._packer.result()
-        assert packed is not None
-        return [packed[i] for i in self._indices]
+        self._weights: Optional[list[Any]] = None
+        self._ready: Optional[bool] = None
 
     def ready(self) -> bool:
         """Whether fbgemm products are available (waits for the packing)."""
-        return self._packer.result() is not None
+        if self._ready is None:
+            packed = self._packer.result()
+            self._ready = packed is not None
+            self._weights = [packed[i] for i in self._indices] if packed is not None else None
+        return self._ready
+
+    def get(self) -> list[Any]:
+        assert self.ready() and self._weights is not None
+        return self._weights
 
 
 def _per_channel(int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     rows = int8.shape[0]
     return torch._make_per_channel_quantized_tensor(int8, scales.double(), torch.zeros(rows, dtype=torch.long), 0)
-
-
-def _pack_now(int8: torch.Tensor, scales: torch.Tensor) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ops.quantized.linear_prepack(_per_channel(int8, scales), None)
 
 
 def pack_for_fbgemm(modules: list[nn.Module]) -> None:
