@@ -52,14 +52,15 @@ TEXT_ZH = (
 
 
 def perplexity(model, tokenizer, text: str) -> float:
-    """exp(mean negative log-likelihood) of ``text`` under ``model`` (teacher forcing, one forward)."""
+    """exp(mean negative log-likelihood) of ``text`` under ``model`` (teacher forcing), each position's logits
+    computed one step at a time as decoding computes them (the int8 model's decoding kernels are measured)."""
     import torch
 
     from llmsample.language_model import wrap
 
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.inference_mode():
-        logits = wrap(model).all_logits(ids)[0, :-1].float()
+        logits = wrap(model).stepwise_logits(ids)[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
     return float(torch.exp(nll))
 

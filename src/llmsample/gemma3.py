@@ -155,20 +155,31 @@ class KVCache:
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``[batch, kv_heads, new, head_dim]`` after the first ``self.length``; return all stored so far."""
         end = self.length + key.shape[2]
+        keys, values = self._room(layer, end, key)
+        keys[:, :, self.length : end] = key
+        values[:, :, self.length : end] = value
+        return keys[:, :, :end], values[:, :, :end]
+
+    def reserve(self, end: int, like: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Room for ``end`` positions in every layer, each buffer shaped (and typed) as ``like`` ``[batch,
+        kv_heads, any, head_dim]`` along the others: the buffers, for a writer that fills them itself."""
+        for layer in range(len(self.keys)):
+            self._room(layer, end, like)
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def _room(self, layer: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer], self.values[layer]
         if self.fixed and (keys is None or keys.shape[2] < end):
             raise ValueError(f"the static KV cache holds {self.capacity} positions, {end} asked for")
         if keys is None or keys.shape[2] < end:
             capacity = -(-end // CACHE_BLOCK) * CACHE_BLOCK
-            grown_k = key.new_empty(key.shape[0], key.shape[1], capacity, key.shape[3])
-            grown_v = value.new_empty(grown_k.shape)
+            grown_k = like.new_empty(like.shape[0], like.shape[1], capacity, like.shape[3])
+            grown_v = like.new_empty(grown_k.shape)
             if keys is not None:
                 grown_k[:, :, : self.length] = keys[:, :, : self.length]
                 grown_v[:, :, : self.length] = values[:, :, : self.length]
             self.keys[layer], self.values[layer] = keys, values = grown_k, grown_v
-        keys[:, :, self.length : end] = key
-        values[:, :, self.length : end] = value
-        return keys[:, :, :end], values[:, :, :end]
+        return keys, values
 
     def reorder_cache(self, order: torch.Tensor) -> None:
         """Beam search: row ``i`` continues from row ``order[i]``."""
@@ -403,6 +414,7 @@ class Gemma3ForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.inv_freq_full, self.inv_freq_sliding = _inv_freqs(config, "cpu")
         self._rope_table: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # sliding? → cos, signed sin
+        self.kernel_step: Any = None  # int8 weights on the CPU: one position in compiled code (decode_kernel)
         if not self.model.norm.weight.is_meta:  # an op on meta tensors imports torch's decompositions (≈1.4 s)
             self.prepare()
 
@@ -504,6 +516,11 @@ class Gemma3ForCausalLM(nn.Module):
         """
         cache = past_key_values if past_key_values is not None else KVCache(self.config.num_hidden_layers)
         batch, new = input_ids.shape
+        if self.kernel_step is not None and self.kernel_step.takes(input_ids, logits_to_keep):
+            logits = self.kernel_step.step(input_ids, cache)
+            if isinstance(cache, StaticKVCache):
+                cache.sync_position()
+            return ForwardOutput(logits=logits.view(batch, 1, -1), past_key_values=cache)
         keep = min(logits_to_keep, new) if logits_to_keep else new
         kept = []  # the hidden states of the last ``keep`` positions, chunk by chunk
         for start in range(0, new, PREFILL_CHUNK):

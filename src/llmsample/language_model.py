@@ -95,6 +95,15 @@ class LanguageModel:
         """Logits of every position of ``input_ids``, ``[batch, length, vocab]`` (no cache kept)."""
         raise NotImplementedError
 
+    def stepwise_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``all_logits`` computed as decoding computes them: one position at a time through the cache (an int8
+        model decodes through other kernels than it reads a prompt with; its quality is measured here)."""
+        cache, rows = None, []
+        for position in range(input_ids.shape[1]):
+            logits, cache = self.forward(input_ids[:, position : position + 1], cache)
+            rows.append(logits)
+        return torch.stack(rows, dim=1)
+
     def new_cache(self, batch: int, capacity: int) -> Any:
         """A cache of fixed ``capacity`` for ``batch`` rows where the engine has one (else None: the forward
         starts a growing one)."""

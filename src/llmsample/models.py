@@ -552,12 +552,12 @@ def _quantized(model: Any, folder: Path, report: Optional[Callable[[str], None]]
     cached = folder / INT8_FILE
     if cached.is_file():
         try:
-            return quantize.from_int8_state(model, load_file(cached))
+            return quantize.from_int8_state(model, load_file(cached), report)
         except Exception:  # unreadable (SafetensorError …) or from another model: quantize again, and replace it
             pass
     if report:
         report("quantizing the weights to int8 (saved for next time when the folder is llmsample's cache)")
-    model = quantize.quantize_int8(model)
+    model = quantize.quantize_int8(model, report)
     if folder.parent == cache_root():
         partial = folder / f".{INT8_FILE}.{os.getpid()}"
         try:  # written beside and renamed: a reader never sees half a file

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -310,10 +310,25 @@ def pack_for_fbgemm(modules: list[nn.Module]) -> None:
         module.fbgemm = _Packed(packer, indices)
 
 
+def prepare_decoding(model: Any, report: Optional[Callable[[str], None]] = None) -> Any:
+    """Ready a quantized llmsample ``gemma3`` model for fast decoding: the head's top logits rescored from the
+    float embedding, and each decoding step through the compiled kernel (``decode_kernel``) where it builds here,
+    else through fbgemm (``attach_fbgemm``). Nothing here is saved: it is derived from the int8 state at each load.
+    """
+    model.lm_head.exact_weight = model.get_input_embeddings().weight
+    from llmsample import decode_kernel
+
+    lib = decode_kernel.load(report)
+    if lib is None:
+        return attach_fbgemm(model)
+    model.kernel_step = decode_kernel.KernelStep(lib, model)
+    return model
+
+
 def attach_fbgemm(model: Any) -> Any:
-    """Ready a quantized llmsample ``gemma3`` model for fast decoding: q/k/v and gate/up fused into one product
+    """The eager decoding path of a quantized llmsample ``gemma3`` model: q/k/v and gate/up fused into one product
     each, every few-row product through fbgemm (packed by background threads), and the head's top logits
-    rescored from the float embedding. Nothing here is saved: it is derived from the int8 state at each load."""
+    rescored from the float embedding."""
     products: list[nn.Module] = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -361,7 +376,7 @@ def head_channel_scale(model: Any, exponent: float = HEAD_GAIN_EXPONENT) -> torc
     return gain.clamp_min(1e-6) ** exponent
 
 
-def quantize_int8(model: Any) -> Any:
+def quantize_int8(model: Any, report: Optional[Callable[[str], None]] = None) -> Any:
     """Replace every bias-free ``nn.Linear`` of ``model`` (an llmsample ``gemma3`` model) by an ``Int8Linear``,
     the output projection by an ``Int8Head``."""
     untie_output(model)
@@ -375,7 +390,7 @@ def quantize_int8(model: Any) -> Any:
             setattr(parent, name, Int8Head(*quantize_weight(weight), channel_scale))
         else:
             setattr(parent, name, Int8Linear(*quantize_weight(linear.weight.detach())))
-    return attach_fbgemm(model)
+    return prepare_decoding(model, report)
 
 
 def int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -389,7 +404,8 @@ def int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def from_int8_state(model: Any, state: dict[str, torch.Tensor]) -> Any:
+def from_int8_state(model: Any, state: dict[str, torch.Tensor],
+                    report: Optional[Callable[[str], None]] = None) -> Any:
     """Swap ``model``'s linear layers for the saved int8 ones (``state`` from ``int8_state``). A state in an older
     layout (a head without channel scales) raises ``KeyError`` before anything changes."""
     untie_output(model)
@@ -405,5 +421,5 @@ def from_int8_state(model: Any, state: dict[str, torch.Tensor]) -> Any:
             setattr(parent, name, Int8Head(*weights, state[f"{key}.channel_scale"]))
         else:
             setattr(parent, name, Int8Linear(*weights))
-    return attach_fbgemm(model)
+    return prepare_decoding(model, report)
 

@@ -1,0 +1,390 @@
+/* One decoding step of an int8-quantized Gemma 3 model on the CPU, in one call from Python.
+ *
+ * Why this exists: at batch 1 the default model's products take about 4 ms a token, but the eager torch step that
+ * surrounds them ran about 2,000 small operations (norms, RoPE, attention, activation quantization), each a few
+ * microseconds of dispatch, and the layers' products ran on one thread. Here the same arithmetic runs in plain
+ * loops, and every product is split across torch's own OpenMP threads (this library links the libgomp torch has
+ * loaded already, so it shares torch's pool and its thread count).
+ *
+ * The arithmetic is the eager int8 path's (llmsample/quantize.py): each activation row enters a product as two
+ * 7-bit parts (its values rounded to 63 steps of the row's largest magnitude, then the rounding error in 126 finer
+ * steps), multiplied with the int8 weights as unsigned bytes offset by 64, the integer sums exact; per-row weight
+ * scales; the head's input divided by its channel scales; the head's highest logits recomputed in float32 from the
+ * embedding. Sums over floats (norms, attention) run in another order than torch's, so results agree to float
+ * rounding, not bit for bit.
+ *
+ * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native -fopenmp) at first use and
+ * kept in the cache; where no compiler is found, the eager path runs instead.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define USE_VNNI 1
+#endif
+
+#define KERNEL_ABI 1 /* bumped whenever a struct below changes; Python checks it before any call */
+
+typedef struct {
+    const int8_t *weight;  /* [out, in], rows contiguous */
+    const float *scale;    /* [out] */
+    const int32_t *rowsum; /* [out]: the sum of each weight row (undoes the activations' offset of 64) */
+    int32_t out, in;
+} Product;
+
+enum { Q, K, V, O, GATE, UP, DOWN, PRODUCTS_PER_LAYER };
+enum { NORM_IN, NORM_POST_ATTN, NORM_PRE_FF, NORM_POST_FF, NORM_Q, NORM_K, NORMS_PER_LAYER };
+
+typedef struct {
+    int32_t hidden, intermediate, heads, kv_heads, head_dim, layers, window, vocab;
+    float eps, attn_scale;
+    const uint8_t *sliding;        /* [layers]: 1 where the layer attends within the window */
+    const float *const *gains;     /* [layers * NORMS_PER_LAYER]: each norm's 1 + weight */
+    const Product *products;       /* [layers * PRODUCTS_PER_LAYER] */
+    const float *final_gain;       /* [hidden] */
+    Product head;                  /* [vocab, hidden], its input divided by head_channel_scale */
+    const float *head_channel_scale;
+    const float *embedding;        /* [vocab, hidden] float32: the exact rows of the rescored logits */
+    int32_t rescore_chunk, rescore_chunks;
+} Model;
+
+int kernel_abi(void) { return KERNEL_ABI; }
+
+/* ---- activations: two 7-bit parts per row ---- */
+
+typedef struct {
+    uint8_t *coarse, *fine; /* [rows, in] each, offset by 64 */
+    float *step;            /* [rows] */
+    int rows, in;
+} Quantized;
+
+static void quantize_rows(const float *x, int rows, int in, const float *divide_by, Quantized *q) {
+    q->rows = rows;
+    q->in = in;
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * in;
+        float peak = 0.0f, nan_if_not_finite = 0.0f;
+#pragma omp simd reduction(max : peak) reduction(+ : nan_if_not_finite)
+        for (int j = 0; j < in; j++) {
+            float v = divide_by ? row[j] / divide_by[j] : row[j];
+            peak = fmaxf(peak, fabsf(v));
+            nan_if_not_finite += v * 0.0f;
+        }
+        if (peak < 1e-30f) peak = 1e-30f; /* an all-zero row: any step gives zeros */
+        float step = peak / 63.0f;
+        uint8_t *c = q->coarse + (size_t)r * in, *f = q->fine + (size_t)r * in;
+        if (nan_if_not_finite != 0.0f) { /* NaN or inf in the row: its outputs are NaN, as torch's would be */
+            q->step[r] = NAN;
+            memset(c, 64, (size_t)in);
+            memset(f, 64, (size_t)in);
+            continue;
+        }
+        q->step[r] = step;
+        for (int j = 0; j < in; j++) {
+            float v = divide_by ? row[j] / divide_by[j] : row[j];
+            float scaled = v / step;
+            float coarse = nearbyintf(scaled);
+            c[j] = (uint8_t)(int)(coarse + 64.0f);
+            f[j] = (uint8_t)(int)(nearbyintf((scaled - coarse) * 126.0f) + 64.0f);
+        }
+    }
+}
+
+/* Integer dot products of one weight row with a row's two parts. */
+static inline void dot_two(const int8_t *w, const uint8_t *c, const uint8_t *f, int n, int32_t *dc, int32_t *df) {
+#ifdef USE_VNNI
+    __m512i ac = _mm512_setzero_si512(), af = _mm512_setzero_si512();
+    int k = 0;
+    for (; k + 64 <= n; k += 64) {
+        __m512i wv = _mm512_loadu_si512((const void *)(w + k));
+        ac = _mm512_dpbusd_epi32(ac, _mm512_loadu_si512((const void *)(c + k)), wv);
+        af = _mm512_dpbusd_epi32(af, _mm512_loadu_si512((const void *)(f + k)), wv);
+    }
+    if (k < n) {
+        __mmask64 m = (n - k == 64) ? ~(__mmask64)0 : (((__mmask64)1 << (n - k)) - 1);
+        __m512i wv = _mm512_maskz_loadu_epi8(m, w + k);
+        ac = _mm512_dpbusd_epi32(ac, _mm512_maskz_loadu_epi8(m, c + k), wv);
+        af = _mm512_dpbusd_epi32(af, _mm512_maskz_loadu_epi8(m, f + k), wv);
+    }
+    *dc = _mm512_reduce_add_epi32(ac);
+    *df = _mm512_reduce_add_epi32(af);
+#else
+    int32_t sc = 0, sf = 0;
+    for (int k = 0; k < n; k++) {
+        sc += (int32_t)c[k] * (int32_t)w[k];
+        sf += (int32_t)f[k] * (int32_t)w[k];
+    }
+    *dc = sc;
+    *df = sf;
+#endif
+}
+
+static inline float output_of(int32_t dc, int32_t df, int32_t rowsum, float scale, float step) {
+    float coarse = (float)(dc - 64 * rowsum) * scale, fine = (float)(df - 64 * rowsum) * scale;
+    return (coarse + fine * (1.0f / 126.0f)) * step;
+}
+
+/* y_p[r, i] = row r of the activations times row i of product p, for several products of the same input, the
+ * rows of all of them shared among the threads. */
+static void products(const Quantized *q, const Product *const *list, float *const *out, int count) {
+    int64_t total = 0;
+    for (int p = 0; p < count; p++) total += list[p]->out;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < total; t++) {
+        int p = 0;
+        int64_t i = t;
+        while (i >= list[p]->out) i -= list[p++]->out;
+        const Product *pr = list[p];
+        const int8_t *w = pr->weight + (size_t)i * pr->in;
+        for (int r = 0; r < q->rows; r++) {
+            int32_t dc, df;
+            dot_two(w, q->coarse + (size_t)r * q->in, q->fine + (size_t)r * q->in, q->in, &dc, &df);
+            out[p][(size_t)r * pr->out + i] = output_of(dc, df, pr->rowsum[i], pr->scale[i], q->step[r]);
+        }
+    }
+}
+
+static void product(const Quantized *q, const Product *pr, float *out) {
+    products(q, &pr, &out, 1);
+}
+
+/* ---- the small operations ---- */
+
+static void rms_norm(const float *x, const float *gain, float *out, int n, float eps) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; j++) sum += x[j] * x[j];
+    float inv = 1.0f / sqrtf(sum / (float)n + eps);
+    for (int j = 0; j < n; j++) out[j] = x[j] * inv * gain[j];
+}
+
+/* RoPE as llmsample/gemma3.py applies it: x * cos + roll(x, half) * signed_sin. */
+static void rotate(float *x, const float *cos_row, const float *signed_sin, int dim) {
+    float tmp[dim];
+    int half = dim / 2;
+    for (int j = 0; j < dim; j++) tmp[j] = x[j] * cos_row[j] + x[(j + half) % dim] * signed_sin[j];
+    memcpy(x, tmp, sizeof(float) * (size_t)dim);
+}
+
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+/* ---- the step ---- */
+
+typedef struct {
+    const Model *m;
+    int batch, new, start, capacity; /* rows of `new` positions each, from `start` on */
+    float *const *keys, *const *values; /* per layer: [batch, kv_heads, capacity, head_dim] */
+} Step;
+
+/* Every query (batch row b, new position t, head h) against the keys its position sees: causal, and within the
+ * window in a sliding layer. q and out are [batch * new, heads, head_dim]. */
+static void attend(const Step *s, int layer, const float *q, float *out) {
+    const Model *m = s->m;
+    int group = m->heads / m->kv_heads, dim = m->head_dim;
+#pragma omp parallel for schedule(dynamic)
+    for (int task = 0; task < s->batch * s->new * m->heads; task++) {
+        int h = task % m->heads, row = task / m->heads, b = row / s->new, t = row % s->new, g = h / group;
+        int position = s->start + t, first = 0;
+        if (m->sliding[layer] && position - m->window + 1 > 0) first = position - m->window + 1;
+        int seen = position + 1 - first;
+        size_t base = ((size_t)b * m->kv_heads + g) * s->capacity;
+        const float *keys = s->keys[layer] + (base + first) * dim;
+        const float *values = s->values[layer] + (base + first) * dim;
+        const float *qh = q + ((size_t)row * m->heads + h) * dim;
+        float *scores = malloc(sizeof(float) * (size_t)seen);
+        float *o = out + ((size_t)row * m->heads + h) * dim;
+        if (!scores) { /* reported as NaN logits rather than a crash */
+            for (int d = 0; d < dim; d++) o[d] = NAN;
+            continue;
+        }
+        float top = -INFINITY;
+        for (int j = 0; j < seen; j++) {
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < dim; d++) dot += qh[d] * keys[(size_t)j * dim + d];
+            scores[j] = dot * m->attn_scale;
+            top = fmaxf(top, scores[j]);
+        }
+        float total = 0.0f;
+        for (int j = 0; j < seen; j++) total += scores[j] = expf(scores[j] - top);
+        for (int d = 0; d < dim; d++) o[d] = 0.0f;
+        for (int j = 0; j < seen; j++) {
+            float p = scores[j] / total;
+            for (int d = 0; d < dim; d++) o[d] += p * values[(size_t)j * dim + d];
+        }
+        free(scores);
+    }
+}
+
+/* One layer over the rows x [batch * new, hidden], in place. work: floats for the intermediate results. */
+static void layer_step(const Step *s, int layer, float *x, const float *cos_rows, const float *signed_sin_rows,
+                       float *work, Quantized *act) {
+    const Model *m = s->m;
+    int R = s->batch * s->new, H = m->hidden, dim = m->head_dim, I = m->intermediate;
+    int qw = m->heads * dim, kw = m->kv_heads * dim;
+    const float *const *g = m->gains + (size_t)layer * NORMS_PER_LAYER;
+    const Product *p = m->products + (size_t)layer * PRODUCTS_PER_LAYER;
+    float *normed = work, *q = normed + (size_t)R * H, *k = q + (size_t)R * qw, *v = k + (size_t)R * kw;
+    float *attn = v + (size_t)R * kw, *o = attn + (size_t)R * qw, *gate = o + (size_t)R * H;
+    float *up = gate + (size_t)R * I;
+
+    for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * H, g[NORM_IN], normed + (size_t)r * H, H, m->eps);
+    quantize_rows(normed, R, H, NULL, act);
+    const Product *qkv[3] = {&p[Q], &p[K], &p[V]};
+    float *qkv_out[3] = {q, k, v};
+    products(act, qkv, qkv_out, 3);
+    for (int r = 0; r < R; r++) {
+        int b = r / s->new, t = r % s->new;
+        const float *cos_row = cos_rows + (size_t)t * dim, *sin_row = signed_sin_rows + (size_t)t * dim;
+        for (int h = 0; h < m->heads; h++) {
+            float *row = q + ((size_t)r * m->heads + h) * dim;
+            rms_norm(row, g[NORM_Q], row, dim, m->eps);
+            rotate(row, cos_row, sin_row, dim);
+        }
+        for (int h = 0; h < m->kv_heads; h++) {
+            float *row = k + ((size_t)r * m->kv_heads + h) * dim;
+            rms_norm(row, g[NORM_K], row, dim, m->eps);
+            rotate(row, cos_row, sin_row, dim);
+            size_t at = (((size_t)b * m->kv_heads + h) * s->capacity + s->start + t) * dim;
+            memcpy(s->keys[layer] + at, row, sizeof(float) * (size_t)dim);
+            memcpy(s->values[layer] + at, v + ((size_t)r * m->kv_heads + h) * dim, sizeof(float) * (size_t)dim);
+        }
+    }
+    attend(s, layer, q, attn);
+    quantize_rows(attn, R, qw, NULL, act);
+    product(act, &p[O], o);
+    for (int r = 0; r < R; r++) {
+        float *xr = x + (size_t)r * H, *or_ = o + (size_t)r * H;
+        rms_norm(or_, g[NORM_POST_ATTN], or_, H, m->eps);
+        for (int j = 0; j < H; j++) xr[j] += or_[j];
+        rms_norm(xr, g[NORM_PRE_FF], normed + (size_t)r * H, H, m->eps);
+    }
+    quantize_rows(normed, R, H, NULL, act);
+    const Product *gate_up[2] = {&p[GATE], &p[UP]};
+    float *gate_up_out[2] = {gate, up};
+    products(act, gate_up, gate_up_out, 2);
+    for (size_t j = 0; j < (size_t)R * I; j++) gate[j] = gelu_tanh(gate[j]) * up[j];
+    quantize_rows(gate, R, I, NULL, act);
+    product(act, &p[DOWN], o);
+    for (int r = 0; r < R; r++) {
+        float *xr = x + (size_t)r * H, *or_ = o + (size_t)r * H;
+        rms_norm(or_, g[NORM_POST_FF], or_, H, m->eps);
+        for (int j = 0; j < H; j++) xr[j] += or_[j];
+    }
+}
+
+/* The columns of a row's highest-maximum chunks get their logits from the float embedding. Every column when the
+ * row has no more chunks than that (as llmsample/quantize.py's rescored_columns). */
+static void rescore(const Model *m, const float *hidden, float *logits) {
+    int V = m->vocab, C = m->rescore_chunk, want = m->rescore_chunks, H = m->hidden;
+    int chunks = V / C;
+    if (chunks <= want) {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < V; i++) {
+            const float *e = m->embedding + (size_t)i * H;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int j = 0; j < H; j++) dot += e[j] * hidden[j];
+            logits[i] = dot;
+        }
+        return;
+    }
+    float *maxima = malloc(sizeof(float) * (size_t)chunks);
+    int *chosen = malloc(sizeof(int) * (size_t)(want + 1));
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < chunks; c++) {
+        float top = -INFINITY;
+        for (int i = 0; i < C; i++) top = fmaxf(top, logits[(size_t)c * C + i]);
+        maxima[c] = top;
+    }
+    /* the `want` largest maxima: insertion into a short sorted list */
+    int n = 0;
+    for (int c = 0; c < chunks; c++) {
+        if (n == want && !(maxima[c] > maxima[chosen[n - 1]])) continue;
+        int at = n < want ? n++ : want - 1;
+        while (at > 0 && maxima[c] > maxima[chosen[at - 1]]) {
+            chosen[at] = chosen[at - 1];
+            at--;
+        }
+        chosen[at] = c;
+    }
+    int tail = V - chunks * C, columns = n * C + tail;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < columns; t++) {
+        int i = t < n * C ? chosen[t / C] * C + t % C : chunks * C + (t - n * C);
+        const float *e = m->embedding + (size_t)i * H;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < H; j++) dot += e[j] * hidden[j];
+        logits[i] = dot;
+    }
+    free(maxima);
+    free(chosen);
+}
+
+static void head_logits(const Model *m, int batch, const float *x, float *normed, Quantized *act, float *logits) {
+    for (int b = 0; b < batch; b++)
+        rms_norm(x + (size_t)b * m->hidden, m->final_gain, normed + (size_t)b * m->hidden, m->hidden, m->eps);
+    quantize_rows(normed, batch, m->hidden, m->head_channel_scale, act);
+    product(act, &m->head, logits);
+    if (m->embedding)
+        for (int b = 0; b < batch; b++)
+            rescore(m, normed + (size_t)b * m->hidden, logits + (size_t)b * m->vocab);
+}
+
+/* x: [batch, new, hidden] embedded inputs at positions start..start+new-1 (the same in every row), overwritten;
+ * keys/values: each layer's cache, written at those positions; rope_*: the RoPE rows (cos, signed sin) of those
+ * positions, [new, head_dim] each, for sliding and full layers; logits: [batch, vocab], of each row's last
+ * position. Returns 0, or -1 when memory ran out. */
+int decode_step(const Model *m, int batch, int new, int start, int capacity, float *x, float *const *keys,
+                float *const *values, const float *cos_sliding, const float *sin_sliding, const float *cos_full,
+                const float *sin_full, float *logits) {
+    Step s = {m, batch, new, start, capacity, keys, values};
+    size_t R = (size_t)batch * new;
+    int widest = m->intermediate;
+    if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
+    if (m->hidden > widest) widest = m->hidden;
+    size_t floats = R * (2 * (size_t)m->hidden + 2 * (size_t)m->heads * m->head_dim +
+                         2 * (size_t)m->kv_heads * m->head_dim + 2 * (size_t)m->intermediate);
+    float *work = malloc(sizeof(float) * floats);
+    uint8_t *bytes = malloc(2 * R * (size_t)widest);
+    float *steps = malloc(sizeof(float) * R);
+    float *last = malloc(sizeof(float) * (size_t)batch * m->hidden);
+    float *normed = malloc(sizeof(float) * (size_t)batch * m->hidden);
+    if (!work || !bytes || !steps || !last || !normed) {
+        free(work), free(bytes), free(steps), free(last), free(normed);
+        return -1;
+    }
+    Quantized act = {bytes, bytes + R * (size_t)widest, steps, 0, 0};
+    for (int layer = 0; layer < m->layers; layer++) {
+        int sl = m->sliding[layer];
+        layer_step(&s, layer, x, sl ? cos_sliding : cos_full, sl ? sin_sliding : sin_full, work, &act);
+    }
+    for (int b = 0; b < batch; b++)
+        memcpy(last + (size_t)b * m->hidden, x + ((size_t)b * new + new - 1) * m->hidden,
+               sizeof(float) * (size_t)m->hidden);
+    head_logits(m, batch, last, normed, &act, logits);
+    free(work), free(bytes), free(steps), free(last), free(normed);
+    return 0;
+}
+
+/* The final norm and the output projection alone, for the hidden states x [batch, hidden]: the logits
+ * [batch, vocab] as decode_step gives them. Returns 0, or -1 when memory ran out. */
+int project(const Model *m, int batch, const float *x, float *logits) {
+    float *normed = malloc(sizeof(float) * (size_t)batch * m->hidden);
+    uint8_t *bytes = malloc((size_t)2 * batch * m->hidden);
+    float *steps = malloc(sizeof(float) * (size_t)batch);
+    if (!normed || !bytes || !steps) {
+        free(normed), free(bytes), free(steps);
+        return -1;
+    }
+    Quantized act = {bytes, bytes + (size_t)batch * m->hidden, steps, 0, 0};
+    head_logits(m, batch, x, normed, &act, logits);
+    free(normed), free(bytes), free(steps);
+    return 0;
+}

@@ -1,0 +1,127 @@
+"""The compiled int8 decoding step (decode_kernel.c) against the eager int8 path, and its build cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_native import hf_and_native
+
+from llmsample import decode_kernel, gemma3, quantize
+
+HAS_COMPILER = decode_kernel._compiler() is not None
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the eager path decodes")
+
+
+def int8_pair(monkeypatch, **overrides):
+    """The same int8 model twice: decoding through the kernel, and through the eager torch path."""
+    hf, _ = hf_and_native(**overrides)
+    config = gemma3.Gemma3Config.from_dict(hf.config.to_dict())
+    kernel = quantize.quantize_int8(gemma3.load_native(hf.state_dict(), config, torch.float32))
+    with monkeypatch.context() as patch:
+        patch.setenv(decode_kernel.DISABLE_VARIABLE, "1")
+        eager = quantize.quantize_int8(gemma3.load_native(hf.state_dict(), config, torch.float32))
+    assert kernel.kernel_step is not None and eager.kernel_step is None
+    return kernel, eager
+
+
+def decode(model, ids, steps, cache=None):
+    """Greedy steps after the prompt ``ids``: each step's logits ``[batch, vocab]`` and the cache."""
+    with torch.inference_mode():
+        out = model(input_ids=ids, past_key_values=cache)
+        cache, logits = out.past_key_values, []
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=cache)
+            logits.append(out.logits[:, -1].clone())
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return logits, cache
+
+
+def agree(ours, theirs):
+    """Equal up to the activations' quantization: both paths round each activation to a fine step of its row's
+    largest value, and float sums in another order move a value across a step now and then."""
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= 3e-3 * scale
+    p, q = torch.log_softmax(theirs.double(), -1), torch.log_softmax(ours.double(), -1)
+    assert (p.exp() * (p - q)).sum(-1).max().item() < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"num_key_value_heads": 1, "hidden_size": 64, "intermediate_size": 96},  # widths not multiples of 64
+    {"tie_word_embeddings": False, "head_dim": 32},
+    {"vocab": 5000},  # over 16 chunks of 64: the head rescores its best chunks, not every column
+])
+def test_kernel_steps_equal_the_eager_int8_steps(monkeypatch, overrides):
+    kernel, eager = int8_pair(monkeypatch, **overrides)
+    ids = torch.randint(3, kernel.config.vocab_size, (3, 6))  # batch 3, then steps past the window (4)
+    ours, cache = decode(kernel, ids, 9)
+    theirs, eager_cache = decode(eager, ids, 9)
+    for a, b in zip(ours, theirs):
+        agree(a, b)
+    assert cache.get_seq_length() == eager_cache.get_seq_length() == 15
+    for layer in range(kernel.config.num_hidden_layers):  # the keys and values it wrote are the eager ones
+        for mine, its in ((cache.keys, eager_cache.keys), (cache.values, eager_cache.values)):
+            assert torch.allclose(mine[layer][:, :, :15], its[layer][:, :, :15], atol=2e-3, rtol=2e-3)
+
+
+def test_the_kernels_head_is_the_eager_heads_and_its_top_logits_are_exact(monkeypatch):
+    kernel, eager = int8_pair(monkeypatch, vocab=5000)  # over 16 chunks of 64: the best chunks are rescored
+    hidden = torch.randn(3, kernel.config.hidden_size, generator=torch.Generator().manual_seed(3)) * 4
+    with torch.inference_mode():
+        ours = kernel.kernel_step.project(hidden)
+        normed = eager.model.norm(hidden)
+        theirs = eager.lm_head(normed)
+        exact = normed @ eager.get_input_embeddings().weight.t()
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+    top = exact.topk(quantize.RESCORE_CHUNKS).indices
+    assert torch.allclose(ours.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_written_by_the_kernel_continues_eagerly_and_in_a_static_cache(monkeypatch):
+    kernel, eager = int8_pair(monkeypatch)
+    ids = torch.randint(3, 300, (1, 5))
+    _, cache = decode(kernel, ids, 4)
+    more = torch.randint(3, 300, (1, 3))  # a chunk of several tokens: the eager forward reads the kernel's cache
+    with torch.inference_mode():
+        ours = kernel(input_ids=more, past_key_values=cache).logits[:, -1]
+        _, eager_cache = decode(eager, ids, 4)
+        theirs = eager(input_ids=more, past_key_values=eager_cache).logits[:, -1]
+    agree(ours, theirs)
+    static = kernel.static_cache(1, 32)
+    ours, cache = decode(kernel, ids, 5, cache=static)
+    theirs, _ = decode(eager, ids, 5)
+    assert cache is static and int(static.position) == static.length == 10
+    for a, b in zip(ours, theirs):
+        agree(a, b)
+
+
+def test_a_damaged_build_is_rebuilt_with_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(decode_kernel, "_loaded", {})
+    assert decode_kernel.load() is not None
+    built = list((tmp_path / "llmsample" / "kernels").glob("decode-*.so"))
+    assert len(built) == 1 and capsys.readouterr().err == ""
+    damaged = built[0].with_suffix(".partial")  # truncated, as another process's disk might leave it (replaced,
+    damaged.write_bytes(built[0].read_bytes()[:1000])  # not cut in place: this process has the file mapped)
+    damaged.replace(built[0])
+    monkeypatch.setattr(decode_kernel, "_loaded", {})
+    lib = decode_kernel.load()
+    err = capsys.readouterr().err
+    assert lib is not None and lib.kernel_abi() == decode_kernel.KERNEL_ABI
+    assert err.count("\n") == 1 and "damaged; building it again" in err
+    monkeypatch.setattr(decode_kernel, "_loaded", {})
+    assert decode_kernel.load() is not None and capsys.readouterr().err == ""  # the new build is kept
+
+
+def test_without_a_compiler_or_when_disabled_the_eager_path_decodes(monkeypatch, tmp_path):
+    monkeypatch.setattr(decode_kernel, "_loaded", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither cc nor gcc
+    assert decode_kernel.load() is None
+    monkeypatch.undo()
+    monkeypatch.setenv(decode_kernel.DISABLE_VARIABLE, "1")
+    assert decode_kernel.load() is None
+    monkeypatch.setenv(decode_kernel.DISABLE_VARIABLE, "0")
+    assert decode_kernel.load() is not None
