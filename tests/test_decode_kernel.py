@@ -81,6 +81,10 @@ def test_the_kernels_head_is_the_eager_heads_and_its_top_logits_are_exact(monkey
 def test_a_cache_written_by_the_kernel_continues_eagerly_and_in_a_static_cache(monkeypatch):
     kernel, eager = int8_pair(monkeypatch)
     ids = torch.randint(3, 300, (1, 5))
+    heard = []  # a short prompt read by the kernel still reports its end (--stats splits prompt and decode there)
+    with torch.inference_mode():
+        kernel(input_ids=ids, progress=lambda done, total: heard.append((done, total)))
+    assert heard == [(5, 5)]
     _, cache = decode(kernel, ids, 4)
     more = torch.randint(3, 300, (1, 3))  # a chunk of several tokens: the eager forward reads the kernel's cache
     with torch.inference_mode():

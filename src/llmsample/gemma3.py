@@ -520,6 +520,8 @@ class Gemma3ForCausalLM(nn.Module):
             logits = self.kernel_step.step(input_ids, cache)
             if isinstance(cache, StaticKVCache):
                 cache.sync_position()
+            if progress is not None:  # a short prompt is read in one call: there is only the end to report
+                progress(new, new)
             return ForwardOutput(logits=logits.view(batch, 1, -1), past_key_values=cache)
         keep = min(logits_to_keep, new) if logits_to_keep else new
         kept = []  # the hidden states of the last ``keep`` positions, chunk by chunk

@@ -505,7 +505,7 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
             model.generation_config.eos_token_id = generation.get("eos_token_id", config.eos_token_id)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"cannot load a model from {folder}: {first_line(exc)}") from exc
-    if quantize:  # before the tokenizer: the int8 head's packing threads overlap its loading
+    if quantize:  # before the tokenizer: without the compiled kernel, fbgemm's packing threads overlap its loading
         model = _quantized(model, folder, report)
     if report:
         report("loading the tokenizer")
