@@ -71,7 +71,9 @@ def _fingerprint(compiler: str) -> Optional[str]:
     except OSError:
         flags = ""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), flags.encode(), torch.__version__.encode()):
+    parts = (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), flags.encode(),
+             torch.__version__.encode())
+    for part in parts:
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:24]
 
@@ -192,7 +194,8 @@ class KernelStep:
             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, layers=cfg.num_hidden_layers,
             window=cfg.sliding_window, vocab=cfg.vocab_size, eps=cfg.rms_norm_eps,
             attn_scale=cfg.query_pre_attn_scalar ** -0.5, sliding=_ptr(sliding), gains=ctypes.addressof(gains),
-            products=ctypes.addressof(products), final_gain=_ptr(self._kept(model.model.norm.gain.float().contiguous())),
+            products=ctypes.addressof(products),
+            final_gain=_ptr(self._kept(model.model.norm.gain.float().contiguous())),
             head=self._product(head), head_channel_scale=_ptr(self._kept(head.channel_scale.contiguous())),
             embedding=_ptr(embedding) if exact else None, rescore_chunk=RESCORE_CHUNK,
             rescore_chunks=RESCORE_CHUNKS)
