@@ -129,3 +129,17 @@ def test_without_a_compiler_or_when_disabled_the_eager_path_decodes(monkeypatch,
     assert decode_kernel.load() is None
     monkeypatch.setenv(decode_kernel.DISABLE_VARIABLE, "0")
     assert decode_kernel.load() is not None
+
+
+def test_stats_say_which_path_decoded(cli, tiny_gemma_dir, monkeypatch):
+    import json
+
+    args = ("The fox", "--model", str(tiny_gemma_dir), "--quantize", "int8", "--greedy", "--max-new-tokens", "4",
+            "--ignore-eos", "--format", "json", "--stats")
+    for disabled, label, line in (("0", "compiled", "int8, compiled kernel"), ("1", "torch", "int8 via torch")):
+        monkeypatch.setenv(decode_kernel.DISABLE_VARIABLE, disabled)
+        code, out, err = cli(*args)
+        assert code == 0, err
+        assert json.loads(out)["stats"]["decode_kernel"] == label and line in err.splitlines()[-1]
+    code, out, err = cli(*args[:3], "--dtype", "float32", *args[5:])  # not int8: nothing to say
+    assert code == 0 and json.loads(out)["stats"]["decode_kernel"] is None and "kernel" not in err

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_model import tiny_gemma3_config
 
-from llmsample import gemma3, models, quantize
+from llmsample import decode_kernel, gemma3, models, quantize
 from llmsample.language_model import TransformersModel
 from llmsample.errors import ConfigError
 
@@ -300,7 +300,9 @@ def test_cli_quantize_int8_generates_and_reports_it(cli, tiny_gemma_dir):
     result = json.loads(out)
     assert len(result["samples"][0]["token_ids"]) == 6
     assert result["stats"]["quantize"] == "int8"
-    assert "llmsample engine, int8" in err
+    kernel = "compiled" if decode_kernel.load() is not None else "torch"
+    assert result["stats"]["decode_kernel"] == kernel
+    assert ("llmsample engine, int8, compiled kernel" if kernel == "compiled" else "int8 via torch") in err
     stats = result["stats"]  # the prompt's end is heard on the int8 path too: reading and generating apart
     assert 0 < stats["prefill_s"] <= stats["first_token_s"] and stats["decode_s"] > 0
     assert not (tiny_gemma_dir / models.INT8_FILE).exists()  # only llmsample's own cache is written to

@@ -266,6 +266,13 @@ class LoadedModel:
     quantize: Optional[str] = None
     cache: Optional[Path] = None  # llmsample's cache folder it was loaded from (the default model)
 
+    @property
+    def decode_kernel(self) -> Optional[str]:
+        """How an int8 model decodes: "compiled" (``decode_kernel.c``) or "torch" (no C compiler); else None."""
+        if not self.quantize:
+            return None
+        return "compiled" if getattr(self.model, "kernel_step", None) is not None else "torch"
+
     @functools.cached_property
     def language_model(self) -> Any:
         """The model behind the contract the decode loops use (``language_model.LanguageModel``)."""

@@ -353,7 +353,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         parts.append(f"peak CUDA memory {stats['peak_cuda_mib']:.0f} MiB")
     where = f"{stats.get('device')} {stats.get('dtype')}"
     if stats.get("engine"):
-        where += f" ({stats['engine']} engine{', ' + stats['quantize'] if stats.get('quantize') else ''})"
+        quantized = f", {stats['quantize']}" if stats.get("quantize") else ""
+        if quantized and stats.get("decode_kernel"):
+            quantized += f", {stats['decode_kernel']} kernel" if stats["decode_kernel"] == "compiled" else " via torch"
+        where += f" ({stats['engine']} engine{quantized})"
     parts.append(where)
     return " · ".join(parts)
 
