@@ -143,3 +143,20 @@ def test_stats_say_which_path_decoded(cli, tiny_gemma_dir, monkeypatch):
         assert json.loads(out)["stats"]["decode_kernel"] == label and line in err.splitlines()[-1]
     code, out, err = cli(*args[:3], "--dtype", "float32", *args[5:])  # not int8: nothing to say
     assert code == 0 and json.loads(out)["stats"]["decode_kernel"] is None and "kernel" not in err
+
+
+def test_a_cache_the_kernel_cannot_write_is_left_to_the_torch_path(monkeypatch):
+    kernel, eager = int8_pair(monkeypatch)
+    ids = torch.randint(3, 300, (3, 5))
+    with torch.inference_mode():
+        cache = kernel(input_ids=ids).past_key_values
+        # Laid out [kv_heads, batch, …] in memory: the same values and shape, not the blocks the C side writes.
+        cache.keys[1] = cache.keys[1].transpose(0, 1).contiguous().transpose(0, 1)
+        token = torch.tensor([[4], [5], [6]])
+        assert kernel.kernel_step.step(token, cache) is None and cache.get_seq_length() == 5
+        ours = kernel(input_ids=token, past_key_values=cache).logits[:, -1]
+        eager_cache = eager(input_ids=ids).past_key_values
+        theirs = eager(input_ids=token, past_key_values=eager_cache).logits[:, -1]
+    assert cache.get_seq_length() == 6
+    # The kernel model's torch path multiplies few rows in bfloat16 (no fbgemm packing): close, not equal.
+    assert torch.allclose(ours, theirs, atol=0.05 * theirs.abs().max().item())

@@ -221,9 +221,10 @@ class KernelStep:
         return (logits_to_keep == 1 and input_ids.device.type == "cpu" and new > 0
                 and (new == 1 or batch * new < BF16_PRODUCT_ROWS))
 
-    def step(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, cache: Any) -> Optional[torch.Tensor]:
         """Logits ``[batch, vocab]`` (float32) of each row's last position after the new tokens ``input_ids``
-        ``[batch, new]`` at ``cache.length`` on; the cache holds them afterwards."""
+        ``[batch, new]`` at ``cache.length`` on; the cache holds them afterwards. None (nothing done) where the
+        cache's buffers are not the float32 ``[batch, kv_heads, capacity, head_dim]`` blocks the kernel writes."""
         model, cfg = self.model, self.model.config
         batch, new = input_ids.shape
         x = model._embed(input_ids).float().contiguous()
@@ -231,6 +232,10 @@ class KernelStep:
         like = x.new_empty(batch, cfg.num_key_value_heads, 0, cfg.head_dim)
         keys, values = cache.reserve(start + new, like)
         capacity = keys[0].shape[2]
+        expected = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        for buffer in (*keys, *values):  # what the C side assumes of every buffer it writes into
+            if buffer.shape != expected or buffer.dtype != torch.float32 or not buffer.is_contiguous():
+                return None
         rope = [[part.contiguous() for part in model._rope(sliding, start, new, torch.float32)]
                 for sliding in (True, False)]
         logits = torch.empty(batch, cfg.vocab_size)

@@ -516,8 +516,10 @@ class Gemma3ForCausalLM(nn.Module):
         """
         cache = past_key_values if past_key_values is not None else KVCache(self.config.num_hidden_layers)
         batch, new = input_ids.shape
+        logits = None
         if self.kernel_step is not None and self.kernel_step.takes(input_ids, logits_to_keep):
             logits = self.kernel_step.step(input_ids, cache)
+        if logits is not None:
             if isinstance(cache, StaticKVCache):
                 cache.sync_position()
             if progress is not None:  # a short prompt is read in one call: there is only the end to report
