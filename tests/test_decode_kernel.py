@@ -160,3 +160,20 @@ def test_a_cache_the_kernel_cannot_write_is_left_to_the_torch_path(monkeypatch):
     assert cache.get_seq_length() == 6
     # The kernel model's torch path multiplies few rows in bfloat16 (no fbgemm packing): close, not equal.
     assert torch.allclose(ours, theirs, atol=0.05 * theirs.abs().max().item())
+
+
+def test_beam_search_and_samples_decode_the_same_through_the_kernel(cli, tiny_gemma_dir, monkeypatch):
+    """Beam search reorders the cache between steps and -n decodes rows side by side; with a margin between the
+    candidates (the tiny model's logits are far apart), both paths pick the same tokens."""
+    import json
+
+    runs = {}
+    for disabled in ("0", "1"):
+        monkeypatch.setenv(decode_kernel.DISABLE_VARIABLE, disabled)
+        for extra in (("--num-beams", "3", "-n", "2"), ("-n", "3", "--seed", "5", "--top-k", "3")):
+            code, out, err = cli("The fox", "--model", str(tiny_gemma_dir), "--quantize", "int8",
+                                 "--max-new-tokens", "8", "--ignore-eos", "--format", "json", *extra)
+            assert code == 0, err
+            runs[disabled, extra] = [s["token_ids"] for s in json.loads(out)["samples"]]
+    for extra in {extra for _, extra in runs}:
+        assert runs["0", extra] == runs["1", extra] and len(runs["0", extra]) in (2, 3)
