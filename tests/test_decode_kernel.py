@@ -177,3 +177,15 @@ def test_beam_search_and_samples_decode_the_same_through_the_kernel(cli, tiny_ge
             runs[disabled, extra] = [s["token_ids"] for s in json.loads(out)["samples"]]
     for extra in {extra for _, extra in runs}:
         assert runs["0", extra] == runs["1", extra] and len(runs["0", extra]) in (2, 3)
+
+
+def test_a_nan_weight_gives_nan_logits_as_the_torch_path_does(monkeypatch):
+    """The NaN check that finds a damaged model cache reads the logits: the kernel must not round NaN away."""
+    kernel, eager = int8_pair(monkeypatch)
+    ids = torch.randint(3, 300, (2, 4))
+    for model in (kernel, eager):
+        with torch.inference_mode():
+            cache = model(input_ids=ids).past_key_values
+            model.model.layers[1].input_layernorm.gain[3] = float("nan")  # the tensor the kernel reads too
+            logits = model(input_ids=torch.tensor([[7], [8]]), past_key_values=cache).logits
+        assert logits.isnan().all()

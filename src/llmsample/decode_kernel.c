@@ -182,43 +182,99 @@ typedef struct {
 } Step;
 
 /* Every query (batch row b, new position t, head h) against the keys its position sees: causal, and within the
- * window in a sliding layer. q and out are [batch * new, heads, head_dim]. */
+ * window in a sliding layer. q and out are [batch * new, heads, head_dim].
+ *
+ * The query heads that share a key-value head are taken together, so each key and value is read once for all of
+ * them (the cache is most of what a long context reads), and each row's keys are split into as many ranges as
+ * there are threads: every range gives its heads' running maximum, sum and weighted values, merged after (as
+ * flash-decoding does), so one key-value head still uses every thread. */
 static void attend(const Step *s, int layer, const float *q, float *out) {
     const Model *m = s->m;
     int group = m->heads / m->kv_heads, dim = m->head_dim;
+    int tasks = s->batch * s->new * m->kv_heads, ranges = omp_get_max_threads();
+    if (ranges < 1) ranges = 1;
+    size_t partials = (size_t)tasks * ranges * group;
+    float *top = malloc(sizeof(float) * partials), *sum = malloc(sizeof(float) * partials);
+    float *weighted = malloc(sizeof(float) * partials * dim);
+    if (!top || !sum || !weighted) { /* reported as NaN logits rather than a crash */
+        for (size_t i = 0; i < (size_t)s->batch * s->new * m->heads * dim; i++) out[i] = NAN;
+        free(top), free(sum), free(weighted);
+        return;
+    }
 #pragma omp parallel for schedule(dynamic)
-    for (int task = 0; task < s->batch * s->new * m->heads; task++) {
-        int h = task % m->heads, row = task / m->heads, b = row / s->new, t = row % s->new, g = h / group;
+    for (int work = 0; work < tasks * ranges; work++) {
+        int task = work / ranges, range = work % ranges;
+        int g = task % m->kv_heads, row = task / m->kv_heads, b = row / s->new, t = row % s->new;
         int position = s->start + t, first = 0;
         if (m->sliding[layer] && position - m->window + 1 > 0) first = position - m->window + 1;
         int seen = position + 1 - first;
+        int lo = first + (int)((int64_t)seen * range / ranges), hi = first + (int)((int64_t)seen * (range + 1) / ranges);
+        int n = hi - lo;
         size_t base = ((size_t)b * m->kv_heads + g) * s->capacity;
-        const float *keys = s->keys[layer] + (base + first) * dim;
-        const float *values = s->values[layer] + (base + first) * dim;
-        const float *qh = q + ((size_t)row * m->heads + h) * dim;
-        float *scores = malloc(sizeof(float) * (size_t)seen);
-        float *o = out + ((size_t)row * m->heads + h) * dim;
-        if (!scores) { /* reported as NaN logits rather than a crash */
-            for (int d = 0; d < dim; d++) o[d] = NAN;
+        const float *keys = s->keys[layer] + (base + lo) * dim, *values = s->values[layer] + (base + lo) * dim;
+        const float *qg = q + ((size_t)row * m->heads + (size_t)g * group) * dim;
+        float *my_top = top + (size_t)work * group, *my_sum = sum + (size_t)work * group;
+        float *my_out = weighted + (size_t)work * group * dim;
+        for (int i = 0; i < group; i++) my_top[i] = -INFINITY, my_sum[i] = 0.0f;
+        memset(my_out, 0, sizeof(float) * (size_t)group * dim);
+        if (n <= 0) continue;
+        float *scores = malloc(sizeof(float) * (size_t)group * n);
+        if (!scores) {
+            for (int i = 0; i < group; i++) my_top[i] = NAN;
             continue;
         }
-        float top = -INFINITY;
-        for (int j = 0; j < seen; j++) {
-            float dot = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const float *key = keys + (size_t)j * dim;
+            for (int i = 0; i < group; i++) {
+                const float *qh = qg + (size_t)i * dim;
+                float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < dim; d++) dot += qh[d] * keys[(size_t)j * dim + d];
-            scores[j] = dot * m->attn_scale;
-            top = fmaxf(top, scores[j]);
+                for (int d = 0; d < dim; d++) dot += qh[d] * key[d];
+                float score = dot * m->attn_scale;
+                scores[(size_t)i * n + j] = score;
+                my_top[i] = score > my_top[i] || isnan(score) || isnan(my_top[i]) ? score : my_top[i];
+            }
         }
-        float total = 0.0f;
-        for (int j = 0; j < seen; j++) total += scores[j] = expf(scores[j] - top);
-        for (int d = 0; d < dim; d++) o[d] = 0.0f;
-        for (int j = 0; j < seen; j++) {
-            float p = scores[j] / total;
-            for (int d = 0; d < dim; d++) o[d] += p * values[(size_t)j * dim + d];
+        for (int i = 0; i < group; i++) {
+            float total = 0.0f, *row_scores = scores + (size_t)i * n;
+            for (int j = 0; j < n; j++) total += row_scores[j] = expf(row_scores[j] - my_top[i]);
+            my_sum[i] = total;
+        }
+        for (int j = 0; j < n; j++) {
+            const float *value = values + (size_t)j * dim;
+            for (int i = 0; i < group; i++) {
+                float p = scores[(size_t)i * n + j], *o = my_out + (size_t)i * dim;
+#pragma omp simd
+                for (int d = 0; d < dim; d++) o[d] += p * value[d];
+            }
         }
         free(scores);
     }
+    for (int task = 0; task < tasks; task++) {
+        int g = task % m->kv_heads, row = task / m->kv_heads;
+        for (int i = 0; i < group; i++) {
+            float peak = -INFINITY, total = 0.0f;
+            int broken = 0; /* a NaN score anywhere: the head's output is NaN, as torch's would be */
+            for (int r = 0; r < ranges; r++) {
+                float t = top[((size_t)task * ranges + r) * group + i];
+                broken |= isnan(t);
+                peak = fmaxf(peak, t);
+            }
+            float *o = out + ((size_t)row * m->heads + (size_t)g * group + i) * dim;
+            for (int d = 0; d < dim; d++) o[d] = broken ? NAN : 0.0f;
+            if (broken) continue;
+            for (int r = 0; r < ranges; r++) {
+                size_t at = ((size_t)task * ranges + r) * group + i;
+                if (!(top[at] > -INFINITY)) continue; /* an empty range */
+                float scale = expf(top[at] - peak);
+                total += sum[at] * scale;
+                const float *w = weighted + at * dim;
+                for (int d = 0; d < dim; d++) o[d] += w[d] * scale;
+            }
+            for (int d = 0; d < dim; d++) o[d] /= total;
+        }
+    }
+    free(top), free(sum), free(weighted);
 }
 
 /* One layer over the rows x [batch * new, hidden], in place. work: floats for the intermediate results. */
