@@ -189,3 +189,24 @@ def test_a_nan_weight_gives_nan_logits_as_the_torch_path_does(monkeypatch):
             model.model.layers[1].input_layernorm.gain[3] = float("nan")  # the tensor the kernel reads too
             logits = model(input_ids=torch.tensor([[7], [8]]), past_key_values=cache).logits
         assert logits.isnan().all()
+
+
+def test_two_threads_decoding_at_once_get_what_each_gets_alone(monkeypatch):
+    """The kernel's worker threads serve one call at a time; a second caller meanwhile computes alone."""
+    import threading
+
+    models = [int8_pair(monkeypatch, vocab=5000)[0] for _ in range(2)]
+    ids = torch.randint(3, 5000, (2, 6), generator=torch.Generator().manual_seed(4))
+    alone = [decode(model, ids, 12)[0] for model in models]
+    together: list = [None, None]
+
+    def run(i):
+        together[i] = decode(models[i], ids, 12)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for mine, its in zip(together, alone):
+        assert all(torch.equal(a, b) for a, b in zip(mine, its))

@@ -3,8 +3,8 @@
  * Why this exists: at batch 1 the default model's products take about 4 ms a token, but the eager torch step that
  * surrounds them ran about 2,000 small operations (norms, RoPE, attention, activation quantization), each a few
  * microseconds of dispatch, and the layers' products ran on one thread. Here the same arithmetic runs in plain
- * loops, and every product is split across torch's own OpenMP threads (this library links the libgomp torch has
- * loaded already, so it shares torch's pool and its thread count).
+ * loops, and every product and the attention are shared among a few threads of this library's own (see "the
+ * threads" below for why not OpenMP), as many as torch is set to use.
  *
  * The arithmetic is the eager int8 path's (llmsample/quantize.py): each activation row enters a product as two
  * 7-bit parts (its values rounded to 63 steps of the row's largest magnitude, then the rounding error in 126 finer
@@ -13,14 +13,19 @@
  * embedding. Sums over floats (norms, attention) run in another order than torch's, so results agree to float
  * rounding, not bit for bit.
  *
- * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native -fopenmp) at first use and
+ * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native) at first use and
  * kept in the cache; where no compiler is found, the eager path runs instead.
  */
+#define _GNU_SOURCE
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
+#include <time.h>
+#include <unistd.h>
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define USE_VNNI 1
@@ -52,6 +57,178 @@ typedef struct {
 } Model;
 
 int kernel_abi(void) { return KERNEL_ABI; }
+
+
+/* ---- the threads ----
+ *
+ * Not OpenMP: at the end of a parallel region OpenMP waits for every thread of the team, and on a machine whose
+ * cores are busy one of them is often descheduled, so each of the ~90 regions of a step waited up to a time slice
+ * (measured: two decoding processes at once, 46-60 ms a token at the median and 760 ms at worst, against 11 ms
+ * alone). Here each job is split into one contiguous range per thread (each thread streams its own part of the
+ * weights, which the hardware prefetcher likes), claimed in small chunks; a thread that finishes its range takes
+ * the chunks left in the others. A worker that is asleep or descheduled simply takes none: the caller does its
+ * range, and waits only for chunks already claimed. Workers spin briefly between jobs (the jobs of a step follow
+ * each other within microseconds), then sleep. */
+
+typedef void (*ChunkFn)(const void *context, int64_t lo, int64_t hi);
+
+#define MAX_THREADS 64
+#define MAX_CHUNKS 65535 /* a range's next and end chunk are 16-bit fields of its word */
+#define SPIN_NS 200000   /* how long an idle worker polls for the next job before it sleeps */
+
+typedef struct {
+    /* generation << 32 | next chunk << 16 | end chunk: whoever claims a chunk checks all three in one CAS */
+    _Alignas(64) _Atomic uint64_t word;
+    _Alignas(64) _Atomic int64_t done; /* chunks of this range finished */
+} Range;
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_mutex_t caller; /* one job at a time: a second thread calling in meanwhile runs its work alone */
+    pthread_cond_t wake;
+    pid_t owner; /* the process that started the workers (a fork has none) */
+    int workers;
+    _Alignas(64) _Atomic uint32_t generation; /* the current job's; workers poll it */
+    _Alignas(64) _Atomic int sleeping;
+    _Atomic(ChunkFn) fn;
+    _Atomic(const void *) context;
+    _Atomic int64_t total, chunk;
+    _Atomic int allowed; /* workers with an id below this take part (the caller's thread count - 1) */
+    Range ranges[MAX_THREADS];
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .caller = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER};
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Claim and run the chunks left in range r of job `generation`. */
+static void drain(int r, uint32_t generation) {
+    Range *range = &pool.ranges[r];
+    for (;;) {
+        uint64_t word = atomic_load_explicit(&range->word, memory_order_acquire);
+        uint32_t next = (uint32_t)(word >> 16) & 0xffffu, end = (uint32_t)word & 0xffffu;
+        if ((uint32_t)(word >> 32) != generation || next >= end) return;
+        ChunkFn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
+        const void *context = atomic_load_explicit(&pool.context, memory_order_relaxed);
+        int64_t total = atomic_load_explicit(&pool.total, memory_order_relaxed);
+        int64_t chunk = atomic_load_explicit(&pool.chunk, memory_order_relaxed);
+        /* Success means this job was still current with this chunk unclaimed, so the fields read above were its
+         * own: the caller writes another job's only once every chunk of this one is claimed and done. */
+        if (!atomic_compare_exchange_weak_explicit(&range->word, &word, word + ((uint64_t)1 << 16),
+                                                   memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        int64_t lo = (int64_t)next * chunk, hi = lo + chunk < total ? lo + chunk : total;
+        fn(context, lo, hi);
+        atomic_fetch_add_explicit(&range->done, 1, memory_order_release);
+    }
+}
+
+/* Thread `self` (0: the caller) works on its own range, then on what is left of the others. */
+static void take_part(int self, int threads, uint32_t generation) {
+    for (int k = 0; k < threads; k++) drain((self + k) % threads, generation);
+}
+
+static void *worker_main(void *arg) {
+    int id = (int)(intptr_t)arg; /* thread id - 1 */
+    uint32_t seen = 0;
+    for (;;) {
+        int64_t deadline = now_ns() + SPIN_NS;
+        for (int polls = 0;; polls++) {
+            uint32_t generation = atomic_load_explicit(&pool.generation, memory_order_acquire);
+            if (generation != seen) {
+                seen = generation;
+                int allowed = atomic_load_explicit(&pool.allowed, memory_order_relaxed);
+                if (id < allowed) take_part(id + 1, allowed + 1, generation);
+                deadline = now_ns() + SPIN_NS;
+                polls = 0;
+            }
+            relax();
+            if ((polls & 255) == 255 && now_ns() > deadline) break;
+        }
+        pthread_mutex_lock(&pool.lock);
+        atomic_fetch_add(&pool.sleeping, 1);
+        while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        atomic_fetch_sub(&pool.sleeping, 1);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    return NULL;
+}
+
+static void ensure_workers(int threads) {
+    int wanted = (threads < MAX_THREADS ? threads : MAX_THREADS) - 1;
+    pthread_mutex_lock(&pool.caller); /* not while a job runs, and one thread at a time */
+    if (pool.owner != getpid()) { /* first use, or a child process after fork: the threads are not there */
+        pool.owner = getpid();
+        pool.workers = 0;
+    }
+    while (pool.workers < wanted) {
+        pthread_t thread;
+        pthread_attr_t attributes;
+        pthread_attr_init(&attributes);
+        pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&thread, &attributes, worker_main, (void *)(intptr_t)pool.workers);
+        pthread_attr_destroy(&attributes);
+        if (failed) break; /* fewer threads: the caller does the rest */
+        pool.workers++;
+    }
+    atomic_store(&pool.allowed, wanted < pool.workers ? wanted : pool.workers);
+    pthread_mutex_unlock(&pool.caller);
+}
+
+/* fn(context, lo, hi) over [0, total) in chunks of `chunk` (made larger if there would be too many), shared by
+ * the caller and the workers. */
+static void parallel(ChunkFn fn, const void *context, int64_t total, int64_t chunk) {
+    if (chunk < 1) chunk = 1;
+    if ((total + chunk - 1) / chunk > MAX_CHUNKS) chunk = (total + MAX_CHUNKS - 1) / MAX_CHUNKS;
+    int64_t chunks = (total + chunk - 1) / chunk;
+    int threads = atomic_load_explicit(&pool.allowed, memory_order_relaxed) + 1;
+    if (threads > chunks) threads = (int)chunks;
+    if (threads <= 1 || pthread_mutex_trylock(&pool.caller) != 0) {
+        if (total > 0) fn(context, 0, total);
+        return;
+    }
+    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool.context, context, memory_order_relaxed);
+    atomic_store_explicit(&pool.total, total, memory_order_relaxed);
+    atomic_store_explicit(&pool.chunk, chunk, memory_order_relaxed);
+    uint32_t generation = atomic_load(&pool.generation) + 1;
+    int parts = atomic_load(&pool.allowed) + 1; /* every taking part thread's range, even if it gets none */
+    for (int r = 0; r < parts; r++) {
+        uint64_t start = (uint64_t)(chunks * r / parts), end = (uint64_t)(chunks * (r + 1) / parts);
+        atomic_store_explicit(&pool.ranges[r].done, 0, memory_order_relaxed);
+        atomic_store_explicit(&pool.ranges[r].word, (uint64_t)generation << 32 | start << 16 | end,
+                              memory_order_release);
+    }
+    atomic_store(&pool.generation, generation); /* sequentially consistent: paired with `sleeping` below */
+    if (atomic_load(&pool.sleeping) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    take_part(0, parts, generation);
+    for (int polls = 0;; polls++) {
+        int64_t done = 0;
+        for (int r = 0; r < parts; r++) done += atomic_load_explicit(&pool.ranges[r].done, memory_order_acquire);
+        if (done >= chunks) break;
+        relax();
+        if (polls > 2000) sched_yield(); /* a claimed chunk's worker was descheduled: let it run */
+    }
+    pthread_mutex_unlock(&pool.caller);
+}
+
+int set_threads(int threads) {
+    ensure_workers(threads < 1 ? 1 : threads);
+    return atomic_load(&pool.allowed) + 1;
+}
 
 /* ---- activations: two 7-bit parts per row ---- */
 
@@ -127,24 +304,38 @@ static inline float output_of(int32_t dc, int32_t df, int32_t rowsum, float scal
     return (coarse + fine * (1.0f / 126.0f)) * step;
 }
 
-/* y_p[r, i] = row r of the activations times row i of product p, for several products of the same input, the
- * rows of all of them shared among the threads. */
-static void products(const Quantized *q, const Product *const *list, float *const *out, int count) {
-    int64_t total = 0;
-    for (int p = 0; p < count; p++) total += list[p]->out;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < total; t++) {
+typedef struct {
+    const Quantized *q;
+    const Product *const *list;
+    float *const *out;
+    int count;
+} ProductsJob;
+
+static void products_rows(const void *context, int64_t lo, int64_t hi) {
+    const ProductsJob *job = context;
+    const Quantized *q = job->q;
+    for (int64_t t = lo; t < hi; t++) {
         int p = 0;
         int64_t i = t;
-        while (i >= list[p]->out) i -= list[p++]->out;
-        const Product *pr = list[p];
+        while (i >= job->list[p]->out) i -= job->list[p++]->out;
+        const Product *pr = job->list[p];
         const int8_t *w = pr->weight + (size_t)i * pr->in;
         for (int r = 0; r < q->rows; r++) {
             int32_t dc, df;
             dot_two(w, q->coarse + (size_t)r * q->in, q->fine + (size_t)r * q->in, q->in, &dc, &df);
-            out[p][(size_t)r * pr->out + i] = output_of(dc, df, pr->rowsum[i], pr->scale[i], q->step[r]);
+            job->out[p][(size_t)r * pr->out + i] = output_of(dc, df, pr->rowsum[i], pr->scale[i], q->step[r]);
         }
     }
+}
+
+/* y_p[r, i] = row r of the activations times row i of product p, for several products of the same input, the
+ * rows of all of them shared among the threads in chunks of 64 KB of weights. */
+static void products(const Quantized *q, const Product *const *list, float *const *out, int count) {
+    int64_t total = 0;
+    for (int p = 0; p < count; p++) total += list[p]->out;
+    int64_t chunk = 65536 / (q->in > 0 ? q->in : 1);
+    ProductsJob job = {q, list, out, count};
+    parallel(products_rows, &job, total, chunk < 1 ? 1 : chunk);
 }
 
 static void product(const Quantized *q, const Product *pr, float *out) {
@@ -188,21 +379,22 @@ typedef struct {
  * them (the cache is most of what a long context reads), and each row's keys are split into as many ranges as
  * there are threads: every range gives its heads' running maximum, sum and weighted values, merged after (as
  * flash-decoding does), so one key-value head still uses every thread. */
-static void attend(const Step *s, int layer, const float *q, float *out) {
+typedef struct {
+    const Step *s;
+    int layer, group, dim, ranges;
+    const float *q;
+    float *top, *sum, *weighted;
+} AttendJob;
+
+/* Work items lo..hi-1 of `attend`: item = (batch row, new position, key-value head) × key range. */
+static void attend_ranges(const void *context, int64_t lo, int64_t hi) {
+    const AttendJob *job = context;
+    const Step *s = job->s;
     const Model *m = s->m;
-    int group = m->heads / m->kv_heads, dim = m->head_dim;
-    int tasks = s->batch * s->new * m->kv_heads, ranges = omp_get_max_threads();
-    if (ranges < 1) ranges = 1;
-    size_t partials = (size_t)tasks * ranges * group;
-    float *top = malloc(sizeof(float) * partials), *sum = malloc(sizeof(float) * partials);
-    float *weighted = malloc(sizeof(float) * partials * dim);
-    if (!top || !sum || !weighted) { /* reported as NaN logits rather than a crash */
-        for (size_t i = 0; i < (size_t)s->batch * s->new * m->heads * dim; i++) out[i] = NAN;
-        free(top), free(sum), free(weighted);
-        return;
-    }
-#pragma omp parallel for schedule(dynamic)
-    for (int work = 0; work < tasks * ranges; work++) {
+    int layer = job->layer, group = job->group, dim = job->dim, ranges = job->ranges;
+    const float *q = job->q;
+    float *top = job->top, *sum = job->sum, *weighted = job->weighted;
+    for (int64_t work = lo; work < hi; work++) {
         int task = work / ranges, range = work % ranges;
         int g = task % m->kv_heads, row = task / m->kv_heads, b = row / s->new, t = row % s->new;
         int position = s->start + t, first = 0;
@@ -250,6 +442,23 @@ static void attend(const Step *s, int layer, const float *q, float *out) {
         }
         free(scores);
     }
+}
+
+static void attend(const Step *s, int layer, const float *q, float *out) {
+    const Model *m = s->m;
+    int group = m->heads / m->kv_heads, dim = m->head_dim;
+    int tasks = s->batch * s->new * m->kv_heads, ranges = atomic_load(&pool.allowed) + 1;
+    if (ranges < 1) ranges = 1;
+    size_t partials = (size_t)tasks * ranges * group;
+    float *top = malloc(sizeof(float) * partials), *sum = malloc(sizeof(float) * partials);
+    float *weighted = malloc(sizeof(float) * partials * dim);
+    if (!top || !sum || !weighted) { /* reported as NaN logits rather than a crash */
+        for (size_t i = 0; i < (size_t)s->batch * s->new * m->heads * dim; i++) out[i] = NAN;
+        free(top), free(sum), free(weighted);
+        return;
+    }
+    AttendJob job = {s, layer, group, dim, ranges, q, top, sum, weighted};
+    parallel(attend_ranges, &job, (int64_t)tasks * ranges, 1);
     for (int task = 0; task < tasks; task++) {
         int g = task % m->kv_heads, row = task / m->kv_heads;
         for (int i = 0; i < group; i++) {
@@ -334,13 +543,36 @@ static void layer_step(const Step *s, int layer, float *x, const float *cos_rows
     }
 }
 
+typedef struct {
+    const Model *m;
+    const float *hidden;
+    float *logits;
+    const int *chosen;
+    int n, chunks;
+} RescoreJob;
+
+/* Columns lo..hi-1 of the rescored ones: the chosen chunks' columns in order, then the ragged tail. */
+static void rescore_columns(const void *context, int64_t lo, int64_t hi) {
+    const RescoreJob *job = context;
+    const Model *m = job->m;
+    int C = m->rescore_chunk, H = m->hidden;
+    for (int64_t t = lo; t < hi; t++) {
+        int64_t i = t < (int64_t)job->n * C ? (int64_t)job->chosen[t / C] * C + t % C
+                                            : (int64_t)job->chunks * C + (t - (int64_t)job->n * C);
+        const float *e = m->embedding + (size_t)i * H;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < H; j++) dot += e[j] * job->hidden[j];
+        job->logits[i] = dot;
+    }
+}
+
 /* The columns of a row's highest-maximum chunks get their logits from the float embedding. Every column when the
  * row has no more chunks than that (as llmsample/quantize.py's rescored_columns). */
 static void rescore(const Model *m, const float *hidden, float *logits) {
     int V = m->vocab, C = m->rescore_chunk, want = m->rescore_chunks, H = m->hidden;
     int chunks = V / C;
     if (chunks <= want) {
-#pragma omp parallel for schedule(static)
         for (int i = 0; i < V; i++) {
             const float *e = m->embedding + (size_t)i * H;
             float dot = 0.0f;
@@ -352,7 +584,6 @@ static void rescore(const Model *m, const float *hidden, float *logits) {
     }
     float *maxima = malloc(sizeof(float) * (size_t)chunks);
     int *chosen = malloc(sizeof(int) * (size_t)(want + 1));
-#pragma omp parallel for schedule(static)
     for (int c = 0; c < chunks; c++) {
         float top = -INFINITY;
         for (int i = 0; i < C; i++) top = fmaxf(top, logits[(size_t)c * C + i]);
@@ -369,16 +600,9 @@ static void rescore(const Model *m, const float *hidden, float *logits) {
         }
         chosen[at] = c;
     }
-    int tail = V - chunks * C, columns = n * C + tail;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < columns; t++) {
-        int i = t < n * C ? chosen[t / C] * C + t % C : chunks * C + (t - n * C);
-        const float *e = m->embedding + (size_t)i * H;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int j = 0; j < H; j++) dot += e[j] * hidden[j];
-        logits[i] = dot;
-    }
+    int tail = V - chunks * C;
+    RescoreJob job = {m, hidden, logits, chosen, n, chunks};
+    parallel(rescore_columns, &job, (int64_t)n * C + tail, C);
     free(maxima);
     free(chosen);
 }

@@ -28,7 +28,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
 KERNEL_ABI = 1  # decode_kernel.c's KERNEL_ABI: the structs below match that version
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -fopenmp-simd: the vectorisation hints only (no OpenMP runtime: the library runs its own threads).
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11"]
 PRODUCTS_PER_LAYER = 7  # q, k, v, o, gate, up, down (decode_kernel.c's enum)
 NORMS_PER_LAYER = 6  # input, post-attention, pre-feedforward, post-feedforward, q, k
 DISABLE_VARIABLE = "LLMSAMPLE_NO_KERNEL"
@@ -148,6 +149,8 @@ def load(report: Optional[Callable[[str], None]] = None) -> Optional[ctypes.CDLL
             return None
         lib.decode_step.restype = ctypes.c_int
         lib.decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 8
+        lib.set_threads.restype = ctypes.c_int
+        lib.set_threads.argtypes = [ctypes.c_int]
         lib.project.restype = ctypes.c_int
         lib.project.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         _loaded[fingerprint] = lib
@@ -239,6 +242,7 @@ class KernelStep:
         rope = [[part.contiguous() for part in model._rope(sliding, start, new, torch.float32)]
                 for sliding in (True, False)]
         logits = torch.empty(batch, cfg.vocab_size)
+        self.lib.set_threads(torch.get_num_threads())
         key_ptrs = (ctypes.c_void_p * len(keys))(*[k.data_ptr() for k in keys])
         value_ptrs = (ctypes.c_void_p * len(values))(*[v.data_ptr() for v in values])
         status = self.lib.decode_step(ctypes.byref(self.struct), batch, new, start, capacity, _ptr(x), key_ptrs,
@@ -254,6 +258,7 @@ class KernelStep:
         logits ``[batch, vocab]``."""
         hidden = hidden.float().contiguous()
         logits = torch.empty(hidden.shape[0], self.model.config.vocab_size)
+        self.lib.set_threads(torch.get_num_threads())
         if self.lib.project(ctypes.byref(self.struct), hidden.shape[0], _ptr(hidden), _ptr(logits)) != 0:
             raise MemoryError("the decode kernel could not allocate its working memory")
         return logits
