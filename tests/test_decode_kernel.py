@@ -136,11 +136,19 @@ def test_stats_say_which_path_decoded(cli, tiny_gemma_dir, monkeypatch):
 
     args = ("The fox", "--model", str(tiny_gemma_dir), "--quantize", "int8", "--greedy", "--max-new-tokens", "4",
             "--ignore-eos", "--format", "json", "--stats")
-    for disabled, label, line in (("0", "compiled", "int8, compiled kernel"), ("1", "torch", "int8 via torch")):
+    for disabled, label, line in (("0", "compiled", "int8, compiled kernel"),
+                                  ("1", "torch", "int8 via torch: LLMSAMPLE_NO_KERNEL is set")):
         monkeypatch.setenv(decode_kernel.DISABLE_VARIABLE, disabled)
         code, out, err = cli(*args)
         assert code == 0, err
         assert json.loads(out)["stats"]["decode_kernel"] == label and line in err.splitlines()[-1]
+    monkeypatch.setenv(decode_kernel.DISABLE_VARIABLE, "0")
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setattr(decode_kernel.shutil, "which", lambda name: None)  # no cc, no gcc on this PATH either
+    code, out, err = cli(*args)
+    stats = json.loads(out)["stats"]
+    assert code == 0 and stats["decode_kernel"] == "torch" and stats["decode_kernel_note"].startswith("no C compiler")
+    assert "int8 via torch: no C compiler" in err.splitlines()[-1]
     code, out, err = cli(*args[:3], "--dtype", "float32", *args[5:])  # not int8: nothing to say
     assert code == 0 and json.loads(out)["stats"]["decode_kernel"] is None and "kernel" not in err
 
@@ -210,3 +218,20 @@ def test_two_threads_decoding_at_once_get_what_each_gets_alone(monkeypatch):
         thread.join()
     for mine, its in zip(together, alone):
         assert all(torch.equal(a, b) for a, b in zip(mine, its))
+
+
+def test_the_thread_count_does_not_change_a_single_bit(monkeypatch):
+    """Each output is summed by one thread in a fixed order (the attention's key ranges follow the context, not
+    the threads), so a seed gives the same text on one core or many."""
+    kernel, _ = int8_pair(monkeypatch, vocab=5000)
+    ids = torch.randint(3, 5000, (2, 7), generator=torch.Generator().manual_seed(5))
+    saved = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(decode(kernel, ids, 70)[0])  # past 64 keys: several key ranges per row
+    finally:
+        torch.set_num_threads(saved)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))

@@ -18,20 +18,18 @@
  */
 #define _GNU_SOURCE
 #include <math.h>
-#include <pthread.h>
+#include <omp.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define USE_VNNI 1
 #endif
 
-#define KERNEL_ABI 1 /* bumped whenever a struct below changes; Python checks it before any call */
+#define KERNEL_ABI 2 /* bumped whenever a struct below changes; Python checks it before any call */
 
 typedef struct {
     const int8_t *weight;  /* [out, in], rows contiguous */
@@ -61,20 +59,21 @@ int kernel_abi(void) { return KERNEL_ABI; }
 
 /* ---- the threads ----
  *
- * Not OpenMP: at the end of a parallel region OpenMP waits for every thread of the team, and on a machine whose
- * cores are busy one of them is often descheduled, so each of the ~90 regions of a step waited up to a time slice
- * (measured: two decoding processes at once, 46-60 ms a token at the median and 760 ms at worst, against 11 ms
- * alone). Here each job is split into one contiguous range per thread (each thread streams its own part of the
- * weights, which the hardware prefetcher likes), claimed in small chunks; a thread that finishes its range takes
- * the chunks left in the others. A worker that is asleep or descheduled simply takes none: the caller does its
- * range, and waits only for chunks already claimed. Workers spin briefly between jobs (the jobs of a step follow
- * each other within microseconds), then sleep. */
+ * A step runs in ONE OpenMP parallel region (torch's own threads: this library links the libgomp torch loaded),
+ * not one region per product. At the end of a region OpenMP waits for every thread of the team, and on a machine
+ * whose cores are busy one of them is often descheduled: with a region per product, each of the ~90 regions of a
+ * step waited up to a time slice (measured: two decoding processes at once, 46-60 ms a token at the median and
+ * 760 ms at worst, against 11 ms alone). Inside the one region, thread 0 runs the step and hands each product to
+ * the team as a job: every thread has a contiguous range of it (it streams its own part of the weights, which
+ * the prefetcher likes), claimed in small chunks, and takes what is left of the others' once its own is done. A
+ * thread that is descheduled takes nothing meanwhile: thread 0 waits only for chunks already claimed. (Threads of
+ * the kernel's own instead of torch's were tried too: torch's idle OpenMP threads spin for a while after each of
+ * the sampler's operations and took their cores: 55 against 78 tok/s.) */
 
 typedef void (*ChunkFn)(const void *context, int64_t lo, int64_t hi);
 
 #define MAX_THREADS 64
 #define MAX_CHUNKS 65535 /* a range's next and end chunk are 16-bit fields of its word */
-#define SPIN_NS 200000   /* how long an idle worker polls for the next job before it sleeps */
 
 typedef struct {
     /* generation << 32 | next chunk << 16 | end chunk: whoever claims a chunk checks all three in one CAS */
@@ -82,27 +81,16 @@ typedef struct {
     _Alignas(64) _Atomic int64_t done; /* chunks of this range finished */
 } Range;
 
-static struct {
-    pthread_mutex_t lock;
-    pthread_mutex_t caller; /* one job at a time: a second thread calling in meanwhile runs its work alone */
-    pthread_cond_t wake;
-    pid_t owner; /* the process that started the workers (a fork has none) */
-    int workers;
-    _Alignas(64) _Atomic uint32_t generation; /* the current job's; workers poll it */
-    _Alignas(64) _Atomic int sleeping;
-    _Atomic(ChunkFn) fn;
+/* One team's jobs (a step's, or a projection's). */
+typedef struct {
+    _Alignas(64) _Atomic uint32_t generation; /* the current job's; the helpers poll it */
+    _Atomic int finished;                     /* the step is over: the helpers leave the region */
+    _Alignas(64) _Atomic(ChunkFn) fn;         /* (a line of their own: written at every job, not polled) */
     _Atomic(const void *) context;
     _Atomic int64_t total, chunk;
-    _Atomic int allowed; /* workers with an id below this take part (the caller's thread count - 1) */
+    int threads;
     Range ranges[MAX_THREADS];
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .caller = PTHREAD_MUTEX_INITIALIZER,
-          .wake = PTHREAD_COND_INITIALIZER};
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
+} Team;
 
 static inline void relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -111,18 +99,18 @@ static inline void relax(void) {
 }
 
 /* Claim and run the chunks left in range r of job `generation`. */
-static void drain(int r, uint32_t generation) {
-    Range *range = &pool.ranges[r];
+static void drain(Team *team, int r, uint32_t generation) {
+    Range *range = &team->ranges[r];
     for (;;) {
         uint64_t word = atomic_load_explicit(&range->word, memory_order_acquire);
         uint32_t next = (uint32_t)(word >> 16) & 0xffffu, end = (uint32_t)word & 0xffffu;
         if ((uint32_t)(word >> 32) != generation || next >= end) return;
-        ChunkFn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
-        const void *context = atomic_load_explicit(&pool.context, memory_order_relaxed);
-        int64_t total = atomic_load_explicit(&pool.total, memory_order_relaxed);
-        int64_t chunk = atomic_load_explicit(&pool.chunk, memory_order_relaxed);
+        ChunkFn fn = atomic_load_explicit(&team->fn, memory_order_relaxed);
+        const void *context = atomic_load_explicit(&team->context, memory_order_relaxed);
+        int64_t total = atomic_load_explicit(&team->total, memory_order_relaxed);
+        int64_t chunk = atomic_load_explicit(&team->chunk, memory_order_relaxed);
         /* Success means this job was still current with this chunk unclaimed, so the fields read above were its
-         * own: the caller writes another job's only once every chunk of this one is claimed and done. */
+         * own: thread 0 writes another job's only once every chunk of this one is claimed and done. */
         if (!atomic_compare_exchange_weak_explicit(&range->word, &word, word + ((uint64_t)1 << 16),
                                                    memory_order_acq_rel, memory_order_relaxed))
             continue;
@@ -132,102 +120,89 @@ static void drain(int r, uint32_t generation) {
     }
 }
 
-/* Thread `self` (0: the caller) works on its own range, then on what is left of the others. */
-static void take_part(int self, int threads, uint32_t generation) {
-    for (int k = 0; k < threads; k++) drain((self + k) % threads, generation);
+/* Thread `self` works on its own range, then on what is left of the others. */
+static void take_part(Team *team, int self, uint32_t generation) {
+    for (int k = 0; k < team->threads; k++) drain(team, (self + k) % team->threads, generation);
 }
 
-static void *worker_main(void *arg) {
-    int id = (int)(intptr_t)arg; /* thread id - 1 */
+/* A helper thread (1, 2, …) of the region: every job until the step is finished. */
+static void help(Team *team, int self) {
     uint32_t seen = 0;
-    for (;;) {
-        int64_t deadline = now_ns() + SPIN_NS;
-        for (int polls = 0;; polls++) {
-            uint32_t generation = atomic_load_explicit(&pool.generation, memory_order_acquire);
-            if (generation != seen) {
-                seen = generation;
-                int allowed = atomic_load_explicit(&pool.allowed, memory_order_relaxed);
-                if (id < allowed) take_part(id + 1, allowed + 1, generation);
-                deadline = now_ns() + SPIN_NS;
-                polls = 0;
-            }
-            relax();
-            if ((polls & 255) == 255 && now_ns() > deadline) break;
+    while (!atomic_load_explicit(&team->finished, memory_order_acquire)) {
+        uint32_t generation = atomic_load_explicit(&team->generation, memory_order_acquire);
+        if (generation != seen) {
+            seen = generation;
+            take_part(team, self, generation);
         }
-        pthread_mutex_lock(&pool.lock);
-        atomic_fetch_add(&pool.sleeping, 1);
-        while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        atomic_fetch_sub(&pool.sleeping, 1);
-        pthread_mutex_unlock(&pool.lock);
+        relax();
     }
-    return NULL;
 }
 
-static void ensure_workers(int threads) {
-    int wanted = (threads < MAX_THREADS ? threads : MAX_THREADS) - 1;
-    pthread_mutex_lock(&pool.caller); /* not while a job runs, and one thread at a time */
-    if (pool.owner != getpid()) { /* first use, or a child process after fork: the threads are not there */
-        pool.owner = getpid();
-        pool.workers = 0;
-    }
-    while (pool.workers < wanted) {
-        pthread_t thread;
-        pthread_attr_t attributes;
-        pthread_attr_init(&attributes);
-        pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-        int failed = pthread_create(&thread, &attributes, worker_main, (void *)(intptr_t)pool.workers);
-        pthread_attr_destroy(&attributes);
-        if (failed) break; /* fewer threads: the caller does the rest */
-        pool.workers++;
-    }
-    atomic_store(&pool.allowed, wanted < pool.workers ? wanted : pool.workers);
-    pthread_mutex_unlock(&pool.caller);
-}
+/* The team of the running step (set by thread 0 inside the region; NULL outside: then everything runs serially). */
+static _Thread_local Team *current_team;
 
 /* fn(context, lo, hi) over [0, total) in chunks of `chunk` (made larger if there would be too many), shared by
- * the caller and the workers. */
+ * the team of the running step. */
 static void parallel(ChunkFn fn, const void *context, int64_t total, int64_t chunk) {
+    Team *team = current_team;
     if (chunk < 1) chunk = 1;
     if ((total + chunk - 1) / chunk > MAX_CHUNKS) chunk = (total + MAX_CHUNKS - 1) / MAX_CHUNKS;
     int64_t chunks = (total + chunk - 1) / chunk;
-    int threads = atomic_load_explicit(&pool.allowed, memory_order_relaxed) + 1;
-    if (threads > chunks) threads = (int)chunks;
-    if (threads <= 1 || pthread_mutex_trylock(&pool.caller) != 0) {
+    if (team == NULL || team->threads <= 1 || chunks <= 1) {
         if (total > 0) fn(context, 0, total);
         return;
     }
-    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&pool.context, context, memory_order_relaxed);
-    atomic_store_explicit(&pool.total, total, memory_order_relaxed);
-    atomic_store_explicit(&pool.chunk, chunk, memory_order_relaxed);
-    uint32_t generation = atomic_load(&pool.generation) + 1;
-    int parts = atomic_load(&pool.allowed) + 1; /* every taking part thread's range, even if it gets none */
-    for (int r = 0; r < parts; r++) {
-        uint64_t start = (uint64_t)(chunks * r / parts), end = (uint64_t)(chunks * (r + 1) / parts);
-        atomic_store_explicit(&pool.ranges[r].done, 0, memory_order_relaxed);
-        atomic_store_explicit(&pool.ranges[r].word, (uint64_t)generation << 32 | start << 16 | end,
+    atomic_store_explicit(&team->fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&team->context, context, memory_order_relaxed);
+    atomic_store_explicit(&team->total, total, memory_order_relaxed);
+    atomic_store_explicit(&team->chunk, chunk, memory_order_relaxed);
+    uint32_t generation = atomic_load_explicit(&team->generation, memory_order_relaxed) + 1;
+    for (int r = 0; r < team->threads; r++) {
+        uint64_t start = (uint64_t)(chunks * r / team->threads), end = (uint64_t)(chunks * (r + 1) / team->threads);
+        atomic_store_explicit(&team->ranges[r].done, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->ranges[r].word, (uint64_t)generation << 32 | start << 16 | end,
                               memory_order_release);
     }
-    atomic_store(&pool.generation, generation); /* sequentially consistent: paired with `sleeping` below */
-    if (atomic_load(&pool.sleeping) > 0) {
-        pthread_mutex_lock(&pool.lock);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
-    }
-    take_part(0, parts, generation);
+    atomic_store_explicit(&team->generation, generation, memory_order_release);
+    take_part(team, 0, generation);
     for (int polls = 0;; polls++) {
         int64_t done = 0;
-        for (int r = 0; r < parts; r++) done += atomic_load_explicit(&pool.ranges[r].done, memory_order_acquire);
+        for (int r = 0; r < team->threads; r++)
+            done += atomic_load_explicit(&team->ranges[r].done, memory_order_acquire);
         if (done >= chunks) break;
         relax();
-        if (polls > 2000) sched_yield(); /* a claimed chunk's worker was descheduled: let it run */
+        if (polls > 2000) sched_yield(); /* a claimed chunk's thread was descheduled: let it run */
     }
-    pthread_mutex_unlock(&pool.caller);
 }
 
-int set_threads(int threads) {
-    ensure_workers(threads < 1 ? 1 : threads);
-    return atomic_load(&pool.allowed) + 1;
+/* Run body(argument) on thread 0 of an OpenMP team of `threads`, the others helping with its jobs. */
+static void in_team(int threads, void (*body)(void *), void *argument) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads == 1) {
+        body(argument);
+        return;
+    }
+    Team *team = aligned_alloc(64, (sizeof(Team) + 63) / 64 * 64);
+    if (!team) {
+        body(argument);
+        return;
+    }
+    memset(team, 0, sizeof(Team));
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        team->threads = omp_get_num_threads(); /* the runtime may give fewer; the single's barrier publishes it */
+        if (omp_get_thread_num() == 0) {
+            current_team = team;
+            body(argument);
+            current_team = NULL;
+            atomic_store_explicit(&team->finished, 1, memory_order_release);
+        } else {
+            help(team, omp_get_thread_num());
+        }
+    }
+    free(team);
 }
 
 /* ---- activations: two 7-bit parts per row ---- */
@@ -379,6 +354,8 @@ typedef struct {
  * them (the cache is most of what a long context reads), and each row's keys are split into as many ranges as
  * there are threads: every range gives its heads' running maximum, sum and weighted values, merged after (as
  * flash-decoding does), so one key-value head still uses every thread. */
+#define ATTEND_RANGE_KEYS 64
+
 typedef struct {
     const Step *s;
     int layer, group, dim, ranges;
@@ -447,8 +424,13 @@ static void attend_ranges(const void *context, int64_t lo, int64_t hi) {
 static void attend(const Step *s, int layer, const float *q, float *out) {
     const Model *m = s->m;
     int group = m->heads / m->kv_heads, dim = m->head_dim;
-    int tasks = s->batch * s->new * m->kv_heads, ranges = atomic_load(&pool.allowed) + 1;
+    /* Key ranges of ATTEND_RANGE_KEYS: fixed by the context, not by the thread count, so that the sums (and so
+     * the text a seed gives) do not depend on how many threads ran them. */
+    int reach = s->start + s->new;
+    if (m->sliding[layer] && reach > m->window) reach = m->window;
+    int tasks = s->batch * s->new * m->kv_heads, ranges = (reach + ATTEND_RANGE_KEYS - 1) / ATTEND_RANGE_KEYS;
     if (ranges < 1) ranges = 1;
+    if (ranges > 64) ranges = 64;
     size_t partials = (size_t)tasks * ranges * group;
     float *top = malloc(sizeof(float) * partials), *sum = malloc(sizeof(float) * partials);
     float *weighted = malloc(sizeof(float) * partials * dim);
@@ -617,13 +599,14 @@ static void head_logits(const Model *m, int batch, const float *x, float *normed
             rescore(m, normed + (size_t)b * m->hidden, logits + (size_t)b * m->vocab);
 }
 
-/* x: [batch, new, hidden] embedded inputs at positions start..start+new-1 (the same in every row), overwritten;
+/* One step, its jobs shared by the running team if any. x: [batch, new, hidden] embedded inputs at positions
+ * start..start+new-1 (the same in every row), overwritten;
  * keys/values: each layer's cache, written at those positions; rope_*: the RoPE rows (cos, signed sin) of those
  * positions, [new, head_dim] each, for sliding and full layers; logits: [batch, vocab], of each row's last
  * position. Returns 0, or -1 when memory ran out. */
-int decode_step(const Model *m, int batch, int new, int start, int capacity, float *x, float *const *keys,
-                float *const *values, const float *cos_sliding, const float *sin_sliding, const float *cos_full,
-                const float *sin_full, float *logits) {
+static int step_alone(const Model *m, int batch, int new, int start, int capacity, float *x, float *const *keys,
+                      float *const *values, const float *cos_sliding, const float *sin_sliding,
+                      const float *cos_full, const float *sin_full, float *logits) {
     Step s = {m, batch, new, start, capacity, keys, values};
     size_t R = (size_t)batch * new;
     int widest = m->intermediate;
@@ -653,9 +636,56 @@ int decode_step(const Model *m, int batch, int new, int start, int capacity, flo
     return 0;
 }
 
-/* The final norm and the output projection alone, for the hidden states x [batch, hidden]: the logits
- * [batch, vocab] as decode_step gives them. Returns 0, or -1 when memory ran out. */
-int project(const Model *m, int batch, const float *x, float *logits) {
+typedef struct {
+    const Model *m;
+    int batch, new, start, capacity;
+    float *x;
+    float *const *keys, *const *values;
+    const float *cos_sliding, *sin_sliding, *cos_full, *sin_full;
+    float *logits;
+    int status;
+} StepCall;
+
+static void run_step(void *argument) {
+    StepCall *c = argument;
+    c->status = step_alone(c->m, c->batch, c->new, c->start, c->capacity, c->x, c->keys, c->values, c->cos_sliding,
+                           c->sin_sliding, c->cos_full, c->sin_full, c->logits);
+}
+
+/* The step on `threads` threads (see step_alone for the rest). */
+int decode_step(const Model *m, int threads, int batch, int new, int start, int capacity, float *x,
+                float *const *keys, float *const *values, const float *cos_sliding, const float *sin_sliding,
+                const float *cos_full, const float *sin_full, float *logits) {
+    StepCall c = {m, batch, new, start, capacity, x, keys, values, cos_sliding, sin_sliding, cos_full, sin_full,
+                  logits, 0};
+    in_team(threads, run_step, &c);
+    return c.status;
+}
+
+static int project_alone(const Model *m, int batch, const float *x, float *logits);
+
+typedef struct {
+    const Model *m;
+    int batch;
+    const float *x;
+    float *logits;
+    int status;
+} ProjectCall;
+
+static void run_project(void *argument) {
+    ProjectCall *c = argument;
+    c->status = project_alone(c->m, c->batch, c->x, c->logits);
+}
+
+/* The final norm and the output projection alone, for the hidden states x [batch, hidden], on `threads` threads:
+ * the logits [batch, vocab] as decode_step gives them. Returns 0, or -1 when memory ran out. */
+int project(const Model *m, int threads, int batch, const float *x, float *logits) {
+    ProjectCall c = {m, batch, x, logits, 0};
+    in_team(threads, run_project, &c);
+    return c.status;
+}
+
+static int project_alone(const Model *m, int batch, const float *x, float *logits) {
     float *normed = malloc(sizeof(float) * (size_t)batch * m->hidden);
     uint8_t *bytes = malloc((size_t)2 * batch * m->hidden);
     float *steps = malloc(sizeof(float) * (size_t)batch);

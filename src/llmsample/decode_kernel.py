@@ -27,9 +27,8 @@ from typing import Any, Callable, Optional
 import torch
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
-KERNEL_ABI = 1  # decode_kernel.c's KERNEL_ABI: the structs below match that version
-# -fopenmp-simd: the vectorisation hints only (no OpenMP runtime: the library runs its own threads).
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11"]
+KERNEL_ABI = 2  # decode_kernel.c's KERNEL_ABI: the structs below match that version
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 PRODUCTS_PER_LAYER = 7  # q, k, v, o, gate, up, down (decode_kernel.c's enum)
 NORMS_PER_LAYER = 6  # input, post-attention, pre-feedforward, post-feedforward, q, k
 DISABLE_VARIABLE = "LLMSAMPLE_NO_KERNEL"
@@ -105,6 +104,15 @@ def _build(compiler: str, target: Path) -> bool:
                 os.unlink(leftover)
 
 
+def unavailable_reason() -> Optional[str]:
+    """Why ``load`` gives None here, in a few words (for ``--stats``); None when it gives the library."""
+    if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+        return f"{DISABLE_VARIABLE} is set"
+    if _compiler() is None:
+        return "no C compiler: $CC, cc or gcc"
+    return None if load() is not None else "the kernel did not build here"
+
+
 def load(report: Optional[Callable[[str], None]] = None) -> Optional[ctypes.CDLL]:
     """The kernel library, built on first use; None where it cannot be (no compiler, disabled, build failed).
 
@@ -148,11 +156,9 @@ def load(report: Optional[Callable[[str], None]] = None) -> Optional[ctypes.CDLL
             _loaded[fingerprint] = None
             return None
         lib.decode_step.restype = ctypes.c_int
-        lib.decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 8
-        lib.set_threads.restype = ctypes.c_int
-        lib.set_threads.argtypes = [ctypes.c_int]
+        lib.decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8
         lib.project.restype = ctypes.c_int
-        lib.project.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.project.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         _loaded[fingerprint] = lib
         return lib
 
@@ -242,10 +248,10 @@ class KernelStep:
         rope = [[part.contiguous() for part in model._rope(sliding, start, new, torch.float32)]
                 for sliding in (True, False)]
         logits = torch.empty(batch, cfg.vocab_size)
-        self.lib.set_threads(torch.get_num_threads())
         key_ptrs = (ctypes.c_void_p * len(keys))(*[k.data_ptr() for k in keys])
         value_ptrs = (ctypes.c_void_p * len(values))(*[v.data_ptr() for v in values])
-        status = self.lib.decode_step(ctypes.byref(self.struct), batch, new, start, capacity, _ptr(x), key_ptrs,
+        status = self.lib.decode_step(ctypes.byref(self.struct), torch.get_num_threads(), batch, new, start,
+                                      capacity, _ptr(x), key_ptrs,
                                       value_ptrs, _ptr(rope[0][0]), _ptr(rope[0][1]), _ptr(rope[1][0]),
                                       _ptr(rope[1][1]), _ptr(logits))
         if status != 0:
@@ -258,7 +264,7 @@ class KernelStep:
         logits ``[batch, vocab]``."""
         hidden = hidden.float().contiguous()
         logits = torch.empty(hidden.shape[0], self.model.config.vocab_size)
-        self.lib.set_threads(torch.get_num_threads())
-        if self.lib.project(ctypes.byref(self.struct), hidden.shape[0], _ptr(hidden), _ptr(logits)) != 0:
+        if self.lib.project(ctypes.byref(self.struct), torch.get_num_threads(), hidden.shape[0], _ptr(hidden),
+                            _ptr(logits)) != 0:
             raise MemoryError("the decode kernel could not allocate its working memory")
         return logits

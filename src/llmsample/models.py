@@ -273,6 +273,15 @@ class LoadedModel:
             return None
         return "compiled" if getattr(self.model, "kernel_step", None) is not None else "torch"
 
+    @property
+    def decode_kernel_note(self) -> Optional[str]:
+        """Why an int8 model decodes through torch (no C compiler, …); else None."""
+        if self.decode_kernel != "torch":
+            return None
+        from llmsample import decode_kernel
+
+        return decode_kernel.unavailable_reason() or "this model's layers are not the kernel's"
+
     @functools.cached_property
     def language_model(self) -> Any:
         """The model behind the contract the decode loops use (``language_model.LanguageModel``)."""
@@ -341,7 +350,7 @@ def _hub_options(repo_id: str) -> dict[str, Any]:
 
 def auto_quantize(model: Optional[str], device: str, dtype: str, device_map: Optional[str], engine: str) -> Optional[str]:
     """What ``--quantize auto`` (the default) runs: int8 for the packaged default model on the CPU through
-    llmsample's engine when no ``--dtype`` is asked for (perplexity within 1% of float32, about 3x faster:
+    llmsample's engine when no ``--dtype`` is asked for (perplexity within 1% of float32, about 6x faster:
     README, Performance); None otherwise. ``--dtype float32`` or ``--quantize none`` keeps the exact float path.
 
     >>> auto_quantize(None, "cpu", "auto", None, "auto"), auto_quantize(None, "cpu", "float32", None, "auto")

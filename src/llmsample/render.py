@@ -355,7 +355,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     if stats.get("engine"):
         quantized = f", {stats['quantize']}" if stats.get("quantize") else ""
         if quantized and stats.get("decode_kernel"):
-            quantized += f", {stats['decode_kernel']} kernel" if stats["decode_kernel"] == "compiled" else " via torch"
+            quantized += ", compiled kernel" if stats["decode_kernel"] == "compiled" else \
+                f" via torch: {stats.get('decode_kernel_note') or 'no compiled kernel'}"
         where += f" ({stats['engine']} engine{quantized})"
     parts.append(where)
     return " · ".join(parts)

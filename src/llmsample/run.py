@@ -294,7 +294,8 @@ def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[A
                     [] if opts.ignore_eos else eos_ids(lm, prompt.mode == chat.CHAT),
                     list(gen.stop), [events.SampleRecord(i) for i in samples], renderer, opts.candidates,
                     {"load_s": load_s, "device": device, "dtype": dtype, "first_token_s": None,
-                     "engine": lm.engine, "quantize": lm.quantize, "decode_kernel": lm.decode_kernel},
+                     "engine": lm.engine, "quantize": lm.quantize, "decode_kernel": lm.decode_kernel,
+                     "decode_kernel_note": lm.decode_kernel_note},
                     stops=[StopMatcher(gen.stop) for _ in samples],
                     detoks=[IncrementalDetokenizer(lm.tokenizer, prompt_ids[0].tolist(), hidden) for _ in samples],
                     forces=forces)
