@@ -3,8 +3,8 @@
  * Why this exists: at batch 1 the default model's products take about 4 ms a token, but the eager torch step that
  * surrounds them ran about 2,000 small operations (norms, RoPE, attention, activation quantization), each a few
  * microseconds of dispatch, and the layers' products ran on one thread. Here the same arithmetic runs in plain
- * loops, and every product and the attention are shared among a few threads of this library's own (see "the
- * threads" below for why not OpenMP), as many as torch is set to use.
+ * loops, and every product and the attention are shared among torch's own OpenMP threads (this library links the
+ * libgomp torch loaded), as many as torch is set to use, in one parallel region per step (see "the threads").
  *
  * The arithmetic is the eager int8 path's (llmsample/quantize.py): each activation row enters a product as two
  * 7-bit parts (its values rounded to 63 steps of the row's largest magnitude, then the rounding error in 126 finer
@@ -13,7 +13,7 @@
  * embedding. Sums over floats (norms, attention) run in another order than torch's, so results agree to float
  * rounding, not bit for bit.
  *
- * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native) at first use and
+ * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native -fopenmp) at first use and
  * kept in the cache; where no compiler is found, the eager path runs instead.
  */
 #define _GNU_SOURCE
