@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench_generate import PROMPT, SETTINGS
+from bench_generate import PROMPT, SETTINGS, llama_cpp_options
 
 
 def step_times(contexts: list[int], repeats: int) -> None:
@@ -82,12 +82,7 @@ def against_llama_cpp(tokens: int, rounds: int, threads: int) -> None:
 
     def theirs(settings: dict) -> None:
         llm.reset()
-        if settings.get("do_sample"):
-            options = dict(temp=settings["temperature"], top_k=settings.get("top_k", 0), min_p=0.0, typical_p=1.0,
-                           top_p=settings.get("top_p", 1.0), repeat_penalty=settings.get("repetition_penalty", 1.0))
-        else:
-            options = dict(temp=0.0, top_k=1)
-        for count, _ in enumerate(llm.generate(prompt, reset=True, **options), start=1):
+        for count, _ in enumerate(llm.generate(prompt, reset=True, **llama_cpp_options(settings)), start=1):
             if count == tokens:
                 break
 

@@ -51,6 +51,16 @@ TEXT_ZH = (
 )
 
 
+def llama_cpp_options(settings: dict) -> dict:
+    """llama-cpp-python's ``generate`` keywords for one of ``SETTINGS``: min_p and typical_p off (its defaults are
+    0.05 and 1.0); its repeat penalty looks at the last 64 tokens, transformers' and llmsample's at the whole
+    sequence."""
+    if not settings.get("do_sample"):
+        return dict(temp=0.0, top_k=1)
+    return dict(temp=settings["temperature"], top_k=settings.get("top_k", 0), min_p=0.0, typical_p=1.0,
+                top_p=settings.get("top_p", 1.0), repeat_penalty=settings.get("repetition_penalty", 1.0))
+
+
 def perplexity(model, tokenizer, text: str) -> float:
     """exp(mean negative log-likelihood) of ``text`` under ``model`` (teacher forcing), each position's logits
     computed one step at a time as decoding computes them (the int8 model's decoding kernels are measured)."""
@@ -142,14 +152,8 @@ def llama_cpp_speeds(tokens: int, repeats: int) -> dict:
 
     def run(settings: dict) -> None:
         llm.reset()
-        if settings.get("do_sample"):
-            # min_p and typical_p off (llama-cpp-python's defaults are 0.05 and 1.0); its repeat penalty looks at the
-            # last 64 tokens, transformers' and llmsample's at the whole sequence.
-            options = dict(temp=settings["temperature"], top_k=settings.get("top_k", 0), min_p=0.0, typical_p=1.0,
-                           top_p=settings.get("top_p", 1.0), repeat_penalty=settings.get("repetition_penalty", 1.0))
-        else:
-            options = dict(temp=0.0, top_k=1)
-        for count, _ in enumerate(llm.generate(prompt, reset=True, **options), start=1):  # EOS does not stop it
+        for count, _ in enumerate(llm.generate(prompt, reset=True, **llama_cpp_options(settings)), start=1):
+            # EOS does not stop it
             if count == tokens:
                 break
 

@@ -327,6 +327,12 @@ static void rms_norm(const float *x, const float *gain, float *out, int n, float
     for (int j = 0; j < n; j++) out[j] = x[j] * inv * gain[j];
 }
 
+/* A sublayer's output joins the residual stream after its own norm: x += rms_norm(out) (out is overwritten). */
+static void add_normed(float *x, float *out, const float *gain, int n, float eps) {
+    rms_norm(out, gain, out, n, eps);
+    for (int j = 0; j < n; j++) x[j] += out[j];
+}
+
 /* RoPE as llmsample/gemma3.py applies it: x * cos + roll(x, half) * signed_sin. */
 static void rotate(float *x, const float *cos_row, const float *signed_sin, int dim) {
     float tmp[dim];
@@ -506,10 +512,8 @@ static void layer_step(const Step *s, int layer, float *x, const float *cos_rows
     quantize_rows(attn, R, qw, NULL, act);
     product(act, &p[O], o);
     for (int r = 0; r < R; r++) {
-        float *xr = x + (size_t)r * H, *or_ = o + (size_t)r * H;
-        rms_norm(or_, g[NORM_POST_ATTN], or_, H, m->eps);
-        for (int j = 0; j < H; j++) xr[j] += or_[j];
-        rms_norm(xr, g[NORM_PRE_FF], normed + (size_t)r * H, H, m->eps);
+        add_normed(x + (size_t)r * H, o + (size_t)r * H, g[NORM_POST_ATTN], H, m->eps);
+        rms_norm(x + (size_t)r * H, g[NORM_PRE_FF], normed + (size_t)r * H, H, m->eps);
     }
     quantize_rows(normed, R, H, NULL, act);
     const Product *gate_up[2] = {&p[GATE], &p[UP]};
@@ -518,11 +522,7 @@ static void layer_step(const Step *s, int layer, float *x, const float *cos_rows
     for (size_t j = 0; j < (size_t)R * I; j++) gate[j] = gelu_tanh(gate[j]) * up[j];
     quantize_rows(gate, R, I, NULL, act);
     product(act, &p[DOWN], o);
-    for (int r = 0; r < R; r++) {
-        float *xr = x + (size_t)r * H, *or_ = o + (size_t)r * H;
-        rms_norm(or_, g[NORM_POST_FF], or_, H, m->eps);
-        for (int j = 0; j < H; j++) xr[j] += or_[j];
-    }
+    for (int r = 0; r < R; r++) add_normed(x + (size_t)r * H, o + (size_t)r * H, g[NORM_POST_FF], H, m->eps);
 }
 
 typedef struct {
@@ -552,35 +552,33 @@ static void rescore_columns(const void *context, int64_t lo, int64_t hi) {
 /* The columns of a row's highest-maximum chunks get their logits from the float embedding. Every column when the
  * row has no more chunks than that (as llmsample/quantize.py's rescored_columns). */
 static void rescore(const Model *m, const float *hidden, float *logits) {
-    int V = m->vocab, C = m->rescore_chunk, want = m->rescore_chunks, H = m->hidden;
-    int chunks = V / C;
-    if (chunks <= want) {
-        for (int i = 0; i < V; i++) {
-            const float *e = m->embedding + (size_t)i * H;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int j = 0; j < H; j++) dot += e[j] * hidden[j];
-            logits[i] = dot;
-        }
+    int V = m->vocab, C = m->rescore_chunk, want = m->rescore_chunks;
+    int chunks = V / C, narrow = chunks <= want; /* a narrow row: every chunk (and the tail) is rescored */
+    float *maxima = narrow ? NULL : malloc(sizeof(float) * (size_t)chunks);
+    int *chosen = malloc(sizeof(int) * (size_t)(narrow ? chunks + 1 : want + 1));
+    if ((!narrow && !maxima) || !chosen) { /* out of memory: the int8 logits stay as they are */
+        free(maxima), free(chosen);
         return;
     }
-    float *maxima = malloc(sizeof(float) * (size_t)chunks);
-    int *chosen = malloc(sizeof(int) * (size_t)(want + 1));
-    for (int c = 0; c < chunks; c++) {
-        float top = -INFINITY;
-        for (int i = 0; i < C; i++) top = fmaxf(top, logits[(size_t)c * C + i]);
-        maxima[c] = top;
-    }
-    /* the `want` largest maxima: insertion into a short sorted list */
     int n = 0;
-    for (int c = 0; c < chunks; c++) {
-        if (n == want && !(maxima[c] > maxima[chosen[n - 1]])) continue;
-        int at = n < want ? n++ : want - 1;
-        while (at > 0 && maxima[c] > maxima[chosen[at - 1]]) {
-            chosen[at] = chosen[at - 1];
-            at--;
+    if (narrow) {
+        for (; n < chunks; n++) chosen[n] = n;
+    } else {
+        for (int c = 0; c < chunks; c++) {
+            float top = -INFINITY;
+            for (int i = 0; i < C; i++) top = fmaxf(top, logits[(size_t)c * C + i]);
+            maxima[c] = top;
         }
-        chosen[at] = c;
+        /* the `want` largest maxima: insertion into a short sorted list */
+        for (int c = 0; c < chunks; c++) {
+            if (n == want && !(maxima[c] > maxima[chosen[n - 1]])) continue;
+            int at = n < want ? n++ : want - 1;
+            while (at > 0 && maxima[c] > maxima[chosen[at - 1]]) {
+                chosen[at] = chosen[at - 1];
+                at--;
+            }
+            chosen[at] = c;
+        }
     }
     int tail = V - chunks * C;
     RescoreJob job = {m, hidden, logits, chosen, n, chunks};
