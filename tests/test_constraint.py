@@ -332,8 +332,10 @@ class _FixedMask:
     def __init__(self, allowed):
         self.mask = allowed
 
-    def allowed(self, generated, width):
-        return self.mask
+    def allowed_bits(self, generated):
+        from llmsample.sampling.constraint import pack
+
+        return pack(self.mask)
 
 
 @pytest.mark.parametrize("share", [0.0001, 0.6])  # few allowed: compacted rows; most allowed: dense rows

@@ -285,8 +285,9 @@ def token_table(tokenizer: Any, eos_ids: Sequence[int]) -> Any:
 class Constraint:
     """One compiled constraint and the parser state of every generated prefix seen at the last step.
 
-    ``allowed(generated, width)`` is what the sampling stage calls: ``generated`` ``[batch, n]`` (the tokens after
-    the prompt, one row per sample or beam), the answer a ``[batch, width]`` bool tensor. A row's parser is found
+    ``allowed_bits(generated)`` is what the sampling stage calls: ``generated`` ``[batch, n]`` (the tokens after
+    the prompt, one row per sample or beam), the answer a ``[batch, words]`` packed int32 tensor (``allowed`` unpacks
+    it to ``[batch, width]`` bool). A row's parser is found
     by its tokens: the one for its prefix at the last step, advanced by its newest token, so a beam that takes over
     another beam's text takes over its parser too.
     """
@@ -305,10 +306,10 @@ class Constraint:
 
     def check_satisfiable(self) -> None:
         """``ConfigError`` when no token sequence of this vocabulary can satisfy the constraint (exit 2)."""
-        import torch
+        from llmsample.sampling.constraint import unpack
 
         first = self._start.deep_copy()
-        allowed = self._masks([first], self.vocab, torch.device("cpu"))[0]
+        allowed = unpack(self._bits([first]), self.vocab)[0]
         eos = set(self.table.eos_tokens)
         if first.is_accepting():
             return
@@ -325,8 +326,9 @@ class Constraint:
             ids.pop()
         return parser.consume_tokens(ids) and parser.is_accepting() if ids else parser.is_accepting()
 
-    def allowed(self, generated: Any, width: int) -> Any:
-        """``[batch, width]`` bool: the tokens each row's text may continue with (EOS only where it may end)."""
+    def allowed_bits(self, generated: Any) -> Any:
+        """``[batch, words]`` int32: the tokens each row's text may continue with (EOS only where it may end),
+        packed as the sampling stage reads them (token i is bit i % 32 of word i // 32)."""
         keys = [tuple(row) for row in generated.tolist()]
         wanted = set(keys)
         new = [key for key in wanted if key not in self._parsers]
@@ -343,13 +345,19 @@ class Constraint:
             parsers[key] = parser
         self._parsers = parsers
         unique = list(wanted)
-        masks = self._masks([parsers[key] for key in unique], width, generated.device)
+        bits = self._bits([parsers[key] for key in unique])
         if len(unique) == len(keys) and unique == keys:
-            return masks
+            return bits.to(generated.device)
         index = {key: i for i, key in enumerate(unique)}
-        return masks[[index[key] for key in keys]]
+        return bits[[index[key] for key in keys]].to(generated.device)
 
-    def _masks(self, parsers: list[Any], width: int, device: Any) -> Any:
+    def allowed(self, generated: Any, width: int) -> Any:
+        """``[batch, width]`` bool: ``allowed_bits`` unpacked (columns past the vocabulary: False)."""
+        from llmsample.sampling.constraint import unpack
+
+        return unpack(self.allowed_bits(generated), width)
+
+    def _bits(self, parsers: list[Any]) -> Any:
         import llguidance
         import torch
 
@@ -364,24 +372,7 @@ class Constraint:
                 self._executor = llguidance.LLExecutor()
             self._executor.unsafe_compute_mask_ptr([(p, i) for i, p in enumerate(parsers)], bitmask.data_ptr(),
                                                    row_bytes, len(parsers))
-        return unpack(bitmask, width).to(device)
-
-
-def unpack(bitmask: Any, width: int) -> Any:
-    """``[batch, words]`` int32 bitmask (token i = bit i % 32 of word i // 32) → ``[batch, width]`` bool.
-
-    >>> import torch
-    >>> unpack(torch.tensor([[0b101]], dtype=torch.int32), 4)
-    tensor([[ True, False,  True, False]])
-    """
-    import torch
-
-    shifts = torch.arange(32, dtype=torch.int32)
-    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).ne(0).reshape(bitmask.shape[0], -1)
-    have = bits.shape[1]
-    if width <= have:
-        return bits[:, :width]
-    return torch.nn.functional.pad(bits, (0, width - have), value=False)
+        return bitmask
 
 
 def bind(cfg: Any, tokenizer: Any, eos_ids: Sequence[int]) -> dict:

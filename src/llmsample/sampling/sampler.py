@@ -9,6 +9,7 @@ import torch
 
 from llmsample.sampling import registry, stages
 from llmsample.sampling.candidates import Candidates
+from llmsample.sampling.constraint import unpack
 from llmsample.sampling.stages import History, Stage
 
 
@@ -198,7 +199,7 @@ class Sampler:
         constraint = self.state.get("grammar")
         if constraint is None or "grammar" not in self.stage_names:
             return
-        allowed = constraint.allowed(history.generated, c.vocab_size).to(force.device)
+        allowed = unpack(constraint.allowed_bits(history.generated), c.vocab_size).to(force.device)
         ok = allowed.gather(1, force.clamp(min=0).unsqueeze(1)).squeeze(1) | ~forced
         if not bool(ok.all()):
             rows = (~ok).nonzero().flatten().tolist()
