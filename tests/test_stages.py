@@ -232,3 +232,20 @@ def test_remove_below_equals_a_mask():
     logits[0, :10] = float("-inf")
     threshold = logits[:, 7:8].clone()  # ties with the threshold are kept
     assert torch.equal(remove_below(logits, threshold), logits.masked_fill(logits < threshold, float("-inf")))
+
+
+@pytest.mark.parametrize("width", [10, 4096])  # a narrow row, and one wide enough for the compacting stages
+def test_repetition_penalty_ignores_history_ids_past_the_row(width):
+    """A prompt token the logits have no column for (a tokenizer wider than the model's head) penalises nothing;
+    the ids inside the row are penalised once each, however often they repeat."""
+    logits = torch.randn(2, width, generator=torch.Generator().manual_seed(width))
+    inside = torch.tensor([[3, 3, 7, 1], [0, 2, 2, 2]])
+    past = torch.tensor([[3, width, 7, 1], [width + 5, 0, 2, 2]])
+    c = Candidates.from_logits(logits)
+    expected = penalties(c, History(inside), repetition_penalty=1.5).logits
+    assert torch.equal(penalties(c, History(torch.cat((inside, past), 1)), repetition_penalty=1.5).logits, expected)
+    by_hand = logits.clone()
+    for row, ids in enumerate(inside.tolist()):
+        for j in set(ids):
+            by_hand[row, j] = by_hand[row, j] / 1.5 if by_hand[row, j] > 0 else by_hand[row, j] * 1.5
+    assert torch.equal(expected, by_hand)

@@ -313,12 +313,15 @@ def penalties(
     vocab = c.vocab_size
     seen_ids = history.window(last_n, start=min(prompt_ignore_length, history.prompt_len))
     if repetition_penalty != 1.0 and seen_ids.shape[1] > 0:
-        if c.is_dense:
+        if c.is_dense and (sync_free() or not bool((seen_ids < vocab).all())):
             # Touch only the history's columns: a spare column absorbs ids past the vocab.
             padded = torch.nn.functional.pad(logits, (0, 1))
             ids = seen_ids.clamp(max=vocab)
             seen = _repetition(padded.gather(1, ids), repetition_penalty)
             logits = padded.scatter(1, ids, seen)[:, :vocab]
+        elif c.is_dense:  # every id inside the row (the usual case): one copy, no padded row and its slice
+            # A repeated id writes the same value each time: each is penalised once, from the row's own logit.
+            logits = logits.scatter(1, seen_ids, _repetition(logits.gather(1, seen_ids), repetition_penalty))
         else:
             present = _table(seen_ids, vocab, counts=False).gather(1, c.ids)
             logits = torch.where(present, _repetition(logits, repetition_penalty), logits)
