@@ -136,7 +136,7 @@ def test_stats_say_which_path_decoded(cli, tiny_gemma_dir, monkeypatch):
 
     args = ("The fox", "--model", str(tiny_gemma_dir), "--quantize", "int8", "--greedy", "--max-new-tokens", "4",
             "--ignore-eos", "--format", "json", "--stats")
-    for disabled, label, line in (("0", "compiled", "int8, compiled kernel"),
+    for disabled, label, line in (("0", "compiled", "int8 weights, float32 activations (llmsample engine, compiled kernel)"),
                                   ("1", "torch", "int8 via torch: LLMSAMPLE_NO_KERNEL is set")):
         monkeypatch.setenv(decode_kernel.DISABLE_VARIABLE, disabled)
         code, out, err = cli(*args)

@@ -159,7 +159,7 @@ def test_the_first_use_conversion_stopped_by_sigterm_leaves_nothing_and_the_next
     while not any(cache.glob(".gemma-3-270m-float32.*")):
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
         time.sleep(0.2)
-    time.sleep(10)  # into the dequantisation
+    time.sleep(10)  # into the dequantization
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err == "llmsample: error: terminated\n" and out == ""

@@ -302,7 +302,7 @@ def test_cli_quantize_int8_generates_and_reports_it(cli, tiny_gemma_dir):
     assert result["stats"]["quantize"] == "int8"
     kernel = "compiled" if decode_kernel.load() is not None else "torch"
     assert result["stats"]["decode_kernel"] == kernel
-    assert ("llmsample engine, int8, compiled kernel" if kernel == "compiled" else "int8 via torch: ") in err
+    assert ("int8 weights, float32 activations (llmsample engine, compiled kernel)" if kernel == "compiled" else "int8 via torch: ") in err
     stats = result["stats"]  # the prompt's end is heard on the int8 path too: reading and generating apart
     assert 0 < stats["prefill_s"] <= stats["first_token_s"] and stats["decode_s"] > 0
     assert not (tiny_gemma_dir / models.INT8_FILE).exists()  # only llmsample's own cache is written to

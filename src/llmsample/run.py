@@ -189,19 +189,21 @@ def eos_ids(lm: Any, chat: bool = False) -> list[int]:
 
 # ---- generate --------------------------------------------------------------------------------------------------
 
+LOADING = "loading the model…"
+
 
 def load_model(model: Optional[str], device: str, dtype: str, device_map: Optional[str], err: Any,
                engine: str = "auto", quantize: Optional[str] = None) -> tuple[Any, float]:
     """Resolve the device, load with a status line on stderr; returns the model and the seconds from the process's
     start until it was ready (imports included: what a person waits for)."""
-    from llmsample import models
-
-    given_dtype = dtype
-    device, dtype = resolve_device(device, dtype)
-    if quantize == "auto":
-        quantize = models.auto_quantize(model, device, given_dtype, device_map, engine)
     try:
-        with _sigterm_raises(), err.status("loading the model…", spinner="dots") as status:
+        with _sigterm_raises(), err.status(LOADING, spinner="dots") as status:
+            from llmsample import models  # imports torch: about a second, under the spinner
+
+            given_dtype = dtype
+            device, dtype = resolve_device(device, dtype)
+            if quantize == "auto":
+                quantize = models.auto_quantize(model, device, given_dtype, device_map, engine)
             lm = models.load(model, device=device, dtype=dtype, device_map=device_map,
                              report=lambda message: status.update(message), engine=engine, quantize=quantize)
     except (RuntimeError, MemoryError) as exc:
@@ -249,11 +251,13 @@ def generate(opts: GenerateOptions, renderer: Renderer, loaded: Optional[tuple[A
         from llmsample.remote.generate import generate as generate_remote
 
         return generate_remote(opts, renderer, loaded[0] if loaded else None)
-    from llmsample import chat, force, grammar, models
-    from llmsample.decode import DecodeState
-    from llmsample.detok import IncrementalDetokenizer, StopMatcher
-    from llmsample.sampling import Sampler
-    from llmsample.token_text import control_token_ids, encoder, for_model, vocab_size
+    # Importing torch takes about a second: the spinner load_model shows starts here, not after it.
+    with contextlib.nullcontext() if loaded else renderer.err.status(LOADING, spinner="dots"):
+        from llmsample import chat, force, grammar, models
+        from llmsample.decode import DecodeState
+        from llmsample.detok import IncrementalDetokenizer, StopMatcher
+        from llmsample.sampling import Sampler
+        from llmsample.token_text import control_token_ids, encoder, for_model, vocab_size
 
     cfg, gen = opts.settings.sampling, opts.settings.generation
     values = {key: value for key, value, _ in opts.settings.rows()}
