@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sampler.py                 # CPU, real logits from the default model + random logits
     python benchmarks/bench_sampler.py --device cuda   # on a GPU (random logits unless --real works there)
+    python benchmarks/bench_sampler.py --share-only    # only the last part: the sampler's share of a token's time
 
 For each setting and batch size it reports, per decoding step:
 - "process": the processed distribution (our ``Sampler.process`` vs transformers' warpers in their order);
@@ -11,6 +12,10 @@ For each setting and batch size it reports, per decoding step:
   probabilities and the entropy, which ``generate`` does not compute) against the same transformers step.
 Gathering a step's rows out of the pool happens outside the timed span, for both sides.
 Both sides produce the same removed set on every step (checked while timing), so the ratio compares equal work.
+
+Last, on the CPU, the sampler's share of a decoding step where it runs for real: the default model decoding as a
+run does (int8, torch's threads), each setting for ``--share-tokens`` tokens, ``Sampler.step`` timed inside the
+decode loop against the whole step (forward, draw and loop), median ms per token of ``--share-repeats`` runs.
 """
 
 from __future__ import annotations
@@ -184,6 +189,42 @@ def bench_stage(pool: torch.Tensor, batch: int, name: str, settings: dict, steps
             "step_ms": timed(lambda x: sampler.step(history, x, generator=gen), step_logits, steps, device)}
 
 
+def decode_share(settings: dict[str, dict], tokens: int, repeats: int) -> list[dict]:
+    """Median ms per token of ``Sampler.step`` and of the whole decoding step, per setting, on the default model as
+    a run on the CPU loads it."""
+    from llmsample.decode import sample_loop
+    from llmsample.models import load
+
+    lm = load(device="cpu", quantize="int8")
+    ids = lm.tokenizer(TEXT[:200], return_tensors="pt").input_ids
+    rows = []
+    for name, chosen in {"greedy": {}, **settings}.items():
+        cfg = SamplingConfig(do_sample=bool(chosen), **chosen)
+        sampler_ms: list[float] = []
+        step_ms: list[float] = []
+        for _ in range(repeats):
+            sampler = Sampler(cfg)
+            plain_step = sampler.step
+
+            def timed_step(*args, **kwargs):
+                start = time.perf_counter()
+                choice = plain_step(*args, **kwargs)
+                sampler_ms.append((time.perf_counter() - start) * 1e3)
+                return choice
+
+            sampler.step = timed_step  # type: ignore[method-assign]
+            last = time.perf_counter()
+            for i, _ in enumerate(sample_loop(lm.language_model, ids, sampler, tokens, (),
+                                              generator=torch.Generator().manual_seed(0))):
+                now = time.perf_counter()
+                if i:  # the first step holds the prompt's forward
+                    step_ms.append((now - last) * 1e3)
+                last = now
+        rows.append({"setting": name, "sampler_ms": statistics.median(sampler_ms),
+                     "token_ms": statistics.median(step_ms)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -191,7 +232,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=262_144, help="vocab size of the random logits")
     parser.add_argument("--no-real", action="store_true", help="skip the default model's logits")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
+    parser.add_argument("--share-tokens", type=int, default=64)
+    parser.add_argument("--share-repeats", type=int, default=3)
+    parser.add_argument("--share-only", action="store_true", help="only the sampler's share of a decoding step")
     args = parser.parse_args()
+    if args.share_only:
+        print_share(args)
+        return
     global cfg_device
     cfg_device = args.device
 
@@ -240,7 +287,23 @@ def main() -> None:
         print(f"{'setting':26} {'batch':>5} {'process':>8} {'step':>8}")
         for r in stage_rows:
             print(f"{r['setting']:26} {r['batch']:>5} {r['process_ms']:8.2f} {r['step_ms']:8.2f}")
+    if args.device == "cpu" and not args.no_real:
+        print_share(args)
     sys.stdout.flush()
+
+
+def print_share(args: argparse.Namespace) -> None:
+    rows = decode_share(SETTINGS, args.share_tokens, args.share_repeats)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        return
+    print(f"\nthe sampler's share of a decoding step (default model, int8, {torch.get_num_threads()} threads, "
+          f"batch 1, {args.share_tokens} tokens, median of {args.share_repeats} runs)")
+    print(f"{'setting':24} {'Sampler.step':>12} {'whole step':>11} {'share':>7}")
+    for r in rows:
+        print(f"{r['setting']:24} {r['sampler_ms']:10.2f}ms {r['token_ms']:9.2f}ms "
+              f"{100 * r['sampler_ms'] / r['token_ms']:6.1f}%")
 
 
 if __name__ == "__main__":

@@ -157,3 +157,30 @@ def test_top_p_sums_a_row_only_where_its_cut_is_that_close():
         ours = stages.top_p(Candidates.from_logits(logits), p).dense().isfinite()
         with plain_paths():
             assert torch.equal(ours, stages.top_p(Candidates.from_logits(logits), p).dense().isfinite())
+
+
+@pytest.mark.parametrize("trial", range(12))
+@pytest.mark.parametrize("chain", [{}, {"do_sample": True, "temperature": 0.8}])  # dense rows at the draw
+def test_dense_step_entropy_probability_and_greedy_pick(trial, chain):
+    """Greedy and a temperature alone leave the row dense: the entropy from one softmax is within 2e-5 nats of a
+    float64 computation (for logits up to 100), the token's probabilities are the plain softmax's, and greedy picks the first of tied
+    maxima, as argmax does."""
+    logits = wide_rows(trial)
+    if trial % 3 == 0:
+        logits[:, 100:110] = logits.amax(-1, keepdim=True)  # tied maxima: the first one wins
+    cfg = SamplingConfig(**chain)
+    ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    choice = Sampler(cfg).step(ids, logits, generator=torch.Generator().manual_seed(trial))
+    processed = logits.double() / (cfg.temperature if cfg.do_sample else 1.0)
+    log_probs = torch.log_softmax(processed, -1)
+    expected = -(log_probs.exp() * log_probs).nansum(-1)
+    scale = max(1.0, float(logits.abs().max()) / 100)  # huge logits: float32's spacing grows with them
+    torch.testing.assert_close(choice.entropy.double(), expected, atol=2e-5 * scale, rtol=1e-6)
+    if not cfg.do_sample:
+        assert torch.equal(choice.token_ids, logits.argmax(-1))
+        assert torch.equal(choice.token_ids, stages.first_argmax(logits))
+    picked = choice.token_ids.unsqueeze(1)
+    torch.testing.assert_close(choice.prob.double(), log_probs.gather(1, picked).squeeze(1).exp(), rtol=2e-4,
+                               atol=1e-7)
+    raw = torch.log_softmax(logits.double(), -1).gather(1, picked).squeeze(1).exp()
+    torch.testing.assert_close(choice.raw_prob.double(), raw, rtol=2e-5 * scale, atol=1e-7)
