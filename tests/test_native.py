@@ -376,6 +376,30 @@ def test_int8_weights_are_cached_in_llmsamples_own_cache(tmp_path, monkeypatch, 
         models.load(str(folder), device="cuda", quantize="int8")
 
 
+def test_the_transposed_embedding_is_saved_by_the_first_float32_load_only(tmp_path, monkeypatch, tiny_gemma_dir):
+    """int8 runs never read it, so they never write it (0.67 GB for the default model); the first float32 load in
+    llmsample's cache writes it, the next maps it and gives the same logits; a folder elsewhere is left alone."""
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = models.cache_root() / "some-model"
+    shutil.copytree(tiny_gemma_dir, folder)
+    models.load(str(folder), quantize="int8")
+    assert not (folder / models.EMBED_T_FILE).exists()
+    first = models.load(str(folder))
+    assert first.model.config.tie_word_embeddings and (folder / models.EMBED_T_FILE).is_file()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no partial file left
+    written = (folder / models.EMBED_T_FILE).stat().st_mtime_ns
+    second = models.load(str(folder))
+    assert (folder / models.EMBED_T_FILE).stat().st_mtime_ns == written  # read, not written again
+    ids = torch.tensor([[1, 5, 9, 14]])
+    assert torch.equal(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits)
+    elsewhere = tmp_path / "mine"
+    shutil.copytree(tiny_gemma_dir, elsewhere)
+    models.load(str(elsewhere))
+    assert not (elsewhere / models.EMBED_T_FILE).exists()
+
+
 def test_logits_of_every_position_on_request():
     hf, native = hf_and_native()
     ids = torch.randint(3, hf.config.vocab_size, (2, 10))

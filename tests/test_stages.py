@@ -249,3 +249,21 @@ def test_repetition_penalty_ignores_history_ids_past_the_row(width):
         for j in set(ids):
             by_hand[row, j] = by_hand[row, j] / 1.5 if by_hand[row, j] > 0 else by_hand[row, j] * 1.5
     assert torch.equal(expected, by_hand)
+
+
+@pytest.mark.parametrize("width", [10, 4096])
+def test_add_bias_ignores_ids_past_the_row_and_leaves_the_input_alone(width):
+    from llmsample.sampling.biases import add_bias
+
+    logits = torch.randn(2, width, generator=torch.Generator().manual_seed(width))
+    before = logits.clone()
+    inside, bias = torch.tensor([[3, 7], [0, 0]]), torch.tensor([[1.5, float("-inf")], [0.25, 0.5]])
+    expected = logits.clone()
+    expected[0, 3] += 1.5
+    expected[0, 7] = float("-inf")
+    expected[1, 0] += 0.75  # a repeated id takes each of its biases
+    c = Candidates.from_logits(logits)
+    assert torch.equal(add_bias(c, inside, bias).logits, expected)
+    past = torch.cat((inside, torch.tensor([[width], [width + 3]])), 1)
+    assert torch.equal(add_bias(c, past, torch.cat((bias, torch.tensor([[9.0], [9.0]])), 1)).logits, expected)
+    assert torch.equal(logits, before)

@@ -211,13 +211,12 @@ def convert_packaged_gguf(out: Path, dtype: str = "float32", report: Optional[Ca
     say("writing the cache")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_embed_t(out, model.get_input_embeddings().weight.detach())
     shutil.rmtree(gguf.parent, ignore_errors=True)
 
 
-# Disk space the conversion needs: float32 weights (1.07 GB), the transposed embedding (0.67 GB), the tokenizer
-# and the assembled GGUF while it is read (0.25 GB).
-DEFAULT_MODEL_BYTES = 2_100_000_000
+# Disk space the conversion needs: float32 weights (1.07 GB), the tokenizer and the assembled GGUF while it is read
+# (0.25 GB). The transposed embedding (0.67 GB) is written by the first float32 run, which alone reads it.
+DEFAULT_MODEL_BYTES = 1_450_000_000
 
 
 @contextlib.contextmanager
@@ -246,13 +245,21 @@ def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str]
                        need_bytes=DEFAULT_MODEL_BYTES)
 
 
-def write_embed_t(folder: Path, embed: Any) -> None:
-    """Store a tied embedding ``[vocab, hidden]`` transposed in ``folder``, for ``gemma3`` to map at load."""
+def _keep_embed_t(folder: Path, model: Any) -> None:
+    """Save the transposed embedding a float32 load made (``[hidden, vocab]``) into llmsample's own cache folder,
+    for the next float32 load to map instead of transposing (int8 runs never read it, so only a float32 run writes
+    it). Written beside and renamed: a reader never sees half a file; a failed write costs only the time."""
     from safetensors.torch import save_file
 
-    from llmsample.gemma3 import transpose_blocked
-
-    save_file({"weight_t": transpose_blocked(embed)}, str(folder / EMBED_T_FILE))
+    weight_t = getattr(model.model.embed_tokens, "weight_t", None)
+    if weight_t is None or folder.parent != cache_root() or (folder / EMBED_T_FILE).is_file():
+        return
+    partial = folder / f".{EMBED_T_FILE}.{os.getpid()}"
+    try:
+        save_file({"weight_t": weight_t}, str(partial))
+        os.replace(partial, folder / EMBED_T_FILE)
+    except OSError:
+        partial.unlink(missing_ok=True)
 
 
 @dataclass
@@ -516,6 +523,8 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
         if (folder / EMBED_T_FILE).is_file() and torch_dtype == state["model.embed_tokens.weight"].dtype:
             embed_t = load_file(folder / EMBED_T_FILE)["weight_t"]
         model = gemma3.load_native(state, config, torch_dtype, device, embed_t, transposed_head=not quantize)
+        if embed_t is None and not quantize and dtype == "float32":
+            _keep_embed_t(folder, model)
         if (folder / "generation_config.json").is_file():
             generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
             model.generation_config.eos_token_id = generation.get("eos_token_id", config.eos_token_id)

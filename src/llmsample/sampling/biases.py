@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
-from llmsample.sampling.stages import History, Stage
+from llmsample.sampling.stages import History, Stage, sync_free
 
 
 def add_bias(c: Candidates, token_ids: torch.Tensor, bias: torch.Tensor) -> Candidates:
@@ -26,7 +26,9 @@ def add_bias(c: Candidates, token_ids: torch.Tensor, bias: torch.Tensor) -> Cand
     tensor([[   1.5000,    0.0000, -100.0000]])
     """
     vocab = c.vocab_size
-    if c.is_dense:
+    if c.is_dense and not sync_free() and bool((token_ids < vocab).all()):  # one copy, no padded row to slice
+        return c.with_logits(c.logits.scatter_add(1, token_ids, bias.to(c.logits.dtype)))
+    if c.is_dense:  # a spare column absorbs the ids past the vocabulary
         padded = torch.nn.functional.pad(c.logits, (0, 1))
         out = padded.scatter_add(1, token_ids.clamp(max=vocab), bias.to(padded.dtype))
         return c.with_logits(out[:, :vocab])

@@ -168,7 +168,9 @@ class Sampler:
         constraint does not allow a forced token.
         """
         history, c = self._run(input_ids, logits, prompt_len, generator)
-        columns = self._select_columns(c, generator)
+        # A wide dense row's softmax serves the draw, the token's probability and the entropy alike.
+        probs = torch.softmax(c.logits, dim=-1) if self._dense_wide(c) and not self.config.greedy else None
+        columns = self._select_columns(c, generator, probs)
         forced = removed = None
         if force is not None:
             force = force.to(c.logits.device)
@@ -183,7 +185,7 @@ class Sampler:
         if self._after_draw is not None:
             self._after_draw(c, columns, history, removed=removed, token_ids=token_ids)
         self.last_record = history.record
-        prob, entropy = self._prob_and_entropy(c, columns, history)
+        prob, entropy = self._prob_and_entropy(c, columns, history, probs)
         if removed is not None:  # its probability under the chain is 0
             prob = torch.where(removed, torch.zeros_like(prob), prob)
         log_total = history.raw_log_normaliser(quick=True).squeeze(1)
@@ -220,13 +222,19 @@ class Sampler:
         """Turn processed candidates into ``[batch]`` token ids (no selector state is updated)."""
         return c.to_vocab(self._select_columns(c, generator))
 
-    def _select_columns(self, c: Candidates, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _select_columns(self, c: Candidates, generator: Optional[torch.Generator],
+                        probs: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.config.greedy:
             return c.logits.argmax(-1) if self.sync_free else stages.first_argmax(c.logits)
-        return draw(c.logits, generator)
+        return draw(c.logits, generator, probs)
 
-    def _prob_and_entropy(self, c: Candidates, columns: torch.Tensor,
-                          history: History) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _dense_wide(c: Candidates) -> bool:
+        """A row no stage compacted, wider than the stages filter in place: one softmax is worth sharing."""
+        return c.is_dense and c.logits.shape[-1] > stages.SMALL_ROW
+
+    def _prob_and_entropy(self, c: Candidates, columns: torch.Tensor, history: History,
+                          probs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[batch]`` processed probability of each row's column and the processed distribution's entropy.
 
         A wide dense row (greedy, a temperature alone) takes one softmax: H = log S − Σ p·ℓ / Σ p, with log S from
@@ -236,11 +244,12 @@ class Sampler:
         normaliser is the raw probability's too, so that is not computed again.
         """
         logits = c.logits
-        if not c.is_dense or logits.shape[-1] <= stages.SMALL_ROW:
+        if not self._dense_wide(c):
             log_probs = torch.log_softmax(logits, dim=-1)
             prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
             return prob, -(log_probs.exp() * log_probs).nansum(-1)
-        probs = torch.softmax(logits, dim=-1)
+        if probs is None:  # ``softmax(c.logits)``, when the draw has it
+            probs = torch.softmax(logits, dim=-1)
         log_total = stages.quick_logsumexp(logits, probs, history.row_max(c))
         if logits is history.raw_logits and history.raw_log_total is None:
             history.raw_log_total_quick = log_total
@@ -352,13 +361,16 @@ def _keep_best_if_emptied(c: Candidates, raw: Candidates) -> Candidates:
     return Candidates.from_logits(dense)
 
 
-def draw(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def draw(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
+         probs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One draw per row from softmax(logits) by inverse CDF: ``[batch, n]`` → ``[batch]`` column indices.
 
     One uniform number per row and a cumulative sum: no ``multinomial`` over the vocabulary. A removed
-    (−inf) column has an empty interval, so it is never drawn.
+    (−inf) column has an empty interval, so it is never drawn. ``probs``: ``softmax(logits)``, when the caller
+    has it.
     """
-    probs = torch.softmax(logits, dim=-1)
+    if probs is None:
+        probs = torch.softmax(logits, dim=-1)
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=logits.device, dtype=cdf.dtype)
