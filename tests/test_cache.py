@@ -261,7 +261,7 @@ def test_too_little_space_is_found_before_the_conversion(cli, tmpfs, monkeypatch
     monkeypatch.setattr(models, "convert_packaged_gguf", lambda *a, **k: pytest.fail("the conversion started"))
     code, out, err = cli("Hi")
     assert code == 3 and out == "" and err.count("\n") == 1
-    assert "the model needs about 2.1 GB, 1.0 MB free (free some space, or set XDG_CACHE_HOME" in err
+    assert "the model needs about 1.4 GB, 1.0 MB free (free some space, or set XDG_CACHE_HOME" in err
 
 
 def test_a_cache_target_that_is_a_file_is_found_before_building(tmp_path):

@@ -394,6 +394,10 @@ def test_the_transposed_embedding_is_saved_by_the_first_float32_load_only(tmp_pa
     assert (folder / models.EMBED_T_FILE).stat().st_mtime_ns == written  # read, not written again
     ids = torch.tensor([[1, 5, 9, 14]])
     assert torch.equal(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits)
+    (folder / models.EMBED_T_FILE).write_bytes(b"damaged")  # transposed again and replaced, not a reconversion
+    third = models.load(str(folder))
+    assert torch.equal(first.model(input_ids=ids).logits, third.model(input_ids=ids).logits)
+    assert (folder / models.EMBED_T_FILE).stat().st_size > 1000 and (folder / "config.json").is_file()
     elsewhere = tmp_path / "mine"
     shutil.copytree(tiny_gemma_dir, elsewhere)
     models.load(str(elsewhere))

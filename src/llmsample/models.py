@@ -248,11 +248,12 @@ def ensure_default_model(dtype: str = "float32", report: Optional[Callable[[str]
 def _keep_embed_t(folder: Path, model: Any) -> None:
     """Save the transposed embedding a float32 load made (``[hidden, vocab]``) into llmsample's own cache folder,
     for the next float32 load to map instead of transposing (int8 runs never read it, so only a float32 run writes
-    it). Written beside and renamed: a reader never sees half a file; a failed write costs only the time."""
+    it; a damaged one is replaced). Written beside and renamed: a reader never sees half a file; a failed write
+    costs only the time."""
     from safetensors.torch import save_file
 
     weight_t = getattr(model.model.embed_tokens, "weight_t", None)
-    if weight_t is None or folder.parent != cache_root() or (folder / EMBED_T_FILE).is_file():
+    if weight_t is None or folder.parent != cache_root():
         return
     partial = folder / f".{EMBED_T_FILE}.{os.getpid()}"
     try:
@@ -521,7 +522,10 @@ def _load_native(folder: Path, name: str, device: str, torch_dtype: Any, dtype: 
             state.update(load_file(file))  # memory-mapped: nothing is copied when dtype and device match
         embed_t = None
         if (folder / EMBED_T_FILE).is_file() and torch_dtype == state["model.embed_tokens.weight"].dtype:
-            embed_t = load_file(folder / EMBED_T_FILE)["weight_t"]
+            try:
+                embed_t = load_file(folder / EMBED_T_FILE)["weight_t"]
+            except (OSError, KeyError, SafetensorError):  # damaged: transposed again below, and written anew
+                pass
         model = gemma3.load_native(state, config, torch_dtype, device, embed_t, transposed_head=not quantize)
         if embed_t is None and not quantize and dtype == "float32":
             _keep_embed_t(folder, model)
