@@ -104,7 +104,7 @@ def test_help_keeps_every_default_and_range(cli, monkeypatch, words):
     assert code == 0
     text = " ".join(out.replace("│", " ").split())
     assert " ]." not in text and "[]" not in text
-    options = [p for p in command.params if p.param_type_name == "option" and p.name != "help"]
+    options = [p for p in command.params if p.param_type_name == "option" and p.name != "help" and not p.hidden]
     for option in options:
         assert " ".join(option.help.replace("\\[", "[").split()) in text, f"{option.opts[0]}'s help lost text"
     assert text.count("[default:") == sum(shows_a_default(o) for o in options), "a default was lost"

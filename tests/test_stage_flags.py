@@ -90,6 +90,23 @@ def test_explain_shows_the_chain_and_where_each_value_came_from(cli, tiny):
     assert "penalty_last_n" in err and "command line" in err
 
 
+def test_an_alias_flag_sets_its_setting_and_help_names_it_beside_the_first_flag(cli, tiny, monkeypatch):
+    """llama.cpp's names (--repeat-last-n, --dynatemp-exponent) work; --help lists each setting under its first
+    flag, naming the alias in its help, so long alias pairs do not squeeze the help column; both at once: exit 2."""
+    for flags in (("--penalty-last-n", "8"), ("--repeat-last-n", "8")):
+        code, out, err = cli("The quick", *tiny, "--repetition-penalty", "1.1", *flags, "--max-new-tokens", "2",
+                             "--format", "json")
+        assert code == 0, err
+        assert json.loads(out)["settings"]["penalty_last_n"] == 8
+    code, out, err = cli("The quick", *tiny, "--penalty-last-n", "8", "--repeat-last-n", "9")
+    assert code == 2 and out == "" and "--penalty-last-n and --repeat-last-n are one setting: give it once" in err
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _ = cli("generate", "--help")
+    words = " ".join(out.replace("│", " ").split())
+    assert code == 0 and "--penalty-last-n" in out and "(also --repeat-last-n)" in words
+    assert "--penalty-last-n,--repeat-last-n" not in out and "--dynatemp-exp,--dynatemp-exponent" not in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--logit-bias", "abc"], "--logit-bias takes TOKEN=BIAS (a token id or text, and a number), got 'abc'"),
     (["--logit-bias", "5=x"], "--logit-bias '5=x': the bias 'x' is not a number"),

@@ -175,8 +175,9 @@ BaseUrlOption = Annotated[Optional[str], typer.Option("--base-url", metavar="URL
     rich_help_panel=SERVER)]
 ApiKeyEnvOption = Annotated[Optional[str], typer.Option("--api-key-env", metavar="NAME", help="Send the API key held "
     "in the environment variable NAME (never printed, never in JSON) \\[default: no key].", rich_help_panel=SERVER)]
-DialectOption = Annotated[Dialect, typer.Option("--dialect", help="Which server's API to speak (the settings it "
-    "takes): auto asks the server.", rich_help_panel=SERVER)]
+DialectOption = Annotated[Dialect, typer.Option("--dialect", metavar="NAME", help="Which server's API to speak (the "
+    f"settings it takes): auto (ask the server), {', '.join(DIALECT_NAMES[:-1])} or {DIALECT_NAMES[-1]}.",
+    rich_help_panel=SERVER)]
 TimeoutOption = Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Give up when the server sends "
     "nothing for this long (exit 3).", rich_help_panel=SERVER)]
 QuantizeOption = Annotated[Quantize, typer.Option(help="int8: int8 weights on the CPU (about 6x faster than "

@@ -77,15 +77,23 @@ def _python_type(field: Field) -> type:
     return {"float": float, "int": int, "choice": int}.get(field.kind, str)
 
 
-def _annotation(field: Field, repeatable: bool) -> Any:
+def _annotation(field: Field, repeatable: bool, alias: bool = False) -> Any:
+    """The option for ``field``: its first flag, or (``alias``) the others, hidden from ``--help`` (where the
+    first flag's help names them), so that long alias pairs do not widen the help's column of flags."""
     base = _python_type(field)
     many = field.kind in MULTI_VALUE_KINDS or (repeatable and field.kind in SCALAR_KINDS + ("order",))
     kind: Any = Optional[list[base]] if many else Optional[base]  # type: ignore[valid-type]
-    help_ = help_text(field) if not repeatable or field.kind in MULTI_VALUE_KINDS else (
-        help_text(field, "repeatable: one value per variant"))
-    option = typer.Option(*field.all_flags, help=help_, metavar=field.metavar, show_default=False,
-                          rich_help_panel=SAMPLING_PANEL)
+    usage = "; ".join(note for note in (f"also {', '.join(field.all_flags[1:])}" if field.all_flags[1:] else "",
+                                        "repeatable: one value per variant" if repeatable and
+                                        field.kind not in MULTI_VALUE_KINDS else "") if note)
+    flags = field.all_flags[1:] if alias else field.all_flags[:1]
+    option = typer.Option(*flags, help=help_text(field, usage), metavar=field.metavar, show_default=False,
+                          rich_help_panel=SAMPLING_PANEL, hidden=alias)
     return Annotated[kind, option]
+
+
+def _alias_name(field: Field) -> str:
+    return f"{field.name}__alias"
 
 
 def stage_options(repeatable: bool = False) -> Callable[[Callable], Callable]:
@@ -101,10 +109,18 @@ def stage_options(repeatable: bool = False) -> Callable[[Callable], Callable]:
                 for p in signature.parameters.values() if p.name != "stage_values"]
         added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                    annotation=_annotation(f, repeatable)) for f in CLI_FIELDS]
+        added += [inspect.Parameter(_alias_name(f), inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=_annotation(f, repeatable, alias=True))
+                  for f in CLI_FIELDS if len(f.all_flags) > 1]
 
         @functools.wraps(command)
         def run(*args: Any, **kwargs: Any) -> Any:
-            values = {f.name: kwargs.pop(f.name, None) for f in CLI_FIELDS}
+            values = {}
+            for f in CLI_FIELDS:
+                value, aliased = kwargs.pop(f.name, None), kwargs.pop(_alias_name(f), None)
+                if value is not None and aliased is not None:
+                    raise ConfigError(f"{' and '.join(f.all_flags)} are one setting: give it once")
+                values[f.name] = aliased if value is None else value
             return command(*args, stage_values=values, **kwargs)
 
         parameters = kept + added

@@ -308,7 +308,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
                off="0 = off"),
          Field("presence_penalty", 0.0, "float", "Subtract β once for each generated token.", lo=-2, hi=2,
                off="0 = off"),
-         Field("penalty_last_n", -1, "int", "Penalise only the last N tokens (-1 = the whole text).", lo=-1,
+         Field("penalty_last_n", -1, "int", "Penalise only the last N tokens.", lo=-1,
                off="-1 = whole text", flags=("--penalty-last-n", "--repeat-last-n")),
          Field("prompt_ignore_length", 0, "int", "The repetition penalty ignores the first N prompt tokens.", lo=0,
                off="0 = off")),
@@ -343,7 +343,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
                "(0.8 is its author's value).", lo=0, off="0 = off"),
          Field("dry_base", 1.75, "float", "DRY: penalty growth per repeated token.", lo=1),
          Field("dry_allowed_length", 2, "int", "DRY: repeats up to this long go unpenalised.", lo=1),
-         Field("dry_penalty_last_n", -1, "int", "DRY: look back this many tokens (-1 = the whole text).", lo=-1,
+         Field("dry_penalty_last_n", -1, "int", "DRY: look back this many tokens.", lo=-1,
                off="-1 = whole text"),
          Field("dry_sequence_breakers", DEFAULT_BREAKERS, "sequences", "DRY: text that ends a repeat (repeatable; "
                "replaces the defaults \\n : \" *).", flags=("--dry-sequence-breaker",), metavar="TEXT")),
