@@ -144,5 +144,5 @@ def seconds_since_start() -> float:
         with open("/proc/uptime", "rb") as file:
             uptime = float(file.read().split()[0])
         if 0 <= uptime - started < 86400 * 365:
-            return uptime - started
+            return round(uptime - started, 2)  # both counted in hundredths: no float noise past them
     return time.monotonic() - _IMPORTED_AT
