@@ -184,3 +184,21 @@ def test_dense_step_entropy_probability_and_greedy_pick(trial, chain):
                                atol=1e-7)
     raw = torch.log_softmax(logits.double(), -1).gather(1, picked).squeeze(1).exp()
     torch.testing.assert_close(choice.raw_prob.double(), raw, rtol=2e-5 * scale, atol=1e-7)
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_dynamic_temperature_on_wide_rows_matches_a_float64_computation(trial):
+    """Wide rows take one softmax for their entropy: the distribution is llama.cpp's formula computed in float64,
+    within 1e-5 (removed tokens, ties and huge logits included)."""
+    logits = wide_rows(trial)
+    t, spread, exponent = 0.9, 0.6, 1.3
+    out = stages.dynamic_temperature(Candidates.from_logits(logits), t, spread, exponent).logits
+    x = logits.double()
+    log_probs = torch.log_softmax(x, -1)
+    entropy = -(log_probs.exp() * log_probs).nansum(-1, keepdim=True)
+    count = torch.isfinite(x).sum(-1, keepdim=True).clamp(min=2)
+    temp = max(0.0, t - spread) + 2 * spread * (entropy / count.double().log()).clamp(min=0) ** exponent
+    expected = torch.softmax(x / temp, -1)
+    scale = max(1.0, float(logits[torch.isfinite(logits)].abs().max()) / 100)
+    torch.testing.assert_close(torch.softmax(out.double(), -1), expected, atol=1e-5 * scale, rtol=1e-4)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(logits))

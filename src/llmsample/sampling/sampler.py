@@ -237,27 +237,23 @@ class Sampler:
                           probs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[batch]`` processed probability of each row's column and the processed distribution's entropy.
 
-        A wide dense row (greedy, a temperature alone) takes one softmax: H = log S − Σ p·ℓ / Σ p, with log S from
-        ``quick_logsumexp`` and the sum over p because the fused kernel's normaliser is ~6e-5 off on a 262,144-wide
-        row (0.25 ms against 0.44 for −Σ p·log p from ``log_softmax``, whose entropy that normaliser moves by
-        ~1e-4 nats there; this one is within ~1e-5 of a float64 computation). When the row is the raw one, its
-        normaliser is the raw probability's too, so that is not computed again.
+        A wide dense row (greedy, a temperature alone) takes one softmax (``stages.wide_entropy``: ``probs``, when
+        the draw has it). When the row is the raw one, its normaliser is the raw probability's too, so that is not
+        computed again.
         """
         logits = c.logits
         if not self._dense_wide(c):
             log_probs = torch.log_softmax(logits, dim=-1)
             prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
             return prob, -(log_probs.exp() * log_probs).nansum(-1)
-        if probs is None:  # ``softmax(c.logits)``, when the draw has it
-            probs = torch.softmax(logits, dim=-1)
-        log_total = stages.quick_logsumexp(logits, probs, history.row_max(c))
+        token = stages._SYNC_FREE.set(self.sync_free)  # the chain's flag was reset when it ended
+        try:
+            entropy, log_total, probs = stages.wide_entropy(logits, probs, history.row_max(c))
+        finally:
+            stages._SYNC_FREE.reset(token)
         if logits is history.raw_logits and history.raw_log_total is None:
             history.raw_log_total_quick = log_total
-        if self.sync_free or not bool(torch.isfinite(logits.amin())):  # 0·(−inf) would be NaN: the lowest float
-            logits = logits.clamp(min=torch.finfo(logits.dtype).min)
-        # torch's cascaded sums (a BLAS dot's running float32 sum drifts by ~1e-3 over 262,144 terms)
-        weighted = torch.mul(probs, logits).sum(-1) / probs.sum(-1)
-        return probs.gather(1, columns.unsqueeze(1)).squeeze(1), log_total.squeeze(1) - weighted
+        return probs.gather(1, columns.unsqueeze(1)).squeeze(1), entropy.squeeze(1)
 
     # ---- tracing ---------------------------------------------------------------------------------------------
 
