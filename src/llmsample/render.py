@@ -351,9 +351,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         parts.append(f"peak memory {stats['peak_rss_mib']:.0f} MiB")
     if stats.get("peak_cuda_mib") is not None:
         parts.append(f"peak CUDA memory {stats['peak_cuda_mib']:.0f} MiB")
-    where = f"{stats.get('device')} {stats.get('dtype')}"
-    if stats.get("quantize"):  # the weights are int8, the values between the products float32
-        where = f"{stats.get('device')}, {stats['quantize']} weights, {stats.get('dtype')} activations"
+    where = (f"{stats.get('device')}, {stats['quantize']} weights, {stats.get('dtype')} activations"  # int8 × float32
+             if stats.get("quantize") else f"{stats.get('device')} {stats.get('dtype')}")
     if stats.get("engine"):
         how = ""
         if stats.get("quantize") and stats.get("decode_kernel"):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
-from llmsample.sampling.stages import History, Stage, sync_free
+from llmsample.sampling.stages import History, Stage
 
 
 def add_bias(c: Candidates, token_ids: torch.Tensor, bias: torch.Tensor) -> Candidates:
@@ -26,12 +26,10 @@ def add_bias(c: Candidates, token_ids: torch.Tensor, bias: torch.Tensor) -> Cand
     tensor([[   1.5000,    0.0000, -100.0000]])
     """
     vocab = c.vocab_size
-    if c.is_dense and not sync_free() and bool((token_ids < vocab).all()):  # one copy, no padded row to slice
-        return c.with_logits(c.logits.scatter_add(1, token_ids, bias.to(c.logits.dtype)))
-    if c.is_dense:  # a spare column absorbs the ids past the vocabulary
-        padded = torch.nn.functional.pad(c.logits, (0, 1))
-        out = padded.scatter_add(1, token_ids.clamp(max=vocab), bias.to(padded.dtype))
-        return c.with_logits(out[:, :vocab])
+    if c.is_dense:  # an id past the vocabulary adds 0 to the last column: one copy of the row, nothing padded
+        inside = token_ids < vocab
+        bias = torch.where(inside, bias.to(c.logits.dtype), 0.0)
+        return c.with_logits(c.logits.scatter_add(1, token_ids.clamp(max=vocab - 1), bias))
     dense_bias = torch.zeros(c.logits.shape[0], vocab + 1, dtype=c.logits.dtype, device=c.logits.device)
     dense_bias.scatter_add_(1, token_ids.clamp(max=vocab), bias.to(dense_bias.dtype))
     return c.with_logits(c.logits + dense_bias.gather(1, c.ids))

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
-from llmsample.sampling.stages import COMPACT_LIMIT, SMALL_ROW, History, Stage, quick_logsumexp
+from llmsample.sampling.stages import COMPACT_LIMIT, SMALL_ROW, History, Stage, left_aligned, quick_logsumexp
 
 WORD_BITS = 32
 _SHIFTS = torch.arange(WORD_BITS, dtype=torch.int32)
@@ -82,10 +82,7 @@ def _columns(bits: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torc
     rows, words = bits.nonzero(as_tuple=True)  # row-major: each row's words in order
     set_bits = ((bits[rows, words].unsqueeze(-1) >> _SHIFTS.to(bits.device)) & 1).nonzero(as_tuple=True)
     rows, ids = rows[set_bits[0]], words[set_bits[0]] * WORD_BITS + set_bits[1]
-    starts = torch.cumsum(counts, 0) - counts
-    slots = torch.arange(rows.shape[0], device=bits.device) - starts[rows]
-    columns = torch.zeros(bits.shape[0], max(width, 1), dtype=torch.long, device=bits.device)
-    columns[rows, slots] = ids
+    columns = left_aligned(rows, counts, max(width, 1), ids, 0)
     present = torch.arange(columns.shape[1], device=bits.device) < counts.unsqueeze(-1)
     return columns, present
 
@@ -104,7 +101,7 @@ def constrain(c: Candidates, history: History, allowed_bits: torch.Tensor) -> Ca
     """
     bits = _fit(allowed_bits, c.vocab_size)
     counts = _counts(bits)  # [batch]
-    widest, fewest = _extremes(counts)
+    fewest, widest = (int(v) for v in torch.aminmax(counts))
     columns: Optional[torch.Tensor] = None
     allowed: Optional[torch.Tensor] = None
     present: Optional[torch.Tensor] = None  # of out's columns; None: all
@@ -126,12 +123,6 @@ def constrain(c: Candidates, history: History, allowed_bits: torch.Tensor) -> Ca
         revived = emptied if present is None else emptied & present
         out = out.with_logits(torch.where(revived, torch.zeros_like(out.logits), out.logits))
     return out
-
-
-def _extremes(counts: torch.Tensor) -> tuple[int, int]:
-    """(largest, smallest) of ``counts``."""
-    low, high = torch.aminmax(counts)
-    return int(high), int(low)
 
 
 def _raw_mass_cut(history: History, columns: Optional[torch.Tensor], allowed: Optional[torch.Tensor],

@@ -246,11 +246,8 @@ class Sampler:
             log_probs = torch.log_softmax(logits, dim=-1)
             prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
             return prob, -(log_probs.exp() * log_probs).nansum(-1)
-        token = stages._SYNC_FREE.set(self.sync_free)  # the chain's flag was reset when it ended
-        try:
-            entropy, log_total, probs = stages.wide_entropy(logits, probs, history.row_max(c))
-        finally:
-            stages._SYNC_FREE.reset(token)
+        entropy, log_total, probs = stages.wide_entropy(logits, probs, history.row_max(c),
+                                                        finite=False if self.sync_free else None)
         if logits is history.raw_logits and history.raw_log_total is None:
             history.raw_log_total_quick = log_total
         return probs.gather(1, columns.unsqueeze(1)).squeeze(1), entropy.squeeze(1)

@@ -152,19 +152,27 @@ def quick_logsumexp(x: torch.Tensor, probs: Optional[torch.Tensor] = None,
     return torch.where(torch.isinf(top), top, quick)
 
 
-def wide_entropy(logits: torch.Tensor, probs: Optional[torch.Tensor] = None, top: Optional[torch.Tensor] = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_finite(logits: torch.Tensor) -> bool:
+    """Whether every logit is finite: one ``amin`` (nothing removed yet, no NaN; reads the value back)."""
+    return bool(torch.isfinite(logits.amin()))
+
+
+def wide_entropy(logits: torch.Tensor, probs: Optional[torch.Tensor] = None, top: Optional[torch.Tensor] = None,
+                 finite: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[batch, 1]`` entropy (nats) of wide rows' softmax, their ``quick_logsumexp`` and the softmax itself, from
     one softmax (``probs``, computed here unless given; ``top``: the rows' max, when the caller has it).
 
     H = log S − Σp·ℓ / Σp: the sum over p because the fused kernel's normaliser is ~6e-5 off on a 262,144-wide
     row, which moves −Σp·log p from ``log_softmax`` by ~1e-4 nats; this is within ~1e-5 of float64, in 0.25 ms
-    against 0.44. −inf logits count as the lowest float (0·(−inf) would be NaN); a sync-free step clamps always.
+    against 0.44. −inf logits count as the lowest float (0·(−inf) would be NaN). ``finite``: whether every logit
+    is finite, when the caller knows (False clamps without looking, as a sync-free step must); None: looked up.
     """
     if probs is None:
         probs = torch.softmax(logits, dim=-1)
     log_total = quick_logsumexp(logits, probs, top)
-    if sync_free() or not bool(torch.isfinite(logits.amin())):
+    if finite is None:
+        finite = not sync_free() and row_finite(logits)
+    if not finite:
         logits = logits.clamp(min=torch.finfo(logits.dtype).min)
     # torch's cascaded sums (a BLAS dot's running float32 sum drifts by ~1e-3 over 262,144 terms)
     weighted = torch.mul(probs, logits).sum(-1, keepdim=True) / probs.sum(-1, keepdim=True)
@@ -236,6 +244,21 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, columns.gather(1, picked)
 
 
+def left_aligned(rows: torch.Tensor, counts: torch.Tensor, width: int, entries: torch.Tensor,
+                 fill: float) -> torch.Tensor:
+    """``[batch, width]``: each row's ``entries`` (one per item of ``rows``, row-major as ``nonzero`` gives them,
+    ``counts[r]`` for row r) from column 0 on, in their order; ``fill`` after them.
+
+    >>> left_aligned(torch.tensor([0, 0, 1]), torch.tensor([2, 1]), 2, torch.tensor([5, 6, 7]), -1)
+    tensor([[ 5,  6],
+            [ 7, -1]])
+    """
+    slots = torch.arange(rows.shape[0], device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    out = torch.full((counts.shape[0], width), fill, dtype=entries.dtype, device=entries.device)
+    out[rows, slots] = entries
+    return out
+
+
 def _sorted_from(values: torch.Tensor, columns: torch.Tensor, floor: torch.Tensor,
                  k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The k largest of ``values`` (and their ``columns``), sorted, from only those ``>= floor`` (``[batch, 1]``,
@@ -249,13 +272,10 @@ def _sorted_from(values: torch.Tensor, columns: torch.Tensor, floor: torch.Tenso
         return None
     if values.shape[0] == 1:
         kept, kept_columns = values[0, at].unsqueeze(0), columns[0, at].unsqueeze(0)
-    else:  # left-aligned per row, padded with -inf (never among a row's first k: it has k values >= floor)
+    else:  # padded with -inf, never among a row's first k: it has k values >= floor
         widest = int(counts.max())
-        slots = torch.arange(rows.shape[0], device=values.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        kept = torch.full((values.shape[0], widest), NEG_INF, dtype=values.dtype, device=values.device)
-        kept_columns = torch.zeros((values.shape[0], widest), dtype=columns.dtype, device=values.device)
-        kept[rows, slots] = values[rows, at]
-        kept_columns[rows, slots] = columns[rows, at]
+        kept = left_aligned(rows, counts, widest, values[rows, at], NEG_INF)
+        kept_columns = left_aligned(rows, counts, widest, columns[rows, at], 0)
     if kept.shape[1] > 4 * k:  # a row crowded with ties at the floor (many removed tokens): topk is cheaper
         top, order = torch.topk(kept, k, dim=-1)
     else:
@@ -651,8 +671,8 @@ def dynamic_temperature(c: Candidates, t: float, spread: float, exponent: float 
     """
     logits = c.logits
     if logits.shape[-1] > SMALL_ROW:  # one softmax, and no boolean pass over a row with nothing removed
-        entropy = wide_entropy(logits)[0]
-        whole = not sync_free() and bool(torch.isfinite(logits.amin()))
+        whole = not sync_free() and row_finite(logits)
+        entropy = wide_entropy(logits, finite=whole)[0]
         count = torch.full_like(entropy, logits.shape[-1]) if whole else torch.isfinite(logits).sum(-1, keepdim=True)
     else:
         count = torch.isfinite(logits).sum(-1, keepdim=True)

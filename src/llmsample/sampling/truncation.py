@@ -13,7 +13,7 @@ import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
 from llmsample.sampling.stages import (COMPACT_LIMIT, SMALL_ROW, History, Stage, fast_topk, keep_from,
-                                       kth_logit, protect, quick_logsumexp, sync_free)
+                                       kth_logit, protect, quick_logsumexp, row_finite, sync_free)
 
 
 def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
@@ -26,7 +26,7 @@ def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
     if n <= 0.0 or logits.shape[-1] <= 1:
         return c
     # σ as a vector norm: one fused pass over the deviations (torch.std is ~15x slower on a batch of wide rows).
-    if bool(torch.isfinite(logits.amin())):  # nothing removed yet (raw logits)
+    if row_finite(logits):  # nothing removed yet (raw logits)
         deviation = logits - logits.mean(-1, keepdim=True)
         count = torch.tensor(float(logits.shape[-1]))
     else:
