@@ -235,3 +235,75 @@ def test_the_thread_count_does_not_change_a_single_bit(monkeypatch):
         torch.set_num_threads(saved)
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+
+
+def _stat_rows():
+    """Rows for the kernel's statistics: wide and narrow, ragged widths, ties at the top (first column wins),
+    removed tokens, a huge spread, a peak, a flat row, and the rows a sampler must refuse."""
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randn(3, 262_144, generator=g) * 4, torch.randn(2, 100_003, generator=g) * 30,
+            torch.randn(1, 7, generator=g), torch.zeros(1, 8_193)]
+    tied = torch.randn(2, 50_000, generator=g)
+    tied[0, [17, 40_000]] = 9.0
+    tied[1, [33_000, 49_999]] = 9.0
+    removed = torch.randn(2, 20_000, generator=g) * 3
+    removed[0, ::2] = float("-inf")
+    removed[1, :19_999] = float("-inf")  # only the last token left
+    peak = torch.randn(1, 30_000, generator=g)
+    peak[0, 5] = 200.0  # every other weight underflows
+    return rows + [tied, removed, peak]
+
+
+def test_the_kernels_row_statistics_are_the_float64_ones():
+    from llmsample.sampling.row_stats import RowStats
+
+    lib = decode_kernel.load()
+    for logits in _stat_rows():
+        ours, exact = decode_kernel.row_stats(lib, logits), RowStats.of(logits)
+        assert torch.equal(ours.top, exact.top) and torch.equal(ours.argmax, exact.argmax)
+        assert torch.allclose(ours.log_total, exact.log_total, rtol=2e-7, atol=2e-6)
+        assert torch.allclose(ours.entropy, exact.entropy, rtol=1e-5, atol=2e-6)
+
+
+def test_the_kernels_row_statistics_flag_unusable_rows():
+    lib = decode_kernel.load()
+    logits = torch.randn(4, 20_000)
+    logits[0, 11_000] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    stats = decode_kernel.row_stats(lib, logits)
+    assert stats.top[0].isnan().all() and stats.log_total[0].isnan().all()
+    assert stats.top[1].item() == float("inf") and stats.top[2].item() == float("-inf")
+    assert not bool(torch.isfinite(stats.top[:3]).any()) and bool(torch.isfinite(stats.top[3]).all())
+
+
+def test_a_kernel_step_hands_its_statistics_to_the_sampler(monkeypatch):
+    """The decode loop passes them on; tokens are the ones the sampler picks without them, and the probabilities
+    and entropies agree to float rounding."""
+    from llmsample.config import SamplingConfig
+    from llmsample.decode import sample_loop
+    from llmsample.language_model import wrap
+    from llmsample.sampling import Sampler
+    from llmsample.sampling.row_stats import RowStats
+
+    kernel, _ = int8_pair(monkeypatch, vocab=5000)
+    lm = wrap(kernel)
+    ids = torch.randint(3, 5000, (2, 5), generator=torch.Generator().manual_seed(7))
+    logits, cache = lm.forward(ids)
+    logits, cache = lm.forward(logits.argmax(-1, keepdim=True), cache)
+    stats = lm.row_stats(logits)
+    assert stats is not None and lm.row_stats(logits.clone()) is None
+    assert torch.equal(stats.argmax, RowStats.of(logits).argmax)
+    for cfg in (SamplingConfig(), SamplingConfig(do_sample=True, top_k=64, top_p=0.95),
+                SamplingConfig(do_sample=True, temperature=1.0)):
+        runs = []
+        for given in (True, False):
+            sampler = Sampler(cfg)
+            if not given:  # the same loop, the statistics withheld
+                monkeypatch.setattr(lm, "row_stats", lambda logits: None)
+            runs.append(list(sample_loop(lm, ids, sampler, 12, generator=torch.Generator().manual_seed(8))))
+            monkeypatch.undo()
+        for with_stats, without in zip(*runs):
+            assert torch.equal(with_stats.token_ids, without.token_ids)
+            for field in ("prob", "raw_prob", "entropy"):
+                assert torch.allclose(getattr(with_stats, field), getattr(without, field), rtol=1e-4, atol=1e-6)

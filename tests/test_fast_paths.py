@@ -66,7 +66,10 @@ def test_the_compacted_path_runs_and_keeps_vocabulary_order():
     for cut in (truncation.epsilon, truncation.eta):
         fast = cut(Candidates.from_logits(logits), 3e-4)
         assert not fast.is_dense and fast.logits.shape[-1] < 3_400  # at most 1/3e-4 reach the floor
-        assert bool((fast.ids[:, 1:] > fast.ids[:, :-1]).all())  # vocabulary order, as the dense row's
+        for ids, values in zip(fast.ids, fast.logits):  # the survivors in vocabulary order, as the dense row's
+            kept = ids[values.isfinite()]
+            assert bool((kept[1:] > kept[:-1]).all())
+        assert all(len(set(row.tolist())) == row.numel() for row in fast.ids)  # a shorter row's padding: distinct
         with plain_paths():
             assert torch.equal(fast.dense(), cut(Candidates.from_logits(logits), 3e-4).dense())
 
@@ -202,3 +205,38 @@ def test_dynamic_temperature_on_wide_rows_matches_a_float64_computation(trial):
     scale = max(1.0, float(logits[torch.isfinite(logits)].abs().max()) / 100)
     torch.testing.assert_close(torch.softmax(out.double(), -1), expected, atol=1e-5 * scale, rtol=1e-4)
     assert torch.equal(torch.isfinite(out), torch.isfinite(logits))
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"do_sample": True}, {"do_sample": True, "top_k": 64, "top_p": 0.95},
+    {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.3},
+    {"do_sample": True, "min_p": 0.05}, {"do_sample": True, "epsilon_cutoff": 3e-4},
+])
+def test_a_step_given_the_engines_row_statistics_equals_one_without(settings):
+    """``RowStats`` only spare passes over the raw row: the same tokens, and probabilities and entropies within
+    float rounding (the statistics are float64 sums; the sampler's own fused softmax of a wide row is up to ~3e-5
+    off, relatively, on these rows)."""
+    from llmsample.sampling.row_stats import RowStats
+
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 1000, (3, 12), generator=g)
+    cfg = SamplingConfig(**settings)
+    for trial in range(8):
+        logits = torch.randn(3, 262_144, generator=g) * (1 + trial)
+        logits[:, :40] += 6
+        given = Sampler(cfg).step(ids, logits, torch.Generator().manual_seed(trial), stats=RowStats.of(logits))
+        plain = Sampler(cfg).step(ids, logits, torch.Generator().manual_seed(trial))
+        assert torch.equal(given.token_ids, plain.token_ids)
+        for field in ("prob", "raw_prob", "entropy"):
+            assert torch.allclose(getattr(given, field), getattr(plain, field), rtol=6e-5, atol=1e-6), field
+
+
+def test_row_statistics_of_a_row_with_nan_are_refused_as_the_row_is():
+    from llmsample.errors import SamplingError
+    from llmsample.sampling.row_stats import RowStats
+
+    logits = torch.randn(2, 4_096)
+    logits[1, 9] = float("nan")
+    for stats in (None, RowStats.of(logits)):
+        with pytest.raises(SamplingError, match="NaN"):
+            Sampler(SamplingConfig()).step(torch.zeros(2, 1, dtype=torch.long), logits, stats=stats)

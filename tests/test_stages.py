@@ -175,6 +175,30 @@ def test_fast_topk_equals_torch_topk(dtype, width, k):
     assert all(len(set(row)) == k for row in columns.tolist())
 
 
+@pytest.mark.parametrize("width", [262_144, 100_003, 4_100, 64])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_at_least_finds_each_rows_columns_in_order(width, batch):
+    """Every column whose value reaches its row's floor, in column order, the ragged end of a row included; a
+    shorter row padded with distinct columns it does not hold; None past the limit or for a row without any."""
+    from llmsample.sampling.stages import at_least
+
+    g = torch.Generator().manual_seed(width + batch)
+    x = torch.randn(batch, width, generator=g)
+    x[:, 1], x[0, -1] = 9.0, 9.0  # every row finds one; the last column is in the ragged end, when there is one
+    x[:, ::5] = float("-inf")
+    floor = torch.tensor([2.5, 3.0, 3.5][:batch]).unsqueeze(1)
+    columns, values = at_least(x, floor)
+    for row in range(batch):
+        expected = (x[row] >= floor[row]).nonzero().flatten()
+        n = expected.numel()
+        assert torch.equal(columns[row, :n], expected) and torch.equal(values[row, :n], x[row, expected])
+        assert bool(values[row, n:].isneginf().all())
+        assert columns[row].unique().numel() == columns.shape[1] and int(columns[row].max()) < width
+    assert at_least(x, floor, limit=int((x >= floor).sum(-1).max()) - 1) is None
+    assert at_least(x, torch.full((batch, 1), 100.0)) is None
+    assert at_least(torch.full((batch, width), float("nan")), floor) is None  # a softmax of a row with NaN
+
+
 def _top_p_sorted(logits, p, min_keep):
     """top_p by its one-sort path (the one a sync-free step takes): the reference for the faster ones."""
     from llmsample.sampling import stages

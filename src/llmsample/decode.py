@@ -118,7 +118,8 @@ def sample_loop(
         if force and index in force:  # the active rows take this token instead of their draw
             forced = torch.where(active, force[index], -1)
         try:
-            choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len, force=forced)
+            choice = step_sampler.step(sequence, logits, generator=generator, prompt_len=prompt_len, force=forced,
+                                       stats=model.row_stats(logits))
             step_sampler.raise_if_invalid(logits, choice)  # a sync-free step's check, now that tokens are read
         except SamplingError as exc:
             raise SamplingError(f"{exc}, at generated token {index + 1}") from None

@@ -13,6 +13,10 @@
  * embedding. Sums over floats (norms, attention) run in another order than torch's, so results agree to float
  * rounding, not bit for bit.
  *
+ * With the logits it can write each row's statistics the sampler needs (largest logit and its first column, the
+ * log-normaliser, the entropy: llmsample/sampling/row_stats.py), while the row is still in the cache: the sampler
+ * would otherwise pass over the 262,144 logits several times more, cold, after the step.
+ *
  * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native -fopenmp) at first use and
  * kept in the cache; where no compiler is found, the eager path runs instead.
  */
@@ -29,7 +33,7 @@
 #define USE_VNNI 1
 #endif
 
-#define KERNEL_ABI 2 /* bumped whenever a struct below changes; Python checks it before any call */
+#define KERNEL_ABI 3 /* bumped whenever a struct below changes; Python checks it before any call */
 
 typedef struct {
     const int8_t *weight;  /* [out, in], rows contiguous */
@@ -587,7 +591,134 @@ static void rescore(const Model *m, const float *hidden, float *logits) {
     free(chosen);
 }
 
-static void head_logits(const Model *m, int batch, const float *x, float *normed, Quantized *act, float *logits) {
+/* e^x for x <= 0 within about one float spacing (Cephes' expf polynomial after a two-part reduction by ln 2), and 0
+ * below -87 (under 2^-125: nothing beside the row's largest term, which is 1). Plain arithmetic, so that the loops
+ * calling it are vectorized. */
+static inline float exp_nonpositive(float x) {
+    float clamped = x < -87.0f ? -87.0f : x;
+    float k = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* rounded to the nearest integer */
+    float r = fmaf(k, -0.693359375f, clamped);
+    r = fmaf(k, 2.12194440e-4f, r);
+    float p = fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p * r, r, r) + 1.0f;
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+#define STATS_PIECE 8192 /* columns per work item of row_stats */
+
+typedef struct {
+    float top;      /* the piece's largest logit (NaN when it holds one) */
+    int64_t at;     /* its first column */
+    double total;   /* sum of e^(l - top) */
+    double spread;  /* sum of e^(l - top) * (l - top) */
+} Piece;
+
+typedef struct {
+    const float *logits;
+    int vocab, pieces;
+    Piece *out;
+} StatsJob;
+
+static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
+    const StatsJob *job = context;
+    for (int64_t item = lo; item < hi; item++) {
+        int64_t row = item / job->pieces, first = item % job->pieces * STATS_PIECE;
+        int64_t n = job->vocab - first < STATS_PIECE ? job->vocab - first : STATS_PIECE;
+        const float *l = job->logits + row * job->vocab + first;
+        float top = -INFINITY;
+        int broken = 0;
+#pragma omp simd reduction(max : top) reduction(| : broken)
+        for (int64_t i = 0; i < n; i++) {
+            top = l[i] > top ? l[i] : top;
+            broken |= l[i] != l[i];
+        }
+        Piece *piece = job->out + item;
+        piece->top = broken ? NAN : top;
+        piece->at = first;
+        for (int64_t i = 0; i < n; i++)
+            if (l[i] == top) {
+                piece->at = first + i;
+                break;
+            }
+        double total = 0.0, spread = 0.0;
+        if (!broken && isfinite(top)) {
+#pragma omp simd reduction(+ : total, spread)
+            for (int64_t i = 0; i < n; i++) {
+                float d = l[i] - top, w = exp_nonpositive(d);
+                total += w;
+                spread += w * (d < -87.0f ? 0.0f : d);
+            }
+        }
+        piece->total = total, piece->spread = spread;
+    }
+}
+
+/* Per row of logits [batch, vocab]: stats[b] = {largest logit, its first column, logsumexp, entropy in nats}, with
+ * the sums in double. A row with NaN gets NaN throughout; one whose largest logit is infinite gets it as its
+ * largest, the rest NaN (the sampler reports such a row before it uses anything else). */
+static int row_stats(int batch, int vocab, const float *logits, double *stats) {
+    int pieces = (vocab + STATS_PIECE - 1) / STATS_PIECE;
+    Piece *part = malloc(sizeof(Piece) * (size_t)batch * pieces);
+    if (!part) return -1;
+    StatsJob job = {logits, vocab, pieces, part};
+    parallel(stats_pieces, &job, (int64_t)batch * pieces, 1);
+    for (int b = 0; b < batch; b++) {
+        const Piece *p = part + (size_t)b * pieces;
+        double *out = stats + (size_t)b * 4;
+        float top = -INFINITY;
+        int64_t at = 0, broken = 0;
+        for (int i = 0; i < pieces; i++) {
+            broken |= isnan(p[i].top);
+            if (p[i].top > top) top = p[i].top, at = p[i].at;
+        }
+        out[0] = broken ? NAN : top, out[1] = (double)at;
+        if (broken || !isfinite(top)) {
+            out[2] = out[3] = NAN;
+            continue;
+        }
+        double total = 0.0, spread = 0.0;
+        for (int i = 0; i < pieces; i++) { /* each piece's sums moved from its own largest logit to the row's */
+            if (!isfinite(p[i].top)) continue; /* every logit of the piece removed (-inf): it adds nothing */
+            double shift = (double)p[i].top - top, factor = exp(shift);
+            total += factor * p[i].total;
+            spread += factor * (p[i].spread + shift * p[i].total);
+        }
+        out[2] = top + log(total);
+        out[3] = log(total) - spread / total;
+    }
+    free(part);
+    return 0;
+}
+
+typedef struct {
+    int batch, vocab;
+    const float *logits;
+    double *stats;
+    int status;
+} StatsCall;
+
+static void run_stats(void *argument) {
+    StatsCall *c = argument;
+    c->status = row_stats(c->batch, c->vocab, c->logits, c->stats);
+}
+
+/* row_stats of logits [batch, vocab] the caller has, on `threads` threads, as a step computes them. Returns 0, or
+ * -1 when memory ran out. */
+int logits_stats(int threads, int batch, int vocab, const float *logits, double *stats) {
+    StatsCall c = {batch, vocab, logits, stats, 0};
+    in_team(threads, run_stats, &c);
+    return c.status;
+}
+
+static int head_logits(const Model *m, int batch, const float *x, float *normed, Quantized *act, float *logits,
+                       double *stats) {
     for (int b = 0; b < batch; b++)
         rms_norm(x + (size_t)b * m->hidden, m->final_gain, normed + (size_t)b * m->hidden, m->hidden, m->eps);
     quantize_rows(normed, batch, m->hidden, m->head_channel_scale, act);
@@ -595,6 +726,7 @@ static void head_logits(const Model *m, int batch, const float *x, float *normed
     if (m->embedding)
         for (int b = 0; b < batch; b++)
             rescore(m, normed + (size_t)b * m->hidden, logits + (size_t)b * m->vocab);
+    return stats ? row_stats(batch, m->vocab, logits, stats) : 0;
 }
 
 /* One step, its jobs shared by the running team if any. x: [batch, new, hidden] embedded inputs at positions
@@ -604,7 +736,7 @@ static void head_logits(const Model *m, int batch, const float *x, float *normed
  * position. Returns 0, or -1 when memory ran out. */
 static int step_alone(const Model *m, int batch, int new, int start, int capacity, float *x, float *const *keys,
                       float *const *values, const float *cos_sliding, const float *sin_sliding,
-                      const float *cos_full, const float *sin_full, float *logits) {
+                      const float *cos_full, const float *sin_full, float *logits, double *stats) {
     Step s = {m, batch, new, start, capacity, keys, values};
     size_t R = (size_t)batch * new;
     int widest = m->intermediate;
@@ -629,9 +761,9 @@ static int step_alone(const Model *m, int batch, int new, int start, int capacit
     for (int b = 0; b < batch; b++)
         memcpy(last + (size_t)b * m->hidden, x + ((size_t)b * new + new - 1) * m->hidden,
                sizeof(float) * (size_t)m->hidden);
-    head_logits(m, batch, last, normed, &act, logits);
+    int status = head_logits(m, batch, last, normed, &act, logits, stats);
     free(work), free(bytes), free(steps), free(last), free(normed);
-    return 0;
+    return status;
 }
 
 typedef struct {
@@ -641,21 +773,22 @@ typedef struct {
     float *const *keys, *const *values;
     const float *cos_sliding, *sin_sliding, *cos_full, *sin_full;
     float *logits;
+    double *stats;
     int status;
 } StepCall;
 
 static void run_step(void *argument) {
     StepCall *c = argument;
     c->status = step_alone(c->m, c->batch, c->new, c->start, c->capacity, c->x, c->keys, c->values, c->cos_sliding,
-                           c->sin_sliding, c->cos_full, c->sin_full, c->logits);
+                           c->sin_sliding, c->cos_full, c->sin_full, c->logits, c->stats);
 }
 
-/* The step on `threads` threads (see step_alone for the rest). */
+/* The step on `threads` threads (see step_alone for the rest); stats: [batch, 4] (see row_stats), or NULL. */
 int decode_step(const Model *m, int threads, int batch, int new, int start, int capacity, float *x,
                 float *const *keys, float *const *values, const float *cos_sliding, const float *sin_sliding,
-                const float *cos_full, const float *sin_full, float *logits) {
+                const float *cos_full, const float *sin_full, float *logits, double *stats) {
     StepCall c = {m, batch, new, start, capacity, x, keys, values, cos_sliding, sin_sliding, cos_full, sin_full,
-                  logits, 0};
+                  logits, stats, 0};
     in_team(threads, run_step, &c);
     return c.status;
 }
@@ -692,7 +825,7 @@ static int project_alone(const Model *m, int batch, const float *x, float *logit
         return -1;
     }
     Quantized act = {bytes, bytes + (size_t)batch * m->hidden, steps, 0, 0};
-    head_logits(m, batch, x, normed, &act, logits);
+    int status = head_logits(m, batch, x, normed, &act, logits, NULL);
     free(normed), free(bytes), free(steps);
-    return 0;
+    return status;
 }

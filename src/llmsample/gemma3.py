@@ -138,6 +138,7 @@ class GenerationDefaults:
 class ForwardOutput:
     logits: torch.Tensor  # [batch, kept positions, vocab]
     past_key_values: "KVCache"
+    row_stats: Any = None  # the last position's sampling.row_stats.RowStats, when the compiled kernel computed them
 
 
 class KVCache:
@@ -516,15 +517,16 @@ class Gemma3ForCausalLM(nn.Module):
         """
         cache = past_key_values if past_key_values is not None else KVCache(self.config.num_hidden_layers)
         batch, new = input_ids.shape
-        logits = None
+        stepped = None
         if self.kernel_step is not None and self.kernel_step.takes(input_ids, logits_to_keep):
-            logits = self.kernel_step.step(input_ids, cache)
-        if logits is not None:
+            stepped = self.kernel_step.step(input_ids, cache)
+        if stepped is not None:
+            logits, stats = stepped
             if isinstance(cache, StaticKVCache):
                 cache.sync_position()
             if progress is not None:  # a short prompt is read in one call: there is only the end to report
                 progress(new, new)
-            return ForwardOutput(logits=logits.view(batch, 1, -1), past_key_values=cache)
+            return ForwardOutput(logits=logits.view(batch, 1, -1), past_key_values=cache, row_stats=stats)
         keep = min(logits_to_keep, new) if logits_to_keep else new
         kept = []  # the hidden states of the last ``keep`` positions, chunk by chunk
         for start in range(0, new, PREFILL_CHUNK):

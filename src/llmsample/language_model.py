@@ -7,6 +7,8 @@ decode.py, lab.py and the benchmarks run a model only through it; every engine m
   ``progress(done, total)`` hears how far a long input has been read (at least once, at the end);
 - ``all_logits(input_ids)``: the logits of every position, ``[batch, length, vocab]`` (perplexity, benchmarks);
 - ``reorder(cache, order)``: beam search, row ``i`` continues from row ``order[i]``;
+- ``row_stats(logits)``: the ``sampling.row_stats.RowStats`` of logits the last ``forward`` returned, where the
+  engine computed them as it wrote the logits (else None: the sampler computes what it needs);
 - ``eos_token_ids``, ``context_length``, ``vocab_size``, ``device``, ``dtype``.
 
 The two engines here are llmsample's own Gemma 3 (``gemma3.py``) and any transformers causal LM. A serving engine
@@ -95,6 +97,11 @@ class LanguageModel:
         """Logits of every position of ``input_ids``, ``[batch, length, vocab]`` (no cache kept)."""
         raise NotImplementedError
 
+    def row_stats(self, logits: torch.Tensor) -> Any:
+        """The ``RowStats`` of ``logits`` when they are what the last ``forward`` returned and the engine computed
+        them with it; else None."""
+        return None
+
     def stepwise_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``all_logits`` computed as decoding computes them: one position at a time through the cache (an int8
         model decodes through other kernels than it reads a prompt with; its quality is measured here)."""
@@ -135,6 +142,7 @@ class NativeModel(LanguageModel):
         self.cuda_graphs = module.device.type == "cuda"
         self._graph: Any = None  # (cache, graph, input ids buffer, logits buffer) of the captured step
         self._spare: Any = None  # the last static cache handed out
+        self._last: Any = None  # (logits, RowStats) of the last forward, when the compiled kernel computed them
 
     def new_cache(self, batch: int, capacity: int) -> Any:
         """A static cache; the last one again (emptied) when its shape fits, so a captured graph stays valid."""
@@ -151,12 +159,19 @@ class NativeModel(LanguageModel):
                 progress: Optional[Progress] = None) -> tuple[torch.Tensor, Any]:
         from llmsample.gemma3 import StaticKVCache
 
+        self._last = None
         if self.fixed_step and isinstance(cache, StaticKVCache) and input_ids.shape[1] == 1:
             if not self.cuda_graphs:
                 return self.module.decode_step(input_ids, cache), cache
             return self._replay(input_ids, cache), cache
         out = self.module(input_ids=input_ids, past_key_values=cache, logits_to_keep=1, progress=progress)
-        return out.logits[:, -1, :], out.past_key_values
+        logits = out.logits[:, -1, :]
+        self._last = None if out.row_stats is None else (logits, out.row_stats)
+        return logits, out.past_key_values
+
+    def row_stats(self, logits: torch.Tensor) -> Any:
+        last = self._last
+        return last[1] if last is not None and last[0] is logits else None
 
     def _replay(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
         """The decode step as a CUDA graph, captured at the first step of each cache and replayed after."""

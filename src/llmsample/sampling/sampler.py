@@ -10,6 +10,7 @@ import torch
 from llmsample.sampling import registry, stages
 from llmsample.sampling.candidates import Candidates
 from llmsample.sampling.constraint import unpack
+from llmsample.sampling.row_stats import RowStats
 from llmsample.sampling.stages import History, Stage
 
 
@@ -117,13 +118,16 @@ class Sampler:
         return self.config.describe_chain()
 
     def _run(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int,
-             generator: Optional[torch.Generator] = None, replay: Optional[dict] = None) -> tuple[History, Candidates]:
+             generator: Optional[torch.Generator] = None, replay: Optional[dict] = None,
+             stats: Optional[RowStats] = None) -> tuple[History, Candidates]:
         token = stages._SYNC_FREE.set(self.sync_free)
         try:
-            history, c = self._start(input_ids, logits, prompt_len, generator, replay)
+            history, c = self._start(input_ids, logits, prompt_len, generator, replay, stats)
             raw = c
             for stage in self._stages:
                 c = stage(c, history)
+            if c is raw and history.raw_max is not None:  # checked finite: no row was emptied
+                return history, c
             return history, _keep_best_if_emptied(c, raw)
         finally:
             stages._SYNC_FREE.reset(token)
@@ -158,6 +162,7 @@ class Sampler:
         generator: Optional[torch.Generator] = None,
         prompt_len: int = 0,
         force: Optional[torch.Tensor] = None,
+        stats: Optional[RowStats] = None,
     ) -> Choice:
         """Pick the next tokens and report their processed and raw probabilities (what the decode loop needs).
 
@@ -165,12 +170,16 @@ class Sampler:
         runs, so it takes its random numbers and the steps after use the same stream as a run without the force;
         the stages with state (mirostat's μ) learn from the forced token as if it had been drawn, and its
         probability is the one the chain gave it (0 when a stage removed it). ``ForcedTokenRefused`` when the
-        constraint does not allow a forced token.
+        constraint does not allow a forced token. ``stats``: the logits' ``RowStats``, when the engine computed them
+        (nothing then passes over the raw row again for its maximum, normaliser, entropy or greedy's pick).
         """
-        history, c = self._run(input_ids, logits, prompt_len, generator)
+        history, c = self._run(input_ids, logits, prompt_len, generator, stats=stats)
         # A wide dense row's softmax serves the draw, the token's probability and the entropy alike.
         probs = torch.softmax(c.logits, dim=-1) if self._dense_wide(c) and not self.config.greedy else None
-        columns = self._select_columns(c, generator, probs)
+        if self.config.greedy and history.raw_stats is not None and c.logits is history.raw_logits:
+            columns = history.raw_stats.argmax
+        else:
+            columns = self._select_columns(c, generator, probs)
         forced = removed = None
         if force is not None:
             force = force.to(c.logits.device)
@@ -246,6 +255,11 @@ class Sampler:
             log_probs = torch.log_softmax(logits, dim=-1)
             prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
             return prob, -(log_probs.exp() * log_probs).nansum(-1)
+        if history.raw_stats is not None and logits is history.raw_logits:  # the engine's, for the raw row
+            stats = history.raw_stats
+            chosen = logits.gather(1, columns.unsqueeze(1))
+            prob = probs.gather(1, columns.unsqueeze(1)) if probs is not None else torch.exp(chosen - stats.log_total)
+            return prob.squeeze(1), stats.entropy
         entropy, log_total, probs = stages.wide_entropy(logits, probs, history.row_max(c),
                                                         finite=False if self.sync_free else None)
         if logits is history.raw_logits and history.raw_log_total is None:
@@ -303,7 +317,8 @@ class Sampler:
     # ---- internals -------------------------------------------------------------------------------------------
 
     def _start(self, input_ids: torch.Tensor, logits: torch.Tensor, prompt_len: int,
-               generator: Optional[torch.Generator], replay: Optional[dict]) -> tuple[History, Candidates]:
+               generator: Optional[torch.Generator], replay: Optional[dict],
+               stats: Optional[RowStats] = None) -> tuple[History, Candidates]:
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         if input_ids.dim() != 2 or input_ids.shape[0] != logits.shape[0]:
@@ -316,12 +331,15 @@ class Sampler:
         # The check is one max per row (no exponential): it is finite exactly when the row has no NaN (max
         # propagates it), no +inf and a finite value. The raw log-normaliser waits until something needs it.
         row_max = None
+        if self.sync_free:
+            stats = None  # its paths take no shortcut that reads a value back
         if self.check_finite and not self.sync_free:
-            row_max = logits.amax(-1, keepdim=True)  # temperature reuses it
+            row_max = logits.amax(-1, keepdim=True) if stats is None else stats.top  # temperature reuses it
             if not bool(torch.isfinite(row_max).all()):
                 stages.diagnose_logits(logits)
         history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state,
-                          raw_logits=logits, raw_max=row_max)
+                          raw_logits=logits, raw_max=row_max, raw_stats=stats,
+                          raw_log_total_quick=None if stats is None else stats.log_total)
         return history, Candidates.from_logits(logits)
 
 

@@ -79,6 +79,7 @@ class History:
     raw_log_total: Optional[torch.Tensor] = field(default=None, repr=False)
     raw_log_total_quick: Optional[torch.Tensor] = field(default=None, repr=False)  # quick_logsumexp's
     raw_max: Optional[torch.Tensor] = field(default=None, repr=False)  # [batch, 1], when the check computed it
+    raw_stats: Optional[Any] = field(default=None, repr=False)  # the engine's RowStats of the raw logits, if any
 
     def row_max(self, c: Candidates) -> torch.Tensor:
         """``[batch, 1]`` largest logit of ``c``'s rows: the one the finiteness check found, when ``c`` is the raw
@@ -259,6 +260,57 @@ def left_aligned(rows: torch.Tensor, counts: torch.Tensor, width: int, entries: 
     return out
 
 
+AT_LEAST_CHUNK = 64  # at_least's chunks: narrow, so that the chunks a few hundred survivors touch are few values
+
+
+def at_least(x: torch.Tensor, floor: torch.Tensor,
+             limit: int = COMPACT_LIMIT) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Each row's columns where ``x >= floor`` (``[batch, 1]``), in column order, and the values there: two
+    ``[batch, widest]`` tensors, left-aligned; a shorter row is padded with other columns (the first it does not
+    hold) and −inf. ``None`` when a row has none or more than ``limit``.
+
+    Through chunk maxima: one ``amax`` over chunks of 64, then only the chunks whose maximum reaches the floor
+    are read (300 survivors of 262,144: 0.13 ms, where marking every value, counting and gathering took 0.5).
+    ``x`` has no NaN (a chunk holding one is not read; a softmax is NaN everywhere or nowhere).
+
+    >>> at_least(torch.tensor([[0.1, 0.5, 0.2, 0.7]]), torch.tensor([[0.2]]))
+    (tensor([[1, 2, 3]]), tensor([[0.5000, 0.2000, 0.7000]]))
+    """
+    batch, width = x.shape
+    body = width - width % AT_LEAST_CHUNK
+    blocks = x[:, :body].unflatten(1, (body // AT_LEAST_CHUNK, AT_LEAST_CHUNK))
+    rows, chunks = (blocks.amax(-1) >= floor).nonzero(as_tuple=True)  # row-major, so each row's in column order
+    if rows.numel() > limit * batch:  # every such chunk holds a survivor
+        return None
+    picked = blocks[rows, chunks]  # [chunks found, 64]
+    hit, within = (picked >= floor[rows]).nonzero(as_tuple=True)
+    row_of, columns, values = rows[hit], chunks[hit] * AT_LEAST_CHUNK + within, picked[hit, within]
+    if body < width:  # the ragged end: read as it is, then put back in row-major order
+        tail = x[:, body:]
+        tail_rows, tail_at = (tail >= floor).nonzero(as_tuple=True)
+        if tail_rows.numel():
+            row_of, columns = torch.cat((row_of, tail_rows)), torch.cat((columns, tail_at + body))
+            values = torch.cat((values, tail[tail_rows, tail_at]))
+            if batch > 1:
+                order = (row_of * width + columns).argsort()
+                row_of, columns, values = row_of[order], columns[order], values[order]
+    if batch == 1:
+        return (columns.unsqueeze(0), values.unsqueeze(0)) if 0 < columns.numel() <= limit else None
+    counts = torch.bincount(row_of, minlength=batch)
+    fewest, widest = (int(v) for v in torch.aminmax(counts))
+    if fewest < 1 or widest > limit:
+        return None
+    # A shorter row is padded with columns it does not hold (a compacted row's ids are distinct): the j-th column
+    # missing from a sorted c_0 < c_1 < … is j + #{i : c_i − i ≤ j}.
+    slots = torch.arange(widest, device=x.device)
+    inside = slots < counts.unsqueeze(1)
+    held = left_aligned(row_of, counts, widest, columns, 0)
+    gaps = torch.where(inside, held - slots, width)
+    j = (slots - counts.unsqueeze(1)).clamp_(min=0)
+    missing = j + torch.searchsorted(gaps, j, right=True)
+    return torch.where(inside, held, missing), left_aligned(row_of, counts, widest, values, NEG_INF)
+
+
 def _sorted_from(values: torch.Tensor, columns: torch.Tensor, floor: torch.Tensor,
                  k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The k largest of ``values`` (and their ``columns``), sorted, from only those ``>= floor`` (``[batch, 1]``,
@@ -328,7 +380,7 @@ def remove_below(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     ``masked_fill`` with a boolean mask over a 262,144-wide row (0.03 vs 1 ms here); it needs t on the host, so a
     sync-free step keeps the mask.
     """
-    if sync_free() or logits.dtype != torch.float32:
+    if sync_free() or logits.dtype != torch.float32 or logits.shape[-1] <= SMALL_ROW:  # a narrow row: the mask
         return logits.masked_fill(logits < threshold, NEG_INF)
     below = torch.nextafter(threshold, torch.full_like(threshold, NEG_INF)).flatten().tolist()
     rows = [torch.nn.functional.threshold(logits[i : i + 1], t, NEG_INF) for i, t in enumerate(below)]
@@ -475,7 +527,9 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         # only a cut that float32 rounding decides anyway (as transformers' float32 sum does) could move.
         log_total = quick_logsumexp(logits)
     cut = torch.tensor(1.0 - p, dtype=torch.float32, device=logits.device)
-    if sync_free():  # one sort of the whole row: fixed shapes, nothing read back (cheap on a GPU)
+    # One sort of the whole row: fixed shapes, nothing read back (cheap on a GPU), and on a narrow row (a compacted
+    # one) fewer operations than the windows below.
+    if sync_free() or width <= SMALL_ROW:
         values, _ = torch.sort(logits, dim=-1, descending=True)
         probs = torch.exp(values - log_total).double()
         mass_above = probs.cumsum(-1) - probs
@@ -483,7 +537,7 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         kept = ((total - mass_above).float() > cut).sum(-1, keepdim=True).clamp(min=min(min_keep, width))
         return keep_from(c, values.gather(1, kept - 1))
     total = None  # each row's mass, ≈ 1 within float32 rounding: summed only for a row whose cut lies that close
-    window = FIRST_WINDOW if width > SMALL_ROW else width
+    window = FIRST_WINDOW
     histogram_tried = False
     while True:
         window = min(window, width)

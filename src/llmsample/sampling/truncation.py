@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
-from llmsample.sampling.stages import (COMPACT_LIMIT, SMALL_ROW, History, Stage, fast_topk, keep_from,
-                                       kth_logit, protect, quick_logsumexp, row_finite, sync_free)
+from llmsample.sampling.stages import (SMALL_ROW, History, Stage, at_least, fast_topk, keep_from, kth_logit,
+                                       protect, quick_logsumexp, row_finite, sync_free)
 
 
 def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
@@ -77,47 +77,29 @@ def xtc(c: Candidates, history: History, probability: float, threshold: float, m
 
 
 def _cutoff(c: Candidates, probs: torch.Tensor, probability_floor: torch.Tensor, min_keep: int) -> Candidates:
-    """Keep tokens whose probability (``probs``, the row's softmax, which this overwrites) is ≥ the floor
-    (``[batch, 1]``), or whose logit reaches the ``min_keep``-th largest (ties kept). Compared in probability
-    space, as transformers does, so the boundary rounds the same way.
+    """Keep tokens whose probability (``probs``, the row's softmax) is ≥ the floor (``[batch, 1]``), or whose logit
+    reaches the ``min_keep``-th largest (ties kept). Compared in probability space, as transformers does, so the
+    boundary rounds the same way.
 
-    A wide dense row marks its kept tokens in place, without a boolean pass (on the CPU a comparison into bools
-    costs as much as the softmax, and a new batch-wide tensor as much again): the sign of p − floor is exact, a
-    float difference being 0 only between equal floats. When few are kept, they are compacted.
+    A wide row whose survivors are few is compacted (``stages.at_least``: only the chunks holding survivors are
+    read), its columns in vocabulary order, so the draw walks them in the order it walks the dense row and a seed
+    picks the same token.
     """
     logits = c.logits
-    if min_keep <= 1 and c.is_dense and logits.shape[-1] > SMALL_ROW and not sync_free():
-        marks = probs.sub_(probability_floor).sign_().add_(1.0).clamp_(max=1.0)  # 1 where p ≥ floor, else 0
-        compacted = _compacted(c, marks)
-        if compacted is not None:
-            return compacted
-        kept = marks > 0
-    else:
-        kept = probs >= probability_floor
+    if min_keep <= 1 and logits.shape[-1] > SMALL_ROW and not sync_free():
+        found = at_least(probs, probability_floor)
+        if found is not None:
+            return _take_found(c, *found)
+    kept = probs >= probability_floor
     kept |= logits >= (kth_logit(c, min_keep) if min_keep > 1 else logits.amax(-1, keepdim=True))
     return c.with_logits(logits.masked_fill(~kept, NEG_INF))
 
 
-def _compacted(c: Candidates, marks: torch.Tensor) -> Optional[Candidates]:
-    """The tokens ``marks`` (1.0 kept, 0.0 not, ``[batch, vocab]``) as a compacted row, when few; else ``None``.
-
-    Probabilities are monotone in the logits and tied logits have equal probabilities, so the kept tokens are the
-    row's top ``count`` logits, and one ``topk`` of that size gathers them; that is checked, and a set that is not
-    (a rounding that broke monotony) is left to the mask. So is a row where nothing reaches the floor (it keeps
-    its top logit and the ties, the mask's rule). The columns are put back in vocabulary order, so the draw walks
-    the survivors in the order it walked the dense row and a seed picks the same token.
-    """
-    logits = c.logits
-    count = marks.sum(-1, keepdim=True).long()
-    fewest, widest = (int(v) for v in torch.aminmax(count))
-    if fewest < 1 or widest > COMPACT_LIMIT:
-        return None
-    values, columns = fast_topk(logits, widest)
-    inside = torch.arange(widest, device=logits.device) < count  # [batch, widest]
-    if not bool(((marks.gather(1, columns) > 0) == inside).all()):
-        return None
-    columns, order = columns.sort(-1)
-    values = values.gather(1, order).masked_fill(~inside.gather(1, order), NEG_INF)
+def _take_found(c: Candidates, columns: torch.Tensor, found: torch.Tensor) -> Candidates:
+    """``c`` compacted to what ``at_least`` found (``found``: its values, −inf where a row's list was padded)."""
+    values = c.logits.gather(1, columns)
+    if columns.shape[0] > 1:
+        values = values.masked_fill(torch.isneginf(found), NEG_INF)
     return c.take(columns, values)
 
 
@@ -154,24 +136,34 @@ def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
     floor = None
     if logits.shape[-1] > SMALL_ROW and not sync_free():
         log_total = quick_logsumexp(logits, probs)
-        floor, scratch = _eta_floor(eps, logits, probs, log_total)
-        gap = torch.sub(probs, floor, out=scratch).abs_().amin(-1, keepdim=True)  # the nearest probability
+        floor = _eta_floor(eps, logits, probs, log_total)
         spacing = torch.nextafter(log_total, torch.full_like(log_total, math.inf)) - log_total
-        near = (gap <= floor * (ETA_FLOOR_MARGIN + 4 * spacing)).any() | ~torch.isfinite(floor).all()
-        if bool(near):  # a token this close to the floor (or a row with nothing finite): the plain way
+        margin = floor * (ETA_FLOOR_MARGIN + 4 * spacing)
+        if not bool(torch.isfinite(margin).all()):  # a row with nothing finite: the plain way
             floor = None
+        else:
+            # Everything within the margin of the floor, and above it, sits in the chunks at_least reads: when
+            # none of what it finds is that close, the floor cuts where the plain one would, and all it found stays.
+            found = at_least(probs, floor - margin) if min_keep <= 1 else None
+            if found is not None:
+                near = ((found[1] - floor).abs_() <= margin).any()
+            else:  # many survivors (or none): every probability's distance to the floor
+                near = (torch.sub(probs, floor).abs_().amin(-1, keepdim=True) <= margin).any()
+            if found is not None and not bool(near):
+                return _take_found(c, *found)
+            if bool(near):  # a token this close to the floor: the plain way
+                floor = None
     if floor is None:
-        floor = _eta_floor(eps, logits, probs, logits.logsumexp(-1, keepdim=True))[0]
+        floor = _eta_floor(eps, logits, probs, logits.logsumexp(-1, keepdim=True))
     return _cutoff(c, probs, floor, min_keep)
 
 
-def _eta_floor(eps: float, logits: torch.Tensor, probs: torch.Tensor,
-               log_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _eta_floor(eps: float, logits: torch.Tensor, probs: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
     """min(η, √η·e^(−H)), the entropy H as torch's Categorical computes it (what transformers uses), so the floor
-    rounds the same way; and the row-sized buffer it used, free for the caller."""
+    rounds the same way."""
     log_probs = torch.sub(logits, log_total).clamp_(min=torch.finfo(logits.dtype).min)
     entropy = -log_probs.mul_(probs).sum(-1, keepdim=True)
-    return torch.minimum(torch.tensor(eps, device=entropy.device), math.sqrt(eps) * torch.exp(-entropy)), log_probs
+    return torch.minimum(torch.tensor(eps, device=entropy.device), math.sqrt(eps) * torch.exp(-entropy))
 
 
 def top_n_sigma_stage(cfg: Any) -> Stage:
