@@ -303,9 +303,10 @@ def print_share(args: argparse.Namespace) -> None:
         return
     print(f"\nthe sampler's share of a decoding step (default model, int8, {torch.get_num_threads()} threads, "
           f"batch 1, {args.share_tokens} tokens, median of {args.share_repeats} runs)")
-    print(f"{'setting':24} {'Sampler.step':>12} {'whole step':>11} {'share':>7}")
+    width = max(len(r["setting"]) for r in rows)
+    print(f"{'setting':{width}} {'Sampler.step':>12} {'whole step':>11} {'share':>7}")
     for r in rows:
-        print(f"{r['setting']:24} {r['sampler_ms']:10.2f}ms {r['token_ms']:9.2f}ms "
+        print(f"{r['setting']:{width}} {r['sampler_ms']:10.2f}ms {r['token_ms']:9.2f}ms "
               f"{100 * r['sampler_ms'] / r['token_ms']:6.1f}%")
 
 
