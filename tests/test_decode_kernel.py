@@ -261,6 +261,7 @@ def test_the_kernels_row_statistics_are_the_float64_ones():
     for logits in _stat_rows():
         ours, exact = decode_kernel.row_stats(lib, logits), RowStats.of(logits)
         assert torch.equal(ours.top, exact.top) and torch.equal(ours.argmax, exact.argmax)
+        assert torch.equal(ours.chunk_maxima, exact.chunk_maxima) and ours.finite is exact.finite is True
         assert torch.allclose(ours.log_total, exact.log_total, rtol=2e-7, atol=2e-6)
         assert torch.allclose(ours.entropy, exact.entropy, rtol=1e-5, atol=2e-6)
 
@@ -275,6 +276,7 @@ def test_the_kernels_row_statistics_flag_unusable_rows():
     assert stats.top[0].isnan().all() and stats.log_total[0].isnan().all()
     assert stats.top[1].item() == float("inf") and stats.top[2].item() == float("-inf")
     assert not bool(torch.isfinite(stats.top[:3]).any()) and bool(torch.isfinite(stats.top[3]).all())
+    assert stats.finite is False and decode_kernel.row_stats(lib, logits[3:]).finite is True
 
 
 def test_a_kernel_step_hands_its_statistics_to_the_sampler(monkeypatch):

@@ -173,6 +173,10 @@ def test_fast_topk_equals_torch_topk(dtype, width, k):
     assert torch.equal(values, expected)
     assert torch.equal(x.gather(1, columns), values)
     assert all(len(set(row)) == k for row in columns.tolist())
+    from llmsample.sampling.row_stats import RowStats
+
+    given = fast_topk(x, k, RowStats.of(x).chunk_maxima)  # an engine's chunk maxima: the same answer
+    assert torch.equal(given[0], values) and torch.equal(given[1], columns)
 
 
 @pytest.mark.parametrize("width", [262_144, 100_003, 4_100, 64])

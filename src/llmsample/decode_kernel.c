@@ -33,7 +33,7 @@
 #define USE_VNNI 1
 #endif
 
-#define KERNEL_ABI 3 /* bumped whenever a struct below changes; Python checks it before any call */
+#define KERNEL_ABI 4 /* bumped whenever a struct below changes; Python checks it before any call */
 
 typedef struct {
     const int8_t *weight;  /* [out, in], rows contiguous */
@@ -612,6 +612,7 @@ static inline float exp_nonpositive(float x) {
 }
 
 #define STATS_PIECE 8192 /* columns per work item of row_stats */
+#define STATS_CHUNK 256  /* the chunks whose maxima row_stats writes (llmsample's fast_topk reads them for a small k) */
 
 typedef struct {
     float top;      /* the piece's largest logit (NaN when it holds one) */
@@ -623,6 +624,7 @@ typedef struct {
     const float *logits;
     int vocab, pieces;
     Piece *out;
+    float *maxima; /* [batch, vocab / STATS_CHUNK], or NULL */
 } StatsJob;
 
 static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
@@ -632,11 +634,18 @@ static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
         int64_t n = job->vocab - first < STATS_PIECE ? job->vocab - first : STATS_PIECE;
         const float *l = job->logits + row * job->vocab + first;
         float top = -INFINITY;
-        int broken = 0;
-#pragma omp simd reduction(max : top) reduction(| : broken)
-        for (int64_t i = 0; i < n; i++) {
-            top = l[i] > top ? l[i] : top;
-            broken |= l[i] != l[i];
+        int broken = 0, chunks = job->vocab / STATS_CHUNK;
+        for (int64_t chunk = 0; chunk < n; chunk += STATS_CHUNK) { /* a piece starts at a chunk's start */
+            int64_t end = chunk + STATS_CHUNK < n ? chunk + STATS_CHUNK : n;
+            float largest = -INFINITY;
+#pragma omp simd reduction(max : largest) reduction(| : broken)
+            for (int64_t i = chunk; i < end; i++) {
+                largest = l[i] > largest ? l[i] : largest;
+                broken |= l[i] != l[i];
+            }
+            int64_t index = (first + chunk) / STATS_CHUNK;
+            if (job->maxima && index < chunks) job->maxima[row * chunks + index] = largest;
+            top = largest > top ? largest : top;
         }
         Piece *piece = job->out + item;
         piece->top = broken ? NAN : top;
@@ -659,14 +668,15 @@ static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
 }
 
 /* Per row of logits [batch, vocab]: stats[b] = {largest logit, its first column, logsumexp, entropy in nats}, the
- * sums in double over float sums of 128 terms. A row with NaN gets NaN as its largest logit and sums; one whose
- * largest logit is infinite gets it as its largest, the sums NaN (the sampler reports such a row before it uses
- * anything else). */
-static int row_stats(int batch, int vocab, const float *logits, double *stats) {
-    int pieces = (vocab + STATS_PIECE - 1) / STATS_PIECE;
+ * sums in double over float sums of 128 terms; maxima (unless NULL): [batch, vocab / STATS_CHUNK], the largest
+ * logit of each whole chunk. A row with NaN gets NaN as its largest logit and sums; one whose largest logit is
+ * infinite gets it as its largest, the sums NaN (the sampler reports such a row before it uses anything else).
+ * Returns how many rows' largest logit is not finite (0: the sampler need not look), or -1 when memory ran out. */
+static int row_stats(int batch, int vocab, const float *logits, double *stats, float *maxima) {
+    int pieces = (vocab + STATS_PIECE - 1) / STATS_PIECE, unusable = 0;
     Piece *part = malloc(sizeof(Piece) * (size_t)batch * pieces);
     if (!part) return -1;
-    StatsJob job = {logits, vocab, pieces, part};
+    StatsJob job = {logits, vocab, pieces, part, maxima};
     parallel(stats_pieces, &job, (int64_t)batch * pieces, 1);
     for (int b = 0; b < batch; b++) {
         const Piece *p = part + (size_t)b * pieces;
@@ -684,6 +694,7 @@ static int row_stats(int batch, int vocab, const float *logits, double *stats) {
         out[0] = broken ? NAN : top, out[1] = (double)at;
         if (broken || !isfinite(top)) {
             out[2] = out[3] = NAN;
+            unusable++;
             continue;
         }
         double total = 0.0, spread = 0.0;
@@ -697,31 +708,31 @@ static int row_stats(int batch, int vocab, const float *logits, double *stats) {
         out[3] = log(total) - spread / total;
     }
     free(part);
-    return 0;
+    return unusable;
 }
 
 typedef struct {
     int batch, vocab;
     const float *logits;
     double *stats;
+    float *maxima;
     int status;
 } StatsCall;
 
 static void run_stats(void *argument) {
     StatsCall *c = argument;
-    c->status = row_stats(c->batch, c->vocab, c->logits, c->stats);
+    c->status = row_stats(c->batch, c->vocab, c->logits, c->stats, c->maxima);
 }
 
-/* row_stats of logits [batch, vocab] the caller has, on `threads` threads, as a step computes them. Returns 0, or
- * -1 when memory ran out. */
-int logits_stats(int threads, int batch, int vocab, const float *logits, double *stats) {
-    StatsCall c = {batch, vocab, logits, stats, 0};
+/* row_stats of logits [batch, vocab] the caller has, on `threads` threads, as a step computes them (and returns). */
+int logits_stats(int threads, int batch, int vocab, const float *logits, double *stats, float *maxima) {
+    StatsCall c = {batch, vocab, logits, stats, maxima, 0};
     in_team(threads, run_stats, &c);
     return c.status;
 }
 
 static int head_logits(const Model *m, int batch, const float *x, float *normed, Quantized *act, float *logits,
-                       double *stats) {
+                       double *stats, float *maxima) {
     for (int b = 0; b < batch; b++)
         rms_norm(x + (size_t)b * m->hidden, m->final_gain, normed + (size_t)b * m->hidden, m->hidden, m->eps);
     quantize_rows(normed, batch, m->hidden, m->head_channel_scale, act);
@@ -729,17 +740,19 @@ static int head_logits(const Model *m, int batch, const float *x, float *normed,
     if (m->embedding)
         for (int b = 0; b < batch; b++)
             rescore(m, normed + (size_t)b * m->hidden, logits + (size_t)b * m->vocab);
-    return stats ? row_stats(batch, m->vocab, logits, stats) : 0;
+    return stats ? row_stats(batch, m->vocab, logits, stats, maxima) : 0;
 }
 
 /* One step, its jobs shared by the running team if any. x: [batch, new, hidden] embedded inputs at positions
  * start..start+new-1 (the same in every row), overwritten;
  * keys/values: each layer's cache, written at those positions; rope_*: the RoPE rows (cos, signed sin) of those
  * positions, [new, head_dim] each, for sliding and full layers; logits: [batch, vocab], of each row's last
- * position. Returns 0, or -1 when memory ran out. */
+ * position; stats, maxima: see row_stats. Returns -1 when memory ran out, else what row_stats returns (0 without
+ * stats). */
 static int step_alone(const Model *m, int batch, int new, int start, int capacity, float *x, float *const *keys,
                       float *const *values, const float *cos_sliding, const float *sin_sliding,
-                      const float *cos_full, const float *sin_full, float *logits, double *stats) {
+                      const float *cos_full, const float *sin_full, float *logits, double *stats,
+                      float *maxima) {
     Step s = {m, batch, new, start, capacity, keys, values};
     size_t R = (size_t)batch * new;
     int widest = m->intermediate;
@@ -764,7 +777,7 @@ static int step_alone(const Model *m, int batch, int new, int start, int capacit
     for (int b = 0; b < batch; b++)
         memcpy(last + (size_t)b * m->hidden, x + ((size_t)b * new + new - 1) * m->hidden,
                sizeof(float) * (size_t)m->hidden);
-    int status = head_logits(m, batch, last, normed, &act, logits, stats);
+    int status = head_logits(m, batch, last, normed, &act, logits, stats, maxima);
     free(work), free(bytes), free(steps), free(last), free(normed);
     return status;
 }
@@ -777,21 +790,23 @@ typedef struct {
     const float *cos_sliding, *sin_sliding, *cos_full, *sin_full;
     float *logits;
     double *stats;
+    float *maxima;
     int status;
 } StepCall;
 
 static void run_step(void *argument) {
     StepCall *c = argument;
     c->status = step_alone(c->m, c->batch, c->new, c->start, c->capacity, c->x, c->keys, c->values, c->cos_sliding,
-                           c->sin_sliding, c->cos_full, c->sin_full, c->logits, c->stats);
+                           c->sin_sliding, c->cos_full, c->sin_full, c->logits, c->stats, c->maxima);
 }
 
-/* The step on `threads` threads (see step_alone for the rest); stats: [batch, 4] (see row_stats), or NULL. */
+/* The step on `threads` threads (see step_alone for the rest); stats and maxima: see row_stats (stats NULL: none
+ * computed). Returns -1 when memory ran out, else row_stats' count of unusable rows (0 without stats). */
 int decode_step(const Model *m, int threads, int batch, int new, int start, int capacity, float *x,
                 float *const *keys, float *const *values, const float *cos_sliding, const float *sin_sliding,
-                const float *cos_full, const float *sin_full, float *logits, double *stats) {
+                const float *cos_full, const float *sin_full, float *logits, double *stats, float *maxima) {
     StepCall c = {m, batch, new, start, capacity, x, keys, values, cos_sliding, sin_sliding, cos_full, sin_full,
-                  logits, stats, 0};
+                  logits, stats, maxima, 0};
     in_team(threads, run_step, &c);
     return c.status;
 }
@@ -828,7 +843,7 @@ static int project_alone(const Model *m, int batch, const float *x, float *logit
         return -1;
     }
     Quantized act = {bytes, bytes + (size_t)batch * m->hidden, steps, 0, 0};
-    int status = head_logits(m, batch, x, normed, &act, logits, NULL);
+    int status = head_logits(m, batch, x, normed, &act, logits, NULL, NULL);
     free(normed), free(bytes), free(steps);
     return status;
 }

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
-KERNEL_ABI = 3  # decode_kernel.c's KERNEL_ABI: the structs below match that version
+KERNEL_ABI = 4  # decode_kernel.c's KERNEL_ABI: the structs below match that version
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 PRODUCTS_PER_LAYER = 7  # q, k, v, o, gate, up, down (decode_kernel.c's enum)
 NORMS_PER_LAYER = 6  # input, post-attention, pre-feedforward, post-feedforward, q, k
@@ -156,10 +156,10 @@ def load(report: Optional[Callable[[str], None]] = None) -> Optional[ctypes.CDLL
             _loaded[fingerprint] = None
             return None
         lib.decode_step.restype = ctypes.c_int
-        lib.decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 9
+        lib.decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10
         lib.project.restype = ctypes.c_int
         lib.logits_stats.restype = ctypes.c_int
-        lib.logits_stats.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2
+        lib.logits_stats.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
         lib.project.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         _loaded[fingerprint] = lib
         return lib
@@ -176,13 +176,26 @@ def row_stats(lib: ctypes.CDLL, logits: torch.Tensor) -> Any:
     >>> lib is None or row_stats(lib, torch.tensor([[0.0, 2.0, 2.0, -1.0]])).argmax.tolist() == [1]
     True
     """
+    logits = logits.float().contiguous()
+    stats, maxima = _stats_buffers(*logits.shape)
+    unusable = lib.logits_stats(torch.get_num_threads(), logits.shape[0], logits.shape[1], _ptr(logits), _ptr(stats),
+                                _ptr(maxima))
+    return _row_stats(unusable, stats, maxima)
+
+
+def _stats_buffers(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from llmsample.sampling.row_stats import CHUNK_MAXIMA_WIDTH
+
+    return torch.empty(batch, 4, dtype=torch.float64), torch.empty(batch, vocab // CHUNK_MAXIMA_WIDTH)
+
+
+def _row_stats(status: int, stats: torch.Tensor, maxima: torch.Tensor) -> Any:
+    """``RowStats`` from what the C side wrote and returned (-1: it ran out of memory; else the unusable rows)."""
     from llmsample.sampling.row_stats import RowStats
 
-    logits = logits.float().contiguous()
-    stats = torch.empty(logits.shape[0], 4, dtype=torch.float64)
-    if lib.logits_stats(torch.get_num_threads(), logits.shape[0], logits.shape[1], _ptr(logits), _ptr(stats)):
+    if status < 0:
         raise MemoryError("the decode kernel could not allocate its working memory")
-    return RowStats.unpack(stats)
+    return RowStats.unpack(stats, maxima, finite=status == 0)
 
 
 class KernelStep:
@@ -253,7 +266,6 @@ class KernelStep:
         ``[batch, new]`` at ``cache.length`` on, and their ``RowStats``; the cache holds them afterwards. None
         (nothing done) where the cache's buffers are not the float32 ``[batch, kv_heads, capacity, head_dim]``
         blocks the kernel writes."""
-        from llmsample.sampling.row_stats import RowStats
 
         model, cfg = self.model, self.model.config
         batch, new = input_ids.shape
@@ -269,17 +281,16 @@ class KernelStep:
         rope = [[part.contiguous() for part in model._rope(sliding, start, new, torch.float32)]
                 for sliding in (True, False)]
         logits = torch.empty(batch, cfg.vocab_size)
-        stats = torch.empty(batch, 4, dtype=torch.float64)
+        stats, maxima = _stats_buffers(batch, cfg.vocab_size)
         key_ptrs = (ctypes.c_void_p * len(keys))(*[k.data_ptr() for k in keys])
         value_ptrs = (ctypes.c_void_p * len(values))(*[v.data_ptr() for v in values])
         status = self.lib.decode_step(ctypes.byref(self.struct), torch.get_num_threads(), batch, new, start,
                                       capacity, _ptr(x), key_ptrs,
                                       value_ptrs, _ptr(rope[0][0]), _ptr(rope[0][1]), _ptr(rope[1][0]),
-                                      _ptr(rope[1][1]), _ptr(logits), _ptr(stats))
-        if status != 0:
-            raise MemoryError("the decode kernel could not allocate its working memory")
+                                      _ptr(rope[1][1]), _ptr(logits), _ptr(stats), _ptr(maxima))
+        row_stats = _row_stats(status, stats, maxima)
         cache.length = start + new
-        return logits, RowStats.unpack(stats)
+        return logits, row_stats
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm and the output projection of ``hidden`` ``[batch, hidden]`` as ``step`` computes them:

@@ -335,7 +335,7 @@ class Sampler:
             stats = None  # its paths take no shortcut that reads a value back
         if self.check_finite and not self.sync_free:
             row_max = logits.amax(-1, keepdim=True) if stats is None else stats.top  # temperature reuses it
-            if not bool(torch.isfinite(row_max).all()):
+            if (stats is None or not stats.finite) and not bool(torch.isfinite(row_max).all()):
                 stages.diagnose_logits(logits)
         history = History(input_ids, prompt_len, generator=generator, replay=replay, state=self.state,
                           raw_logits=logits, raw_max=row_max, raw_stats=stats,

@@ -88,6 +88,12 @@ class History:
             return self.raw_max
         return c.logits.amax(-1, keepdim=True)
 
+    def chunk_maxima(self, c: Candidates) -> Optional[torch.Tensor]:
+        """The engine's chunk maxima of ``c`` (``RowStats.chunk_maxima``) when ``c`` is the raw row unchanged."""
+        if self.raw_stats is not None and c.is_dense and c.logits is self.raw_logits:
+            return self.raw_stats.chunk_maxima
+        return None
+
     def raw_log_normaliser(self, quick: bool = False) -> torch.Tensor:
         """``logsumexp`` of the raw logits' rows, ``[batch, 1]``: computed on the first call, then reused.
 
@@ -206,7 +212,7 @@ def _table(ids: torch.Tensor, vocab_size: int, counts: bool) -> torch.Tensor:
     return out[:, :vocab_size]
 
 
-def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fast_topk(x: torch.Tensor, k: int, maxima: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(x, k)`` (sorted) for wide rows, through chunk maxima instead of a pass over every value.
 
     Split the row into chunks (256 values, halved while k is over a quarter of their number; 64 from k = 128, 32
@@ -214,7 +220,9 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     with the largest maxima, and those chunks hold at least k values ``>= t``; so topk over them (plus the ragged
     tail) returns exactly the k largest values, and every value left out is ``<= t <=`` the k-th returned: the
     guarantee ``torch.topk`` gives, which the callers' tie checks rely on. Which of several tied columns is
-    returned may differ from ``torch.topk`` (as it may between its devices).
+    returned may differ from ``torch.topk`` (as it may between its devices). ``maxima``: the maxima of the row's
+    chunks of 256, when the caller has them (an engine's ``RowStats``), read instead of computed where those are the
+    chunks.
     """
     batch, width = x.shape
     if k < WIDE_K:
@@ -228,9 +236,10 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     chunks = width // chunk
     if chunks < FAST_TOPK_MIN_CHUNKS or k > limit:
         return torch.topk(x, k, dim=-1)
-    body = x[:, : chunks * chunk].reshape(batch, chunks, chunk)
+    if maxima is None or chunk != CHUNK or maxima.shape != (batch, chunks):
+        maxima = x[:, : chunks * chunk].reshape(batch, chunks, chunk).amax(-1)
     wide = k >= WIDE_K and not sync_free()
-    maxima, best_chunks = torch.topk(body.amax(-1), k, dim=-1, sorted=not wide)  # [batch, k]
+    maxima, best_chunks = torch.topk(maxima, k, dim=-1, sorted=not wide)  # [batch, k]
     offsets = torch.arange(chunk, device=x.device)
     columns = (best_chunks.unsqueeze(-1) * chunk + offsets).reshape(batch, -1)  # [batch, k*chunk]
     if width > chunks * chunk:
@@ -483,11 +492,13 @@ def no_repeat_ngram(c: Candidates, history: History, size: int) -> Candidates:
 # ---- truncation ------------------------------------------------------------------------------------------------
 
 
-def top_k(c: Candidates, k: int, min_keep: int = 1) -> Candidates:
+def top_k(c: Candidates, k: int, min_keep: int = 1, maxima: Optional[torch.Tensor] = None) -> Candidates:
     """Keep the k highest logits (at least ``min_keep``); ties with the k-th are kept too. Neutral: 0.
 
     >>> top_k(Candidates.from_logits(torch.tensor([[1.0, 3.0, 2.0, 2.0]])), 2).logits
     tensor([[-inf, 3., 2., 2.]])
+
+    ``maxima``: the row's chunk maxima, when an engine computed them (``fast_topk``).
     """
     width = c.logits.shape[-1]
     if k <= 0:
@@ -495,7 +506,7 @@ def top_k(c: Candidates, k: int, min_keep: int = 1) -> Candidates:
     k = max(k, min_keep)
     if k >= width:
         return c
-    values, columns = fast_topk(c.logits, k + 1)
+    values, columns = fast_topk(c.logits, k + 1, maxima)
     kth = values[:, k - 1 : k]
     if sync_free():
         return keep_from(c, kth)
@@ -757,7 +768,7 @@ def no_repeat_ngram_stage(cfg: Any) -> Stage:
 
 
 def top_k_stage(cfg: Any) -> Stage:
-    return lambda c, h: top_k(c, cfg.top_k, cfg.min_tokens_to_keep)
+    return lambda c, h: top_k(c, cfg.top_k, cfg.min_tokens_to_keep, h.chunk_maxima(c))
 
 
 def top_p_stage(cfg: Any) -> Stage:
