@@ -378,3 +378,19 @@ def test_the_token_classes_kept_are_llguidances_own():
     from llmsample import grammar
 
     assert set(grammar.SLICES) <= set(llguidance.LLTokenizer.general_slices())
+
+
+def test_a_choice_skips_the_token_classes_free_text_needs(tiny_lm, monkeypatch):
+    """--choice is a few fixed texts: its token table is built without llguidance's slices (0.2 s of set-up a run
+    on the default model); a regex or schema, whose free text needs them, keeps them."""
+    from llmsample import grammar
+    from llmsample.config import SamplingConfig
+
+    _, tokenizer = tiny_lm
+    asked = []
+    plain = grammar.token_table
+    monkeypatch.setattr(grammar, "token_table", lambda tok, eos, slices=grammar.SLICES: (
+        asked.append(tuple(slices)), plain(tok, eos, slices))[1])
+    for constraint in ({"choice": ("yes", "no")}, {"regex": "[a-c]{2,4}"}):
+        grammar.bind(SamplingConfig(do_sample=True, **constraint), tokenizer, [tokenizer.eos_token_id])
+    assert asked == [(), grammar.SLICES]

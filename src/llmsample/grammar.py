@@ -153,13 +153,16 @@ def active(cfg: Any) -> Optional[tuple[str, Any]]:
 
 # ---- the tokenizer bridge ------------------------------------------------------------------------------------------
 
-_TABLES: dict[Any, Any] = {}  # in this process: (id(tokenizer), eos ids) → llguidance.LLTokenizer
+_TABLES: dict[Any, Any] = {}  # in this process: (id(tokenizer), eos ids, slices) → llguidance.LLTokenizer
 # llguidance's token classes ("slices"): each makes masks inside JSON strings faster and costs set-up at every run.
 # Of its four general ones, the two kept here (string content of up to 10 characters, and of any length) keep the
 # benchmark's mask within its bound; the other two (whitespace runs, up to 30 characters) cost more set-up than
 # they save. Measured on the default model (CPU time, a busy machine): set-up 1.05 → 0.69 s, mask mean 0.048 →
 # 0.066 ms, worst token 0.79 → 0.77 ms; with no slices the worst token took 2.9 ms.
 SLICES = (r'[^"\\\x00-\x1F\x7F]{1,10}', r'[^"\\\x00-\x1F\x7F]+')
+# A --choice grammar is a few fixed texts: its masks take 0.1–0.3 ms without the slices, whose set-up (0.2 s) it
+# skips. Free text (JSON strings, a regex such as [^\n]{1,200}) takes 2.5 ms a token without them.
+NO_SLICES_KINDS = ("choice",)
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -249,32 +252,32 @@ class _Vocabulary:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
 
-def token_table(tokenizer: Any, eos_ids: Sequence[int]) -> Any:
+def token_table(tokenizer: Any, eos_ids: Sequence[int], slices: Sequence[str] = SLICES) -> Any:
     """llguidance's view of ``tokenizer`` (each token as bytes, the EOS ids), built once per model.
 
     The first time, llguidance reads the tokenizer's JSON itself (a few seconds for Gemma 3's 262,144 tokens);
     the bytes it finds are kept in ``$XDG_CACHE_HOME/llmsample/grammar/``, so later runs only build its token trie
-    and the ``SLICES`` token classes (llguidance cannot save those: about 0.6 s here).
+    and the token classes ``slices`` (llguidance cannot save those: about 0.6 s here, 0.5 without the classes).
     """
     import llguidance
 
     eos = sorted(set(int(i) for i in eos_ids)) or [int(tokenizer.eos_token_id or 0)]
     bos = getattr(tokenizer, "bos_token_id", None)
-    memo = (id(tokenizer), tuple(eos))
+    memo = (id(tokenizer), tuple(eos), tuple(slices))
     if memo in _TABLES and _TABLES[memo][0] is tokenizer:
         return _TABLES[memo][1]
     backend = _backend(tokenizer)
     path = _table_dir() / f"{_table_key(tokenizer, backend)}.bin"
     cached = _read_table(path)
     if cached is None:
-        table = llguidance.LLTokenizer(backend.to_str(), eos_token=eos, slices=list(SLICES))
+        table = llguidance.LLTokenizer(backend.to_str(), eos_token=eos, slices=list(slices))
         tokens = [table.decode_bytes([i]) for i in range(table.vocab_size)]
         special = [i for i in range(table.vocab_size) if table.is_special_token(i)]
         _write_table(path, tokens, special)
     else:
         tokens, special = cached
         table = llguidance.LLTokenizer(_Vocabulary(tokens, special, eos[0], bos, tokenizer), eos_token=eos,
-                                       slices=list(SLICES))
+                                       slices=list(slices))
     _TABLES[memo] = (tokenizer, table)
     return table
 
@@ -383,6 +386,7 @@ def bind(cfg: Any, tokenizer: Any, eos_ids: Sequence[int]) -> dict:
     found = active(cfg)
     if found is None or "grammar" not in cfg.active_stages():  # left out of --order: it does not run
         return {}
-    constraint = Constraint(*found, token_table(tokenizer, eos_ids))
+    kind = found[0]
+    constraint = Constraint(*found, token_table(tokenizer, eos_ids, () if kind in NO_SLICES_KINDS else SLICES))
     constraint.check_satisfiable()
     return {"grammar": constraint}
