@@ -174,8 +174,8 @@ class Sampler:
         (nothing then passes over the raw row again for its maximum, normaliser, entropy or greedy's pick).
         """
         history, c = self._run(input_ids, logits, prompt_len, generator, stats=stats)
-        # A wide dense row's softmax serves the draw, the token's probability and the entropy alike.
-        probs = torch.softmax(c.logits, dim=-1) if self._dense_wide(c) and not self.config.greedy else None
+        # The draw's softmax serves the token's probability and the entropy too.
+        probs = None if self.config.greedy else torch.softmax(c.logits, dim=-1)
         if self.config.greedy and history.raw_stats is not None and c.logits is history.raw_logits:
             columns = history.raw_stats.argmax
         else:
@@ -253,8 +253,9 @@ class Sampler:
         logits = c.logits
         if not self._dense_wide(c):
             log_probs = torch.log_softmax(logits, dim=-1)
-            prob = log_probs.gather(1, columns.unsqueeze(1)).squeeze(1).exp()
-            return prob, -(log_probs.exp() * log_probs).nansum(-1)
+            if probs is None:
+                probs = log_probs.exp()
+            return probs.gather(1, columns.unsqueeze(1)).squeeze(1), -(probs * log_probs).nansum(-1)
         if history.raw_stats is not None and logits is history.raw_logits:  # the engine's, for the raw row
             stats = history.raw_stats
             chosen = logits.gather(1, columns.unsqueeze(1))

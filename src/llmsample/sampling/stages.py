@@ -537,7 +537,7 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         # Within float32 rounding: it scales every probability alike, by ≈1e-6, far inside the margin below, so
         # only a cut that float32 rounding decides anyway (as transformers' float32 sum does) could move.
         log_total = quick_logsumexp(logits)
-    cut = torch.tensor(1.0 - p, dtype=torch.float32, device=logits.device)
+    cut = struct.unpack("f", struct.pack("f", 1.0 - p))[0]  # 1 − p rounded to float32 (a number, not a tensor)
     # One sort of the whole row: fixed shapes, nothing read back (cheap on a GPU), and on a narrow row (a compacted
     # one) fewer operations than the windows below.
     if sync_free() or width <= SMALL_ROW:
@@ -595,7 +595,7 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
             window *= WINDOW_GROWTH
 
 
-def _top_p_threshold_from_histogram(logits: torch.Tensor, log_total: torch.Tensor, cut: torch.Tensor,
+def _top_p_threshold_from_histogram(logits: torch.Tensor, log_total: torch.Tensor, cut: float,
                                     min_keep: int) -> Optional[torch.Tensor]:
     """top_p's threshold (``[batch, 1]``, the logit of the last token kept) without sorting the row, or ``None``
     when the cut's neighbourhood is too crowded (then the caller sorts).
