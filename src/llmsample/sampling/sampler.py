@@ -257,9 +257,8 @@ class Sampler:
                 probs = log_probs.exp()
             return probs.gather(1, columns.unsqueeze(1)).squeeze(1), -(probs * log_probs).nansum(-1)
         if history.raw_stats is not None and logits is history.raw_logits:  # the engine's, for the raw row
-            stats = history.raw_stats
-            chosen = logits.gather(1, columns.unsqueeze(1))
-            prob = probs.gather(1, columns.unsqueeze(1)) if probs is not None else torch.exp(chosen - stats.log_total)
+            stats, at = history.raw_stats, columns.unsqueeze(1)
+            prob = probs.gather(1, at) if probs is not None else torch.exp(logits.gather(1, at) - stats.log_total)
             return prob.squeeze(1), stats.entropy
         entropy, log_total, probs = stages.wide_entropy(logits, probs, history.row_max(c),
                                                         finite=False if self.sync_free else None)
