@@ -533,20 +533,24 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         return c
     logits = c.logits
     width = logits.shape[-1]
-    if log_total is None:  # the caller may know it (the raw row's, computed once per step)
-        # Within float32 rounding: it scales every probability alike, by ≈1e-6, far inside the margin below, so
-        # only a cut that float32 rounding decides anyway (as transformers' float32 sum does) could move.
-        log_total = quick_logsumexp(logits)
+    # log_total: the caller may know it (the raw row's, computed once per step). Else it is computed here within
+    # float32 rounding: that scales every probability alike, by ≈1e-6, far inside the margin below, so only a cut
+    # that float32 rounding decides anyway (as transformers' float32 sum does) could move.
     cut = struct.unpack("f", struct.pack("f", 1.0 - p))[0]  # 1 − p rounded to float32 (a number, not a tensor)
     # One sort of the whole row: fixed shapes, nothing read back (cheap on a GPU), and on a narrow row (a compacted
     # one) fewer operations than the windows below.
     if sync_free() or width <= SMALL_ROW:
         values, _ = torch.sort(logits, dim=-1, descending=True)
+        if log_total is None:  # the sorted row's first value is its maximum
+            top = values[:, :1]
+            log_total = torch.exp(values - top).sum(-1, keepdim=True).log_().add_(top)
         probs = torch.exp(values - log_total).double()
         mass_above = probs.cumsum(-1) - probs
         total = probs.sum(-1, keepdim=True)
         kept = ((total - mass_above).float() > cut).sum(-1, keepdim=True).clamp(min=min(min_keep, width))
         return keep_from(c, values.gather(1, kept - 1))
+    if log_total is None:
+        log_total = quick_logsumexp(logits)
     total = None  # each row's mass, ≈ 1 within float32 rounding: summed only for a row whose cut lies that close
     window = FIRST_WINDOW
     histogram_tried = False
