@@ -394,3 +394,21 @@ def test_a_choice_skips_the_token_classes_free_text_needs(tiny_lm, monkeypatch):
     for constraint in ({"choice": ("yes", "no")}, {"regex": "[a-c]{2,4}"}):
         grammar.bind(SamplingConfig(do_sample=True, **constraint), tokenizer, [tokenizer.eos_token_id])
     assert asked == [(), grammar.SLICES]
+
+
+def test_a_shorter_compacted_row_is_padded_with_ids_it_does_not_allow():
+    """Rows of a batch allow different numbers of tokens; the shorter row's padding must not repeat an id it holds
+    (token 0 here), or the dense row would lose that token's logit."""
+    from llmsample.sampling.candidates import Candidates
+    from llmsample.sampling.constraint import constrain, pack
+    from llmsample.sampling.stages import History
+
+    width = 4_096
+    allowed = torch.zeros(2, width, dtype=torch.bool)
+    allowed[0, [0, 5]] = True
+    allowed[1, [3, 7, 9, 11]] = True
+    logits = torch.randn(2, width, generator=torch.Generator().manual_seed(3))
+    out = constrain(Candidates.from_logits(logits), History(torch.zeros(2, 0, dtype=torch.long)), pack(allowed))
+    assert not out.is_dense and all(row.unique().numel() == row.numel() for row in out.ids)
+    assert torch.equal(out.dense().isfinite(), allowed)
+    assert torch.equal(out.dense()[allowed], logits[allowed])

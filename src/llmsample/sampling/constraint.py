@@ -20,7 +20,8 @@ from typing import Any, Optional
 import torch
 
 from llmsample.sampling.candidates import NEG_INF, Candidates
-from llmsample.sampling.stages import COMPACT_LIMIT, SMALL_ROW, History, Stage, left_aligned, quick_logsumexp
+from llmsample.sampling.stages import (COMPACT_LIMIT, SMALL_ROW, History, Stage, left_aligned_columns,
+                                       quick_logsumexp)
 
 WORD_BITS = 32
 _SHIFTS = torch.arange(WORD_BITS, dtype=torch.int32)
@@ -77,14 +78,12 @@ def _counts(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _columns(bits: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's allowed token ids in order, left-aligned in ``[batch, width]`` (padding: column 0, ``present``
-    False), found from the nonzero words: the row is never unpacked."""
+    """Each row's allowed token ids in order, left-aligned in ``[batch, width]`` (padding: ids the row does not
+    allow, ``present`` False), found from the nonzero words: the row is never unpacked."""
     rows, words = bits.nonzero(as_tuple=True)  # row-major: each row's words in order
     set_bits = ((bits[rows, words].unsqueeze(-1) >> _SHIFTS.to(bits.device)) & 1).nonzero(as_tuple=True)
     rows, ids = rows[set_bits[0]], words[set_bits[0]] * WORD_BITS + set_bits[1]
-    columns = left_aligned(rows, counts, max(width, 1), ids, 0)
-    present = torch.arange(columns.shape[1], device=bits.device) < counts.unsqueeze(-1)
-    return columns, present
+    return left_aligned_columns(rows, counts, max(width, 1), ids)
 
 
 def constrain(c: Candidates, history: History, allowed_bits: torch.Tensor) -> Candidates:
@@ -117,7 +116,8 @@ def constrain(c: Candidates, history: History, allowed_bits: torch.Tensor) -> Ca
         out = c.with_logits(torch.where(present, c.logits, NEG_INF))
     if history.raw_logits is not None:
         masked_raw = out.logits if allowed is not None and c.logits is history.raw_logits else None  # same values
-        history.record["grammar_cut"] = _raw_mass_cut(history, columns, allowed, counts, c.vocab_size, masked_raw)
+        history.record["grammar_cut"] = _raw_mass_cut(history, columns, present, allowed, counts, c.vocab_size,
+                                                      masked_raw)
     emptied = torch.isneginf(out.logits.amax(-1, keepdim=True))  # [batch, 1]
     if bool(emptied.any()):
         revived = emptied if present is None else emptied & present
@@ -125,20 +125,20 @@ def constrain(c: Candidates, history: History, allowed_bits: torch.Tensor) -> Ca
     return out
 
 
-def _raw_mass_cut(history: History, columns: Optional[torch.Tensor], allowed: Optional[torch.Tensor],
-                  counts: torch.Tensor, vocab_size: int, masked_raw: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _raw_mass_cut(history: History, columns: Optional[torch.Tensor], present: Optional[torch.Tensor],
+                  allowed: Optional[torch.Tensor], counts: torch.Tensor, vocab_size: int,
+                  masked_raw: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[batch]`` Σ softmax(raw) over the forbidden tokens: 1 − e^(lse(allowed) − lse(all)), exact near 0.
 
-    The allowed tokens are ``columns`` (compacted), or the ``allowed`` mask, or (both ``None``) every token. The
-    normalisers are ``quick_logsumexp``'s (float32 rounding, ≈1e-6: a number to report); the whole row's is the
-    step's own, which the raw probability of its token reads too. ``masked_raw``: the raw row with the forbidden
+    The allowed tokens are ``columns`` (compacted; ``present`` says which slots hold one), or the ``allowed``
+    mask, or (both ``None``) every token. The normalisers are ``quick_logsumexp``'s (float32 rounding, ≈1e-6: a
+    number to report); the whole row's is the step's own, which the raw probability of its token reads too. ``masked_raw``: the raw row with the forbidden
     tokens removed, when the caller has it (the stage's output, when no stage before it changed the row).
     """
     raw = history.raw_logits.float()
     if columns is None and allowed is None:
         return torch.zeros(raw.shape[0], device=raw.device)
     if columns is not None:
-        present = torch.arange(columns.shape[1], device=raw.device) < counts.unsqueeze(-1)
         allowed_mass = torch.logsumexp(torch.where(present, raw.gather(1, columns), NEG_INF), dim=-1, keepdim=True)
     else:
         allowed_mass = quick_logsumexp(masked_raw if masked_raw is not None else torch.where(allowed, raw, NEG_INF))

@@ -269,6 +269,26 @@ def left_aligned(rows: torch.Tensor, counts: torch.Tensor, width: int, entries: 
     return out
 
 
+def left_aligned_columns(rows: torch.Tensor, counts: torch.Tensor, width: int,
+                         columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``columns`` (ascending within a row, as ``left_aligned`` takes entries) from slot 0 on, and which
+    slots hold them (``[batch, width]`` each). A shorter row is padded with columns it does not hold, so that a
+    compacted row's ids stay distinct (``Candidates.dense`` scatters them): the j-th column missing from a sorted
+    c_0 < c_1 < … is j + #{i : c_i − i ≤ j}.
+
+    >>> left_aligned_columns(torch.tensor([0, 0, 1]), torch.tensor([2, 1]), 2, torch.tensor([0, 3, 0]))
+    (tensor([[0, 3],
+            [0, 1]]), tensor([[ True,  True],
+            [ True, False]]))
+    """
+    slots = torch.arange(width, device=rows.device)
+    inside = slots < counts.unsqueeze(1)
+    held = left_aligned(rows, counts, width, columns, 0)
+    gaps = torch.where(inside, held - slots, torch.iinfo(held.dtype).max)
+    j = (slots - counts.unsqueeze(1)).clamp_(min=0)
+    return torch.where(inside, held, j + torch.searchsorted(gaps, j, right=True)), inside
+
+
 AT_LEAST_CHUNK = 64  # at_least's chunks: narrow, so that the chunks a few hundred survivors touch are few values
 
 
@@ -309,15 +329,8 @@ def at_least(x: torch.Tensor, floor: torch.Tensor,
     fewest, widest = (int(v) for v in torch.aminmax(counts))
     if fewest < 1 or widest > limit:
         return None
-    # A shorter row is padded with columns it does not hold (a compacted row's ids are distinct): the j-th column
-    # missing from a sorted c_0 < c_1 < … is j + #{i : c_i − i ≤ j}.
-    slots = torch.arange(widest, device=x.device)
-    inside = slots < counts.unsqueeze(1)
-    held = left_aligned(row_of, counts, widest, columns, 0)
-    gaps = torch.where(inside, held - slots, width)
-    j = (slots - counts.unsqueeze(1)).clamp_(min=0)
-    missing = j + torch.searchsorted(gaps, j, right=True)
-    return torch.where(inside, held, missing), left_aligned(row_of, counts, widest, values, NEG_INF)
+    return left_aligned_columns(row_of, counts, widest, columns)[0], left_aligned(row_of, counts, widest, values,
+                                                                                  NEG_INF)
 
 
 def _sorted_from(values: torch.Tensor, columns: torch.Tensor, floor: torch.Tensor,
