@@ -14,8 +14,8 @@
  * rounding, not bit for bit.
  *
  * With the logits it can write each row's statistics the sampler needs (largest logit and its first column, the
- * log-normaliser, the entropy: llmsample/sampling/row_stats.py), while the row is still in the cache: the sampler
- * would otherwise pass over the 262,144 logits several times more, cold, after the step.
+ * log-normaliser, the entropy, each chunk's largest logit: llmsample/sampling/row_stats.py), while the row is still
+ * in the cache: the sampler would otherwise pass over the 262,144 logits several times more, cold, after the step.
  *
  * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native -fopenmp) at first use and
  * kept in the cache; where no compiler is found, the eager path runs instead.
@@ -33,7 +33,7 @@
 #define USE_VNNI 1
 #endif
 
-#define KERNEL_ABI 4 /* bumped whenever a struct below changes; Python checks it before any call */
+#define KERNEL_ABI 5 /* bumped whenever a struct below changes; Python checks it before any call */
 
 typedef struct {
     const int8_t *weight;  /* [out, in], rows contiguous */
@@ -614,6 +614,15 @@ static inline float exp_nonpositive(float x) {
 #define STATS_PIECE 8192 /* columns per work item of row_stats */
 #define STATS_CHUNK 256  /* the chunks whose maxima row_stats writes (llmsample's fast_topk reads them for a small k) */
 
+int stats_chunk(void) { return STATS_CHUNK; }
+
+/* Where row_stats writes, for logits [batch, vocab]; the sampler reads these buffers as they are (no conversion). */
+typedef struct {
+    float *values;   /* [batch, 3]: the largest logit, the logsumexp, the entropy in nats */
+    int64_t *argmax; /* [batch]: the first column holding the largest logit */
+    float *maxima;   /* [batch, vocab / STATS_CHUNK]: the largest logit of each whole chunk */
+} RowStatsOut;
+
 typedef struct {
     float top;      /* the piece's largest logit (NaN when it holds one) */
     double total;   /* sum of e^(l - top) */
@@ -624,7 +633,7 @@ typedef struct {
     const float *logits;
     int vocab, pieces;
     Piece *out;
-    float *maxima; /* [batch, vocab / STATS_CHUNK], or NULL */
+    float *maxima; /* RowStatsOut's */
 } StatsJob;
 
 static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
@@ -644,7 +653,7 @@ static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
                 broken |= l[i] != l[i];
             }
             int64_t index = (first + chunk) / STATS_CHUNK;
-            if (job->maxima && index < chunks) job->maxima[row * chunks + index] = largest;
+            if (index < chunks) job->maxima[row * chunks + index] = largest;
             top = largest > top ? largest : top;
         }
         Piece *piece = job->out + item;
@@ -667,20 +676,19 @@ static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
     }
 }
 
-/* Per row of logits [batch, vocab]: stats[b] = {largest logit, its first column, logsumexp, entropy in nats}, the
- * sums in double over float sums of 128 terms; maxima (unless NULL): [batch, vocab / STATS_CHUNK], the largest
- * logit of each whole chunk. A row with NaN gets NaN as its largest logit and sums; one whose largest logit is
- * infinite gets it as its largest, the sums NaN (the sampler reports such a row before it uses anything else).
- * Returns how many rows' largest logit is not finite (0: the sampler need not look), or -1 when memory ran out. */
-static int row_stats(int batch, int vocab, const float *logits, double *stats, float *maxima) {
+/* Per row of logits [batch, vocab], into out (see RowStatsOut): the sums in double over float sums of 128 terms.
+ * A row with NaN gets NaN as its largest logit and sums; one whose largest logit is infinite gets it as its
+ * largest, the sums NaN (the sampler reports such a row before it uses anything else). Returns how many rows'
+ * largest logit is not finite (0: the sampler need not look), or -1 when memory ran out. */
+static int row_stats(int batch, int vocab, const float *logits, const RowStatsOut *out) {
     int pieces = (vocab + STATS_PIECE - 1) / STATS_PIECE, unusable = 0;
     Piece *part = malloc(sizeof(Piece) * (size_t)batch * pieces);
     if (!part) return -1;
-    StatsJob job = {logits, vocab, pieces, part, maxima};
+    StatsJob job = {logits, vocab, pieces, part, out->maxima};
     parallel(stats_pieces, &job, (int64_t)batch * pieces, 1);
     for (int b = 0; b < batch; b++) {
         const Piece *p = part + (size_t)b * pieces;
-        double *out = stats + (size_t)b * 4;
+        float *values = out->values + (size_t)b * 3;
         float top = -INFINITY;
         int first = 0, broken = 0;
         for (int i = 0; i < pieces; i++) {
@@ -691,9 +699,9 @@ static int row_stats(int batch, int vocab, const float *logits, double *stats, f
         int64_t at = (int64_t)first * STATS_PIECE;
         const float *row = logits + (size_t)b * vocab;
         while (at < vocab - 1 && !(row[at] == top)) at++;
-        out[0] = broken ? NAN : top, out[1] = (double)at;
+        values[0] = broken ? NAN : top, out->argmax[b] = at;
         if (broken || !isfinite(top)) {
-            out[2] = out[3] = NAN;
+            values[1] = values[2] = NAN;
             unusable++;
             continue;
         }
@@ -704,8 +712,8 @@ static int row_stats(int batch, int vocab, const float *logits, double *stats, f
             total += factor * p[i].total;
             spread += factor * (p[i].spread + shift * p[i].total);
         }
-        out[2] = top + log(total);
-        out[3] = log(total) - spread / total;
+        values[1] = (float)(top + log(total));
+        values[2] = (float)(log(total) - spread / total);
     }
     free(part);
     return unusable;
@@ -714,25 +722,24 @@ static int row_stats(int batch, int vocab, const float *logits, double *stats, f
 typedef struct {
     int batch, vocab;
     const float *logits;
-    double *stats;
-    float *maxima;
+    const RowStatsOut *out;
     int status;
 } StatsCall;
 
 static void run_stats(void *argument) {
     StatsCall *c = argument;
-    c->status = row_stats(c->batch, c->vocab, c->logits, c->stats, c->maxima);
+    c->status = row_stats(c->batch, c->vocab, c->logits, c->out);
 }
 
 /* row_stats of logits [batch, vocab] the caller has, on `threads` threads, as a step computes them (and returns). */
-int logits_stats(int threads, int batch, int vocab, const float *logits, double *stats, float *maxima) {
-    StatsCall c = {batch, vocab, logits, stats, maxima, 0};
+int logits_stats(int threads, int batch, int vocab, const float *logits, const RowStatsOut *out) {
+    StatsCall c = {batch, vocab, logits, out, 0};
     in_team(threads, run_stats, &c);
     return c.status;
 }
 
 static int head_logits(const Model *m, int batch, const float *x, float *normed, Quantized *act, float *logits,
-                       double *stats, float *maxima) {
+                       const RowStatsOut *stats) {
     for (int b = 0; b < batch; b++)
         rms_norm(x + (size_t)b * m->hidden, m->final_gain, normed + (size_t)b * m->hidden, m->hidden, m->eps);
     quantize_rows(normed, batch, m->hidden, m->head_channel_scale, act);
@@ -740,19 +747,18 @@ static int head_logits(const Model *m, int batch, const float *x, float *normed,
     if (m->embedding)
         for (int b = 0; b < batch; b++)
             rescore(m, normed + (size_t)b * m->hidden, logits + (size_t)b * m->vocab);
-    return stats ? row_stats(batch, m->vocab, logits, stats, maxima) : 0;
+    return stats ? row_stats(batch, m->vocab, logits, stats) : 0;
 }
 
 /* One step, its jobs shared by the running team if any. x: [batch, new, hidden] embedded inputs at positions
  * start..start+new-1 (the same in every row), overwritten;
  * keys/values: each layer's cache, written at those positions; rope_*: the RoPE rows (cos, signed sin) of those
  * positions, [new, head_dim] each, for sliding and full layers; logits: [batch, vocab], of each row's last
- * position; stats, maxima: see row_stats. Returns -1 when memory ran out, else what row_stats returns (0 without
- * stats). */
+ * position; stats: see row_stats (NULL: none). Returns -1 when memory ran out, else what row_stats returns (0
+ * without stats). */
 static int step_alone(const Model *m, int batch, int new, int start, int capacity, float *x, float *const *keys,
                       float *const *values, const float *cos_sliding, const float *sin_sliding,
-                      const float *cos_full, const float *sin_full, float *logits, double *stats,
-                      float *maxima) {
+                      const float *cos_full, const float *sin_full, float *logits, const RowStatsOut *stats) {
     Step s = {m, batch, new, start, capacity, keys, values};
     size_t R = (size_t)batch * new;
     int widest = m->intermediate;
@@ -777,7 +783,7 @@ static int step_alone(const Model *m, int batch, int new, int start, int capacit
     for (int b = 0; b < batch; b++)
         memcpy(last + (size_t)b * m->hidden, x + ((size_t)b * new + new - 1) * m->hidden,
                sizeof(float) * (size_t)m->hidden);
-    int status = head_logits(m, batch, last, normed, &act, logits, stats, maxima);
+    int status = head_logits(m, batch, last, normed, &act, logits, stats);
     free(work), free(bytes), free(steps), free(last), free(normed);
     return status;
 }
@@ -789,24 +795,22 @@ typedef struct {
     float *const *keys, *const *values;
     const float *cos_sliding, *sin_sliding, *cos_full, *sin_full;
     float *logits;
-    double *stats;
-    float *maxima;
+    const RowStatsOut *stats;
     int status;
 } StepCall;
 
 static void run_step(void *argument) {
     StepCall *c = argument;
     c->status = step_alone(c->m, c->batch, c->new, c->start, c->capacity, c->x, c->keys, c->values, c->cos_sliding,
-                           c->sin_sliding, c->cos_full, c->sin_full, c->logits, c->stats, c->maxima);
+                           c->sin_sliding, c->cos_full, c->sin_full, c->logits, c->stats);
 }
 
-/* The step on `threads` threads (see step_alone for the rest); stats and maxima: see row_stats (stats NULL: none
- * computed). Returns -1 when memory ran out, else row_stats' count of unusable rows (0 without stats). */
+/* The step on `threads` threads (see step_alone for the rest). */
 int decode_step(const Model *m, int threads, int batch, int new, int start, int capacity, float *x,
                 float *const *keys, float *const *values, const float *cos_sliding, const float *sin_sliding,
-                const float *cos_full, const float *sin_full, float *logits, double *stats, float *maxima) {
+                const float *cos_full, const float *sin_full, float *logits, const RowStatsOut *stats) {
     StepCall c = {m, batch, new, start, capacity, x, keys, values, cos_sliding, sin_sliding, cos_full, sin_full,
-                  logits, stats, maxima, 0};
+                  logits, stats, 0};
     in_team(threads, run_step, &c);
     return c.status;
 }
@@ -843,7 +847,7 @@ static int project_alone(const Model *m, int batch, const float *x, float *logit
         return -1;
     }
     Quantized act = {bytes, bytes + (size_t)batch * m->hidden, steps, 0, 0};
-    int status = head_logits(m, batch, x, normed, &act, logits, NULL, NULL);
+    int status = head_logits(m, batch, x, normed, &act, logits, NULL);
     free(normed), free(bytes), free(steps);
     return status;
 }

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
-KERNEL_ABI = 4  # decode_kernel.c's KERNEL_ABI: the structs below match that version
+KERNEL_ABI = 5  # decode_kernel.c's KERNEL_ABI: the structs below match that version
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 PRODUCTS_PER_LAYER = 7  # q, k, v, o, gate, up, down (decode_kernel.c's enum)
 NORMS_PER_LAYER = 6  # input, post-attention, pre-feedforward, post-feedforward, q, k
@@ -49,6 +49,10 @@ class Model(ctypes.Structure):
         ("sliding", ctypes.c_void_p), ("gains", ctypes.c_void_p), ("products", ctypes.c_void_p),
         ("final_gain", ctypes.c_void_p), ("head", Product), ("head_channel_scale", ctypes.c_void_p),
         ("embedding", ctypes.c_void_p), ("rescore_chunk", ctypes.c_int32), ("rescore_chunks", ctypes.c_int32)]
+
+
+class RowStatsOut(ctypes.Structure):
+    _fields_ = [("values", ctypes.c_void_p), ("argmax", ctypes.c_void_p), ("maxima", ctypes.c_void_p)]
 
 
 def _compiler() -> Optional[str]:
@@ -156,11 +160,13 @@ def load(report: Optional[Callable[[str], None]] = None) -> Optional[ctypes.CDLL
             _loaded[fingerprint] = None
             return None
         lib.decode_step.restype = ctypes.c_int
-        lib.decode_step.argtypes = [ctypes.POINTER(Model)] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10
+        lib.decode_step.argtypes = ([ctypes.POINTER(Model)] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 8
+                                    + [ctypes.POINTER(RowStatsOut)])
         lib.project.restype = ctypes.c_int
-        lib.logits_stats.restype = ctypes.c_int
-        lib.logits_stats.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
         lib.project.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.logits_stats.restype = ctypes.c_int
+        lib.logits_stats.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.POINTER(RowStatsOut)]
+        lib.stats_chunk.restype = ctypes.c_int
         _loaded[fingerprint] = lib
         return lib
 
@@ -177,25 +183,28 @@ def row_stats(lib: ctypes.CDLL, logits: torch.Tensor) -> Any:
     True
     """
     logits = logits.float().contiguous()
-    stats, maxima = _stats_buffers(*logits.shape)
-    unusable = lib.logits_stats(torch.get_num_threads(), logits.shape[0], logits.shape[1], _ptr(logits), _ptr(stats),
-                                _ptr(maxima))
-    return _row_stats(unusable, stats, maxima)
+    out = _StatsOut(lib, *logits.shape)
+    return out.read(lib.logits_stats(torch.get_num_threads(), logits.shape[0], logits.shape[1], _ptr(logits),
+                                     ctypes.byref(out.struct)))
 
 
-def _stats_buffers(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from llmsample.sampling.row_stats import CHUNK_MAXIMA_WIDTH
+class _StatsOut:
+    """The buffers the C side writes a step's ``RowStats`` into (``RowStatsOut``), read as they are."""
 
-    return torch.empty(batch, 4, dtype=torch.float64), torch.empty(batch, vocab // CHUNK_MAXIMA_WIDTH)
+    def __init__(self, lib: ctypes.CDLL, batch: int, vocab: int):
+        self.values = torch.empty(batch, 3)  # the largest logit, the logsumexp, the entropy
+        self.argmax = torch.empty(batch, dtype=torch.long)
+        self.maxima = torch.empty(batch, vocab // lib.stats_chunk())
+        self.struct = RowStatsOut(_ptr(self.values), _ptr(self.argmax), _ptr(self.maxima))
 
+    def read(self, status: int) -> Any:
+        """``RowStats`` after the call that returned ``status`` (-1: out of memory; else the unusable rows)."""
+        from llmsample.sampling.row_stats import RowStats
 
-def _row_stats(status: int, stats: torch.Tensor, maxima: torch.Tensor) -> Any:
-    """``RowStats`` from what the C side wrote and returned (-1: it ran out of memory; else the unusable rows)."""
-    from llmsample.sampling.row_stats import RowStats
-
-    if status < 0:
-        raise MemoryError("the decode kernel could not allocate its working memory")
-    return RowStats.unpack(stats, maxima, finite=status == 0)
+        if status < 0:
+            raise MemoryError("the decode kernel could not allocate its working memory")
+        values = self.values
+        return RowStats(values[:, 0:1], self.argmax, values[:, 1:2], values[:, 2], self.maxima, status == 0)
 
 
 class KernelStep:
@@ -266,7 +275,6 @@ class KernelStep:
         ``[batch, new]`` at ``cache.length`` on, and their ``RowStats``; the cache holds them afterwards. None
         (nothing done) where the cache's buffers are not the float32 ``[batch, kv_heads, capacity, head_dim]``
         blocks the kernel writes."""
-
         model, cfg = self.model, self.model.config
         batch, new = input_ids.shape
         x = model._embed(input_ids).float().contiguous()
@@ -281,14 +289,14 @@ class KernelStep:
         rope = [[part.contiguous() for part in model._rope(sliding, start, new, torch.float32)]
                 for sliding in (True, False)]
         logits = torch.empty(batch, cfg.vocab_size)
-        stats, maxima = _stats_buffers(batch, cfg.vocab_size)
+        stats = _StatsOut(self.lib, batch, cfg.vocab_size)
         key_ptrs = (ctypes.c_void_p * len(keys))(*[k.data_ptr() for k in keys])
         value_ptrs = (ctypes.c_void_p * len(values))(*[v.data_ptr() for v in values])
         status = self.lib.decode_step(ctypes.byref(self.struct), torch.get_num_threads(), batch, new, start,
                                       capacity, _ptr(x), key_ptrs,
                                       value_ptrs, _ptr(rope[0][0]), _ptr(rope[0][1]), _ptr(rope[1][0]),
-                                      _ptr(rope[1][1]), _ptr(logits), _ptr(stats), _ptr(maxima))
-        row_stats = _row_stats(status, stats, maxima)
+                                      _ptr(rope[1][1]), _ptr(logits), ctypes.byref(stats.struct))
+        row_stats = stats.read(status)
         cache.length = start + new
         return logits, row_stats
 

@@ -132,8 +132,9 @@ def _raw_mass_cut(history: History, columns: Optional[torch.Tensor], present: Op
 
     The allowed tokens are ``columns`` (compacted; ``present`` says which slots hold one), or the ``allowed``
     mask, or (both ``None``) every token. The normalisers are ``quick_logsumexp``'s (float32 rounding, ≈1e-6: a
-    number to report); the whole row's is the step's own, which the raw probability of its token reads too. ``masked_raw``: the raw row with the forbidden
-    tokens removed, when the caller has it (the stage's output, when no stage before it changed the row).
+    number to report); the whole row's is the step's own, which the raw probability of its token reads too.
+    ``masked_raw``: the raw row with the forbidden tokens removed, when the caller has it (the stage's output, when
+    no stage before it changed the row).
     """
     raw = history.raw_logits.float()
     if columns is None and allowed is None:
