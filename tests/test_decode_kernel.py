@@ -246,12 +246,13 @@ def _stat_rows():
     tied = torch.randn(2, 50_000, generator=g)
     tied[0, [17, 40_000]] = 9.0
     tied[1, [33_000, 49_999]] = 9.0
+    coarse = (torch.randn(2, 70_001, generator=g) * 2).round()  # thousands of ties across the list's end
     removed = torch.randn(2, 20_000, generator=g) * 3
     removed[0, ::2] = float("-inf")
     removed[1, :19_999] = float("-inf")  # only the last token left
     peak = torch.randn(1, 30_000, generator=g)
     peak[0, 5] = 200.0  # every other weight underflows
-    return rows + [tied, removed, peak]
+    return rows + [tied, coarse, removed, peak]
 
 
 def test_the_kernels_row_statistics_are_the_float64_ones():
@@ -264,6 +265,9 @@ def test_the_kernels_row_statistics_are_the_float64_ones():
         assert torch.equal(ours.chunk_maxima, exact.chunk_maxima) and ours.finite is exact.finite is True
         assert torch.allclose(ours.log_total, exact.log_total, rtol=2e-7, atol=2e-6)
         assert torch.allclose(ours.entropy, exact.entropy, rtol=1e-5, atol=2e-6)
+        # the highest logits, highest first, ties in column order: exactly a stable descending sort's first ones
+        assert torch.equal(ours.top_values, exact.top_values) and torch.equal(ours.top_columns, exact.top_columns)
+        assert ours.top_values.shape[1] == min(logits.shape[1], 256)
 
 
 def test_the_kernels_row_statistics_flag_unusable_rows():

@@ -46,17 +46,88 @@ def wide_rows(trial: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("trial", range(30))
 @pytest.mark.parametrize("stage", ["epsilon", "eta"])
-def test_epsilon_and_eta_compacted_equal_the_mask(trial, stage):
+@pytest.mark.parametrize("given", [False, True], ids=["", "engine-stats"])
+def test_epsilon_and_eta_compacted_equal_the_mask(trial, stage, given):
+    """The fast paths keep what the plain one keeps; with an engine's ``RowStats`` the cut may be decided from
+    its list of highest logits (ties, removed tokens and huge logits among these rows)."""
+    from llmsample.sampling.row_stats import RowStats
+
     g = torch.Generator().manual_seed(1000 + trial)
     logits = wide_rows(trial)
     cutoff = float(10 ** (-1 - 4 * torch.rand(1, generator=g).item()))  # 1e-5 .. 1e-1
-    min_keep = 1 + trial % 2
+    min_keep = 1 + trial % 2 if not given else 1
     cut = getattr(truncation, stage)
-    fast = cut(Candidates.from_logits(logits), cutoff, min_keep)
+    fast = cut(Candidates.from_logits(logits), cutoff, min_keep, RowStats.of(logits) if given else None)
     with plain_paths():
         plain = cut(Candidates.from_logits(logits), cutoff, min_keep)
     assert plain.is_dense
     assert torch.equal(fast.dense(), plain.dense())
+
+
+def _head_like(batch: int, seed: int) -> torch.Tensor:
+    logits = torch.randn(batch, 262_144, generator=torch.Generator().manual_seed(seed))
+    logits[:, 1_000:1_100] += 12  # a model's head: a hundred likely tokens above a long tail
+    return logits
+
+
+@pytest.mark.parametrize("stage", ["epsilon", "eta"])
+def test_an_engines_list_of_highest_logits_decides_the_cut_without_reading_the_row(stage):
+    """On a model-like row the cut comes from the list (the row itself is never read: here it is all NaN), the
+    survivors in vocabulary order, a shorter row of the batch padded with removed columns."""
+    from llmsample.sampling.row_stats import RowStats
+
+    logits = _head_like(3, 11)
+    logits[1, 1_050:1_100] -= 3  # fewer survivors in this row
+    stats = RowStats.of(logits)
+    cut = getattr(truncation, stage)
+    with plain_paths():
+        plain = cut(Candidates.from_logits(logits), 3e-3)
+    unread = Candidates.from_logits(torch.full_like(logits, float("nan")))
+    listed = cut(unread, 3e-3, 1, stats)
+    assert not listed.is_dense and torch.equal(listed.dense(), plain.dense())
+    for ids, values in zip(listed.ids, listed.logits):
+        assert bool((ids[1:] > ids[:-1]).all())
+    counts = listed.logits.isfinite().sum(-1)
+    assert counts[1] < counts[0]
+
+
+@pytest.mark.parametrize("stage", ["epsilon", "eta"])
+def test_a_token_at_the_cut_sends_the_decision_to_the_plain_softmax(stage):
+    """A listed logit within float32 softmax rounding of the cut: the list does not decide (None), and the stage's
+    result is the plain one's, which keeps a token whose probability equals the floor."""
+    from llmsample.sampling.row_stats import RowStats
+
+    logits = _head_like(1, 12)
+    probs = torch.softmax(logits, -1)
+    stats = RowStats.of(logits)
+    j = int(stats.top_columns[0, 40])
+    if stage == "epsilon":
+        floor = float(probs[0, j])  # exactly this token's float32 probability
+    else:  # a cutoff whose floor √η·e^(−H) lands on the token (the floor's own rounding aside)
+        entropy = float(stats.entropy[0])
+        floor = float(probs[0, j])
+        floor_eta = (floor * torch.exp(torch.tensor(entropy, dtype=torch.float64))) ** 2
+        floor = float(floor_eta)
+    cut = getattr(truncation, stage)
+    margin = truncation._softmax_margin(logits.shape[-1])
+    log_floor = [float(torch.log(probs[0, j].double()))]
+    assert truncation._cut_from_listed(Candidates.from_logits(logits), stats, log_floor, margin) is None
+    with plain_paths():
+        plain = cut(Candidates.from_logits(logits), floor)
+    assert torch.equal(cut(Candidates.from_logits(logits), floor, 1, stats).dense(), plain.dense())
+    if stage == "epsilon":
+        assert bool(plain.dense()[0, j].isfinite())
+
+
+def test_an_engines_list_too_short_for_the_survivors_leaves_the_cut_to_the_row():
+    from llmsample.sampling.row_stats import RowStats
+
+    logits = torch.randn(2, 262_144, generator=torch.Generator().manual_seed(13))  # flat: thousands survive
+    stats = RowStats.of(logits)
+    assert truncation._cut_from_listed(Candidates.from_logits(logits), stats, [-12.0, -12.0], 1e-3) is None
+    with plain_paths():
+        plain = truncation.epsilon(Candidates.from_logits(logits), 1e-6)
+    assert torch.equal(truncation.epsilon(Candidates.from_logits(logits), 1e-6, 1, stats).dense(), plain.dense())
 
 
 def test_the_compacted_path_runs_and_keeps_vocabulary_order():
@@ -211,6 +282,8 @@ def test_dynamic_temperature_on_wide_rows_matches_a_float64_computation(trial):
     {}, {"do_sample": True}, {"do_sample": True, "top_k": 64, "top_p": 0.95},
     {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.3},
     {"do_sample": True, "min_p": 0.05}, {"do_sample": True, "epsilon_cutoff": 3e-4},
+    {"do_sample": True, "temperature": 0.7, "eta_cutoff": 3e-4}, {"do_sample": True, "top_k": 300},
+    {"do_sample": True, "temperature": 0.7, "top_p": 0.5},
 ])
 def test_a_step_given_the_engines_row_statistics_equals_one_without(settings):
     """``RowStats`` only spare passes over the raw row: the same tokens, and probabilities and entropies within

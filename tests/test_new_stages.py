@@ -142,6 +142,38 @@ def test_xtc_respects_min_keep_and_the_threshold_limit():
     assert Sampler(cfg).stage_names == ()  # a threshold above 0.5 never acts: not in the chain
 
 
+def test_xtc_at_threshold_zero_keeps_the_least_likely_token_still_in_the_running():
+    """A removed token (−inf, p = 0) is not a candidate even at threshold 0: the row keeps its least likely live
+    token, as llama.cpp's list (which holds only live tokens) does; it is never emptied."""
+    logits = torch.tensor([[float("-inf"), 2.0, 1.0, float("-inf"), 0.5, 3.0]])
+    fire = History(torch.zeros(1, 1, dtype=torch.long), replay={"xtc": torch.tensor([True])})
+    out = xtc(Candidates.from_logits(logits), fire, 1.0, 0.0).dense()
+    assert torch.equal(out.isfinite(), torch.tensor([[False, False, False, False, True, False]]))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(top_k=3, top_p=0.5, min_p=0.1, temperature=0.5), dict(xtc_probability=1.0, xtc_threshold=0.0),
+    dict(epsilon_cutoff=0.2, eta_cutoff=0.2, typical_p=0.3, top_n_sigma=0.1),
+])
+def test_a_chain_of_truncations_never_empties_a_usable_row(settings):
+    """What lets the sampler skip its "was a row emptied" pass for such chains (``StageSpec.keeps_a_token``)."""
+    from llmsample.sampling import registry
+
+    cfg = SamplingConfig(do_sample=True, **settings)
+    sampler = Sampler(cfg)
+    assert all(registry.STAGES[name].keeps_a_token for name in sampler.stage_names)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        logits = torch.randn(3, 50, generator=g) * 5
+        logits[torch.rand(3, 50, generator=g) < 0.5] = float("-inf")
+        logits[:, 0] = torch.randn(3, generator=g)  # every row keeps a live token
+        history = History(torch.zeros(3, 1, dtype=torch.long), generator=g)
+        c = Candidates.from_logits(logits)
+        for name, stage in zip(sampler.stage_names, sampler._stages):
+            c = stage(c, history)
+        assert bool(c.dense().isfinite().any(-1).all())
+
+
 def test_a_trace_after_a_step_shows_that_steps_xtc_decision():
     cfg = SamplingConfig(do_sample=True, xtc_probability=0.5, xtc_threshold=0.1)
     sampler = Sampler(cfg)

@@ -9,6 +9,7 @@ import torch
 
 from llmsample.config import SamplingConfig
 from llmsample.sampling import Sampler
+from llmsample.sampling import stages
 from llmsample.sampling.candidates import Candidates
 from llmsample.sampling.stages import History, min_p, no_repeat_ngram, penalties, temperature, top_k, top_p
 
@@ -295,3 +296,21 @@ def test_add_bias_ignores_ids_past_the_row_and_leaves_the_input_alone(width):
     past = torch.cat((inside, torch.tensor([[width], [width + 3]])), 1)
     assert torch.equal(add_bias(c, past, torch.cat((bias, torch.tensor([[9.0], [9.0]])), 1)).logits, expected)
     assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_top_p_after_top_k_reads_the_sorted_survivors_as_they_are(trial):
+    """top_k hands over its survivors highest first (``Candidates.descending``), so top_p does not sort them
+    again: the same kept set as on the same survivors in another order; temperature keeps the order."""
+    g = torch.Generator().manual_seed(trial)
+    logits = (torch.randn(3, 40_000, generator=g) * 3).round()  # ties at the k-th and at top_p's cut
+    kept = stages.top_k(Candidates.from_logits(logits), 50)
+    assert kept.descending and bool((kept.logits[:, 1:] <= kept.logits[:, :-1]).all())
+    warm = stages.temperature(kept, 0.7)
+    assert warm.descending
+    order = torch.randperm(kept.logits.shape[1], generator=g).expand(3, -1)
+    shuffled = Candidates(kept.logits.gather(1, order), kept.ids.gather(1, order), kept.vocab_size)
+    for c in (kept, warm):
+        other = shuffled if c is kept else stages.temperature(shuffled, 0.7)
+        assert not other.descending
+        assert torch.equal(stages.top_p(c, 0.8).dense(), stages.top_p(other, 0.8).dense())

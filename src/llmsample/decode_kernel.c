@@ -14,7 +14,8 @@
  * rounding, not bit for bit.
  *
  * With the logits it can write each row's statistics the sampler needs (largest logit and its first column, the
- * log-normaliser, the entropy, each chunk's largest logit: llmsample/sampling/row_stats.py), while the row is still
+ * log-normaliser, the entropy, each chunk's largest logit, its highest logits in order: llmsample/sampling/row_stats.py),
+ * while the row is still
  * in the cache: the sampler would otherwise pass over the 262,144 logits several times more, cold, after the step.
  *
  * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native -fopenmp) at first use and
@@ -33,7 +34,7 @@
 #define USE_VNNI 1
 #endif
 
-#define KERNEL_ABI 5 /* bumped whenever a struct below changes; Python checks it before any call */
+#define KERNEL_ABI 6 /* bumped whenever a struct below changes; Python checks it before any call */
 
 typedef struct {
     const int8_t *weight;  /* [out, in], rows contiguous */
@@ -613,14 +614,19 @@ static inline float exp_nonpositive(float x) {
 
 #define STATS_PIECE 8192 /* columns per work item of row_stats */
 #define STATS_CHUNK 256  /* the chunks whose maxima row_stats writes (llmsample's fast_topk reads them for a small k) */
+#define STATS_TOP 256    /* how many of each row's highest logits row_stats lists (fewer when the row is narrower) */
 
 int stats_chunk(void) { return STATS_CHUNK; }
+int stats_top(void) { return STATS_TOP; }
 
 /* Where row_stats writes, for logits [batch, vocab]; the sampler reads these buffers as they are (no conversion). */
 typedef struct {
     float *values;   /* [batch, 3]: the largest logit, the logsumexp, the entropy in nats */
     int64_t *argmax; /* [batch]: the first column holding the largest logit */
     float *maxima;   /* [batch, vocab / STATS_CHUNK]: the largest logit of each whole chunk */
+    float *top_values; /* [batch, min(STATS_TOP, vocab)]: the row's highest logits, highest first (ties: lower column
+                          first); unspecified for a row whose largest logit is not finite */
+    int64_t *top_columns; /* [batch, min(STATS_TOP, vocab)]: their columns */
 } RowStatsOut;
 
 typedef struct {
@@ -629,11 +635,14 @@ typedef struct {
     double spread;  /* sum of e^(l - top) * (l - top) */
 } Piece;
 
+#define TOP_GROUP 64 /* the top list is found through the maxima of groups of this many columns */
+
 typedef struct {
     const float *logits;
     int vocab, pieces;
     Piece *out;
     float *maxima; /* RowStatsOut's */
+    float *groups; /* [batch, ceil(vocab / TOP_GROUP)]: each group's largest logit (the last group may be short) */
 } StatsJob;
 
 static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
@@ -643,14 +652,21 @@ static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
         int64_t n = job->vocab - first < STATS_PIECE ? job->vocab - first : STATS_PIECE;
         const float *l = job->logits + row * job->vocab + first;
         float top = -INFINITY;
-        int broken = 0, chunks = job->vocab / STATS_CHUNK;
+        int broken = 0, chunks = job->vocab / STATS_CHUNK, groups = (job->vocab + TOP_GROUP - 1) / TOP_GROUP;
+        float *group_max = job->groups + row * groups + first / TOP_GROUP;
         for (int64_t chunk = 0; chunk < n; chunk += STATS_CHUNK) { /* a piece starts at a chunk's start */
             int64_t end = chunk + STATS_CHUNK < n ? chunk + STATS_CHUNK : n;
             float largest = -INFINITY;
-#pragma omp simd reduction(max : largest) reduction(| : broken)
-            for (int64_t i = chunk; i < end; i++) {
-                largest = l[i] > largest ? l[i] : largest;
-                broken |= l[i] != l[i];
+            for (int64_t group = chunk; group < end; group += TOP_GROUP) {
+                int64_t stop = group + TOP_GROUP < end ? group + TOP_GROUP : end;
+                float m = -INFINITY;
+#pragma omp simd reduction(max : m) reduction(| : broken)
+                for (int64_t i = group; i < stop; i++) {
+                    m = l[i] > m ? l[i] : m;
+                    broken |= l[i] != l[i];
+                }
+                group_max[group / TOP_GROUP] = m;
+                largest = m > largest ? m : largest;
             }
             int64_t index = (first + chunk) / STATS_CHUNK;
             if (index < chunks) job->maxima[row * chunks + index] = largest;
@@ -676,6 +692,124 @@ static void stats_pieces(const void *context, int64_t lo, int64_t hi) {
     }
 }
 
+/* A sort key: a higher logit gives a larger key; of equal logits, the lower column does (so that a descending
+ * sort of the keys orders them as a stable descending sort of the row). */
+static inline uint64_t top_key(float value, int64_t column) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    bits = bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+    return (uint64_t)bits << 32 | (uint32_t)~(uint32_t)column;
+}
+
+static void sort_descending(uint64_t *v, int64_t n) {
+    while (n > 16) {
+        uint64_t pivot = v[n / 2];
+        int64_t i = 0, j = n - 1;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                uint64_t t = v[i];
+                v[i++] = v[j], v[j--] = t;
+            }
+        }
+        if (j + 1 < n - i) { /* the shorter side by recursion, the longer by the loop */
+            sort_descending(v, j + 1);
+            v += i, n -= i;
+        } else {
+            sort_descending(v + i, n - i);
+            n = j + 1;
+        }
+    }
+    for (int64_t a = 1; a < n; a++) {
+        uint64_t key = v[a];
+        int64_t b = a;
+        for (; b > 0 && v[b - 1] < key; b--) v[b] = v[b - 1];
+        v[b] = key;
+    }
+}
+
+/* The k-th largest of n floats (1 <= k <= n, no NaN), reordering them. */
+static float kth_largest(float *v, int n, int k) {
+    int lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = v[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                float t = v[i];
+                v[i++] = v[j], v[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return v[want];
+    }
+    return v[want];
+}
+
+typedef struct {
+    const float *logits;
+    int vocab, pieces;
+    const Piece *piece; /* StatsJob's: [batch, pieces] */
+    const float *groups; /* StatsJob's */
+    float *values;
+    int64_t *columns;
+    atomic_int failed;
+} TopJob;
+
+/* Each row's STATS_TOP highest logits, through its groups' maxima: t is the STATS_TOP-th largest group maximum, so
+ * the highest logits are all >= t, lie in the groups whose maximum reaches t, and those hold at least STATS_TOP
+ * such values (on the default model's rows, 400-600 of the row's 262,144); only those are sorted. */
+static void top_rows(const void *context, int64_t lo, int64_t hi) {
+    TopJob *job = (TopJob *)context;
+    int V = job->vocab, k = V < STATS_TOP ? V : STATS_TOP, groups = (V + TOP_GROUP - 1) / TOP_GROUP;
+    float *scratch = malloc(sizeof(float) * (size_t)groups);
+    if (!scratch) {
+        atomic_store(&job->failed, 1);
+        return;
+    }
+    for (int64_t row = lo; row < hi; row++) {
+        const float *l = job->logits + row * V, *group_max = job->groups + row * groups;
+        float *values = job->values + row * k;
+        int64_t *columns = job->columns + row * k;
+        int broken = 0;
+        for (int i = 0; i < job->pieces; i++) { /* a piece with NaN has a NaN top */
+            float top = job->piece[row * job->pieces + i].top;
+            broken |= !(top < INFINITY);
+        }
+        for (int g = 0; g < groups; g++) scratch[g] = group_max[g];
+        if (broken) { /* NaN or +inf: the sampler refuses the row before it reads the list */
+            for (int i = 0; i < k; i++) values[i] = NAN, columns[i] = i;
+            continue;
+        }
+        float t = groups > k ? kth_largest(scratch, groups, k) : -INFINITY;
+        int64_t reached = 0;
+        for (int g = 0; g < groups; g++) reached += group_max[g] >= t;
+        uint64_t *found = malloc(sizeof(uint64_t) * (size_t)reached * TOP_GROUP);
+        if (!found) {
+            atomic_store(&job->failed, 1);
+            break;
+        }
+        int64_t at = 0;
+        for (int g = 0; g < groups; g++) {
+            if (!(group_max[g] >= t)) continue;
+            int end = (g + 1) * TOP_GROUP < V ? (g + 1) * TOP_GROUP : V;
+            for (int i = g * TOP_GROUP; i < end; i++)
+                if (l[i] >= t) found[at++] = top_key(l[i], i);
+        }
+        sort_descending(found, at);
+        for (int i = 0; i < k; i++) { /* (at >= k: at least k groups reach t, each with a value >= t) */
+            int64_t column = i < at ? (uint32_t)~(uint32_t)found[i] : 0;
+            columns[i] = column, values[i] = i < at ? l[column] : NAN;
+        }
+        free(found);
+    }
+    free(scratch);
+}
+
 /* Per row of logits [batch, vocab], into out (see RowStatsOut): the sums in double over float sums of 128 terms.
  * A row with NaN gets NaN as its largest logit and sums; one whose largest logit is infinite gets it as its
  * largest, the sums NaN (the sampler reports such a row before it uses anything else). Returns how many rows'
@@ -684,8 +818,21 @@ static int row_stats(int batch, int vocab, const float *logits, const RowStatsOu
     int pieces = (vocab + STATS_PIECE - 1) / STATS_PIECE, unusable = 0;
     Piece *part = malloc(sizeof(Piece) * (size_t)batch * pieces);
     if (!part) return -1;
-    StatsJob job = {logits, vocab, pieces, part, out->maxima};
+    int groups = (vocab + TOP_GROUP - 1) / TOP_GROUP;
+    float *group_max = malloc(sizeof(float) * (size_t)batch * groups);
+    if (!group_max) {
+        free(part);
+        return -1;
+    }
+    StatsJob job = {logits, vocab, pieces, part, out->maxima, group_max};
     parallel(stats_pieces, &job, (int64_t)batch * pieces, 1);
+    TopJob top_job = {logits, vocab, pieces, part, group_max, out->top_values, out->top_columns, 0};
+    parallel(top_rows, &top_job, batch, 1);
+    free(group_max);
+    if (top_job.failed) {
+        free(part);
+        return -1;
+    }
     for (int b = 0; b < batch; b++) {
         const Piece *p = part + (size_t)b * pieces;
         float *values = out->values + (size_t)b * 3;

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
-KERNEL_ABI = 5  # decode_kernel.c's KERNEL_ABI: the structs below match that version
+KERNEL_ABI = 6  # decode_kernel.c's KERNEL_ABI: the structs below match that version
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 PRODUCTS_PER_LAYER = 7  # q, k, v, o, gate, up, down (decode_kernel.c's enum)
 NORMS_PER_LAYER = 6  # input, post-attention, pre-feedforward, post-feedforward, q, k
@@ -52,7 +52,8 @@ class Model(ctypes.Structure):
 
 
 class RowStatsOut(ctypes.Structure):
-    _fields_ = [("values", ctypes.c_void_p), ("argmax", ctypes.c_void_p), ("maxima", ctypes.c_void_p)]
+    _fields_ = [("values", ctypes.c_void_p), ("argmax", ctypes.c_void_p), ("maxima", ctypes.c_void_p),
+                ("top_values", ctypes.c_void_p), ("top_columns", ctypes.c_void_p)]
 
 
 def _compiler() -> Optional[str]:
@@ -167,6 +168,7 @@ def load(report: Optional[Callable[[str], None]] = None) -> Optional[ctypes.CDLL
         lib.logits_stats.restype = ctypes.c_int
         lib.logits_stats.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.POINTER(RowStatsOut)]
         lib.stats_chunk.restype = ctypes.c_int
+        lib.stats_top.restype = ctypes.c_int
         _loaded[fingerprint] = lib
         return lib
 
@@ -195,7 +197,11 @@ class _StatsOut:
         self.values = torch.empty(batch, 3)  # the largest logit, the logsumexp, the entropy
         self.argmax = torch.empty(batch, dtype=torch.long)
         self.maxima = torch.empty(batch, vocab // lib.stats_chunk())
-        self.struct = RowStatsOut(_ptr(self.values), _ptr(self.argmax), _ptr(self.maxima))
+        listed = min(lib.stats_top(), vocab)
+        self.top_values = torch.empty(batch, listed)
+        self.top_columns = torch.empty(batch, listed, dtype=torch.long)
+        self.struct = RowStatsOut(_ptr(self.values), _ptr(self.argmax), _ptr(self.maxima), _ptr(self.top_values),
+                                  _ptr(self.top_columns))
 
     def read(self, status: int) -> Any:
         """``RowStats`` after the call that returned ``status`` (-1: out of memory; else the unusable rows)."""
@@ -204,7 +210,8 @@ class _StatsOut:
         if status < 0:
             raise MemoryError("the decode kernel could not allocate its working memory")
         values = self.values
-        return RowStats(values[:, 0:1], self.argmax, values[:, 1:2], values[:, 2], self.maxima, status == 0)
+        return RowStats(values[:, 0:1], self.argmax, values[:, 1:2], values[:, 2], self.maxima, status == 0,
+                        self.top_values, self.top_columns)
 
 
 class KernelStep:

@@ -28,6 +28,9 @@ class Candidates:
     logits: torch.Tensor
     ids: Optional[torch.Tensor]
     vocab_size: int
+    # Each row's values are in descending order (a stage that found them sorted says so; a later stage that needs
+    # them sorted, top_p, then does not sort again).
+    descending: bool = False
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> "Candidates":
@@ -37,19 +40,21 @@ class Candidates:
     def is_dense(self) -> bool:
         return self.ids is None
 
-    def with_logits(self, logits: torch.Tensor) -> "Candidates":
-        """Same columns, new values."""
-        return Candidates(logits, self.ids, self.vocab_size)
+    def with_logits(self, logits: torch.Tensor, descending: bool = False) -> "Candidates":
+        """Same columns, new values (``descending``: the caller knows each row's are in descending order)."""
+        return Candidates(logits, self.ids, self.vocab_size, descending)
 
-    def take(self, columns: torch.Tensor, values: Optional[torch.Tensor] = None) -> "Candidates":
+    def take(self, columns: torch.Tensor, values: Optional[torch.Tensor] = None,
+             descending: bool = False) -> "Candidates":
         """Keep only ``columns`` (``[batch, k]`` indices into the current row); everything else is removed.
 
-        ``values`` may carry the logits at those columns when the caller already has them (from ``topk``).
+        ``values`` may carry the logits at those columns when the caller already has them (from ``topk``);
+        ``descending``: the caller knows each row's are in descending order.
         """
         if values is None:
             values = self.logits.gather(-1, columns)
         ids = columns if self.ids is None else self.ids.gather(-1, columns)
-        return Candidates(values, ids, self.vocab_size)
+        return Candidates(values, ids, self.vocab_size, descending)
 
     def dense(self) -> torch.Tensor:
         """``[batch, vocab]`` logits, −inf for every removed token."""

@@ -24,6 +24,10 @@ from llmsample.errors import ConfigError
 BIAS, PENALTY, TRUNCATION, RESHAPE, SELECTOR = "bias", "penalty", "truncation", "reshape", "selector"
 CONSTRAINT = "constraint"
 DETERMINISTIC_KINDS = frozenset({BIAS, PENALTY, CONSTRAINT})
+# A truncation keeps at least a row's best token and a reshape (temperature) keeps a finite logit finite, so a
+# chain of only these cannot leave a row with a finite logit empty; a bias (a ban), a penalty (one that overflows)
+# or a selector can, and the sampler then keeps the row's best raw token.
+KEEP_A_TOKEN_KINDS = frozenset({TRUNCATION, RESHAPE})
 # Field kinds that hold a constraint's text; llmsample.grammar checks them (llguidance, no torch).
 CONSTRAINT_KINDS = ("json_schema", "grammar", "regex", "choices")
 
@@ -275,6 +279,11 @@ class StageSpec:
     @property
     def deterministic(self) -> bool:
         return self.kind in DETERMINISTIC_KINDS
+
+    @property
+    def keeps_a_token(self) -> bool:
+        """Whether a row that holds a finite logit still holds one after this stage."""
+        return self.kind in KEEP_A_TOKEN_KINDS
 
 
 DEFAULT_BREAKERS = ("\n", ":", '"', "*")

@@ -110,6 +110,7 @@ class Sampler:
         self._stages: list[Stage] = [registry.build_stage(name, config) for name in self.stage_names]
         last = self._stages[-1] if self._stages else None
         self._after_draw = getattr(last, "after_draw", None)
+        self._keeps_a_token = all(registry.STAGES[name].keeps_a_token for name in self.stage_names)
 
     # ---- the chain -------------------------------------------------------------------------------------------
 
@@ -126,7 +127,8 @@ class Sampler:
             raw = c
             for stage in self._stages:
                 c = stage(c, history)
-            if c is raw and history.raw_max is not None:  # checked finite: no row was emptied
+            # Rows checked finite: unchanged, or changed only by stages that keep a token, none was emptied.
+            if history.raw_max is not None and (c is raw or self._keeps_a_token):
                 return history, c
             return history, _keep_best_if_emptied(c, raw)
         finally:

@@ -9,6 +9,7 @@ the logits within a row, so that keeps ties at the boundary (as transformers' to
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import struct
 from dataclasses import dataclass, field
@@ -90,9 +91,20 @@ class History:
 
     def chunk_maxima(self, c: Candidates) -> Optional[torch.Tensor]:
         """The engine's chunk maxima of ``c`` (``RowStats.chunk_maxima``) when ``c`` is the raw row unchanged."""
+        stats = self.stats(c)
+        return None if stats is None else stats.chunk_maxima
+
+    def stats(self, c: Candidates) -> Optional[Any]:
+        """The engine's ``RowStats`` of ``c`` when ``c`` is the raw row unchanged; else None."""
         if self.raw_stats is not None and c.is_dense and c.logits is self.raw_logits:
-            return self.raw_stats.chunk_maxima
+            return self.raw_stats
         return None
+
+    def highest(self, c: Candidates, n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``c``'s ``n`` highest logits and their columns (sorted, as ``fast_topk`` returns them) when the engine
+        listed that many for the raw row and ``c`` is that row unchanged; else None."""
+        stats = self.stats(c)
+        return None if stats is None else stats.highest(n)
 
     def raw_log_normaliser(self, quick: bool = False) -> torch.Tensor:
         """``logsumexp`` of the raw logits' rows, ``[batch, 1]``: computed on the first call, then reused.
@@ -391,8 +403,8 @@ def keep_from(c: Candidates, threshold: torch.Tensor) -> Candidates:
         needed = int((logits >= threshold).sum(-1).max())
         if needed <= COMPACT_LIMIT:
             values, columns = fast_topk(logits, max(needed, 1))
-            return c.take(columns, values.masked_fill(values < threshold, NEG_INF))
-    return c.with_logits(remove_below(logits, threshold))
+            return c.take(columns, values.masked_fill(values < threshold, NEG_INF), descending=True)
+    return c.with_logits(remove_below(logits, threshold), descending=c.descending)
 
 
 def remove_below(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -505,13 +517,15 @@ def no_repeat_ngram(c: Candidates, history: History, size: int) -> Candidates:
 # ---- truncation ------------------------------------------------------------------------------------------------
 
 
-def top_k(c: Candidates, k: int, min_keep: int = 1, maxima: Optional[torch.Tensor] = None) -> Candidates:
+def top_k(c: Candidates, k: int, min_keep: int = 1, maxima: Optional[torch.Tensor] = None,
+          highest: Optional[Callable[[int], Optional[tuple[torch.Tensor, torch.Tensor]]]] = None) -> Candidates:
     """Keep the k highest logits (at least ``min_keep``); ties with the k-th are kept too. Neutral: 0.
 
     >>> top_k(Candidates.from_logits(torch.tensor([[1.0, 3.0, 2.0, 2.0]])), 2).logits
     tensor([[-inf, 3., 2., 2.]])
 
-    ``maxima``: the row's chunk maxima, when an engine computed them (``fast_topk``).
+    What an engine computed with the row, when it did: ``maxima``, the row's chunk maxima (``fast_topk``);
+    ``highest(n)``, its n highest logits and their columns, sorted (None when it did not list that many).
     """
     width = c.logits.shape[-1]
     if k <= 0:
@@ -519,16 +533,18 @@ def top_k(c: Candidates, k: int, min_keep: int = 1, maxima: Optional[torch.Tenso
     k = max(k, min_keep)
     if k >= width:
         return c
-    values, columns = fast_topk(c.logits, k + 1, maxima)
+    listed = highest(k + 1) if highest is not None else None
+    values, columns = listed if listed is not None else fast_topk(c.logits, k + 1, maxima)
     kth = values[:, k - 1 : k]
     if sync_free():
         return keep_from(c, kth)
-    if width > SMALL_ROW and bool((values[:, k:] < kth).all()):
-        return c.take(columns[:, :k], values[:, :k])  # no tie crosses the boundary: the window is the answer
+    if width > SMALL_ROW and bool((values[:, k:] < kth).all()):  # no tie crosses the boundary: the window is it
+        return c.take(columns[:, :k], values[:, :k], descending=True)
     return keep_from(c, kth)
 
 
-def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.Tensor] = None) -> Candidates:
+def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.Tensor] = None,
+          highest: Optional[Callable[[int], Optional[tuple[torch.Tensor, torch.Tensor]]]] = None) -> Candidates:
     """Nucleus: keep token j iff the probability mass strictly above it is < p (the token that crosses p is
     kept; ties with it are kept). At least ``min_keep`` tokens always survive. Neutral: 1.0.
 
@@ -546,6 +562,8 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         return c
     logits = c.logits
     width = logits.shape[-1]
+    # highest(n): the row's n highest logits and columns, when an engine listed them (top_k's argument); its first
+    # window needs no pass over the row then.
     # log_total: the caller may know it (the raw row's, computed once per step). Else it is computed here within
     # float32 rounding: that scales every probability alike, by ≈1e-6, far inside the margin below, so only a cut
     # that float32 rounding decides anyway (as transformers' float32 sum does) could move.
@@ -553,7 +571,7 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
     # One sort of the whole row: fixed shapes, nothing read back (cheap on a GPU), and on a narrow row (a compacted
     # one) fewer operations than the windows below.
     if sync_free() or width <= SMALL_ROW:
-        values, _ = torch.sort(logits, dim=-1, descending=True)
+        values = logits if c.descending else torch.sort(logits, dim=-1, descending=True)[0]
         if log_total is None:  # the sorted row's first value is its maximum
             top = values[:, :1]
             log_total = torch.exp(values - top).sum(-1, keepdim=True).log_().add_(top)
@@ -569,7 +587,8 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
     histogram_tried = False
     while True:
         window = min(window, width)
-        values, columns = fast_topk(logits, window)  # sorted, descending
+        listed = highest(window) if highest is not None else None
+        values, columns = listed if listed is not None else fast_topk(logits, window)  # sorted, descending
         probs = torch.exp(values - log_total).double()
         mass_above = probs.cumsum(-1) - probs
         # transformers' rule at its precision: keep j iff fl32(mass from j down) > fl32(1 - p).
@@ -595,7 +614,8 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         if bool((values[:, -1:] < threshold).all()):
             keep = int((values >= threshold).sum(-1).max())
             kept_values = values[:, :keep]
-            return c.take(columns[:, :keep], kept_values.masked_fill(kept_values < threshold, NEG_INF))
+            return c.take(columns[:, :keep], kept_values.masked_fill(kept_values < threshold, NEG_INF),
+                          descending=True)
         # Every token past the window is at most as probable as its last one, so the mass still missing bounds
         # the nucleus from below: the windows it cannot fit in are skipped, and a row that needs more than
         # HISTOGRAM_AFTER_WINDOW goes to the histogram at once (a flat row: a large nucleus).
@@ -736,9 +756,10 @@ def temperature(c: Candidates, t: float, row_max: Optional[torch.Tensor] = None)
         row_max = c.logits.amax(-1, keepdim=True)
     overflows = torch.isinf(row_max / t) & torch.isfinite(row_max)
     if not sync_free() and not bool(overflows.any()):
-        return c.with_logits(torch.div(c.logits, t))  # one pass (ℓ − 0 is ℓ: the same values as below)
+        # one pass (ℓ − 0 is ℓ: the same values as below); dividing by T > 0 keeps the order
+        return c.with_logits(torch.div(c.logits, t), descending=c.descending)
     shift = torch.where(overflows, row_max, torch.zeros_like(row_max))
-    return c.with_logits(torch.sub(c.logits, shift).div_(t))  # one new tensor, divided in place
+    return c.with_logits(torch.sub(c.logits, shift).div_(t), descending=c.descending)  # divided in place
 
 
 def dynamic_temperature(c: Candidates, t: float, spread: float, exponent: float = 1.0) -> Candidates:
@@ -785,11 +806,12 @@ def no_repeat_ngram_stage(cfg: Any) -> Stage:
 
 
 def top_k_stage(cfg: Any) -> Stage:
-    return lambda c, h: top_k(c, cfg.top_k, cfg.min_tokens_to_keep, h.chunk_maxima(c))
+    return lambda c, h: top_k(c, cfg.top_k, cfg.min_tokens_to_keep, h.chunk_maxima(c),
+                              functools.partial(h.highest, c))
 
 
 def top_p_stage(cfg: Any) -> Stage:
-    return lambda c, h: top_p(c, cfg.top_p, cfg.min_tokens_to_keep, h.log_total(c))
+    return lambda c, h: top_p(c, cfg.top_p, cfg.min_tokens_to_keep, h.log_total(c), functools.partial(h.highest, c))
 
 
 def min_p_stage(cfg: Any) -> Stage:

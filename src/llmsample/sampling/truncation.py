@@ -64,7 +64,9 @@ def xtc(c: Candidates, history: History, probability: float, threshold: float, m
     window = width if threshold <= 0.0 else min(width, int(1.0 / threshold) + 1)
     values, columns = fast_topk(logits, window)
     log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
-    above = (values - log_total).exp() >= threshold  # a prefix of the sorted window
+    # a prefix of the sorted window; a removed token (−inf) is not a candidate, even at threshold 0 (llama.cpp's
+    # list holds only the tokens still in the running)
+    above = ((values - log_total).exp() >= threshold) & (values > NEG_INF)
     count = above.sum(-1, keepdim=True)
     cut = values.gather(1, (count - 1).clamp(min=0))  # the least likely token at or above the threshold
     acts = fired.unsqueeze(-1) & (count >= 2)
@@ -103,14 +105,74 @@ def _take_found(c: Candidates, columns: torch.Tensor, found: torch.Tensor) -> Ca
     return c.take(columns, values)
 
 
-def epsilon(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
+# A float32 softmax over n logits (torch's CPU kernel: each of at least 8 vector lanes sums n/8 exponentials in
+# order, then 1/S scales them) is off by at most about (n/8 + 8) float32 spacings relatively. The engine's
+# normaliser (RowStats: float sums of 128 terms added in double) by at most 128 more.
+SOFTMAX_LANES = 8
+FLOAT32_SPACING = 2.0**-24
+
+
+def _softmax_margin(width: int) -> float:
+    """How far, in log-probability, a float32 softmax's value can lie from the one an engine's normaliser gives."""
+    return (width / SOFTMAX_LANES + 8 + 128 + 8) * FLOAT32_SPACING
+
+
+def _cut_from_listed(c: Candidates, stats: Any, log_floor: list[float], margin: float) -> Optional[Candidates]:
+    """Keep the tokens whose probability reaches ``exp(log_floor[row])``, decided in logit space from an engine's
+    ``RowStats`` of the raw row ``c``: its normaliser and its sorted list of highest logits, so that nothing reads
+    the row. None (the caller cuts the plain way) unless every survivor is in the list, some survive in every row,
+    and no listed logit lies within ``margin`` of the cut, where a float32 softmax's rounding could decide it.
+    Survivors come in vocabulary order, as ``_cutoff`` gives them.
+    """
+    if stats.top_values is None:
+        return None
+    listed = stats.top_values.tolist()  # a few hundred numbers a row: the decisions below are a bisection each
+    counts = []
+    for row, (values, log_total, floor) in enumerate(zip(listed, stats.log_total.flatten().tolist(), log_floor)):
+        cut = log_total + floor  # log p >= floor  <=>  logit >= cut
+        if values[-1] >= cut - margin:  # the list may end before the survivors do
+            return None
+        count = _count_at_least(values, cut)
+        if count == 0 or abs(values[count - 1] - cut) <= margin or abs(values[count] - cut) <= margin:
+            return None
+        counts.append(count)
+    widest = max(counts)
+    columns, order = stats.top_columns[:, :widest].sort(-1)  # vocabulary order
+    values = stats.top_values[:, :widest].gather(1, order)
+    if min(counts) < widest:  # a shorter row's extra columns are removed
+        cuts = torch.tensor([listed[row][count - 1] for row, count in enumerate(counts)]).unsqueeze(1)
+        values = values.masked_fill(values < cuts, NEG_INF)
+    return c.take(columns, values)
+
+
+def _count_at_least(descending: list[float], cut: float) -> int:
+    """How many of ``descending`` (sorted, highest first) are ``>= cut``."""
+    low, high = 0, len(descending)
+    while low < high:
+        middle = (low + high) // 2
+        if descending[middle] >= cut:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def epsilon(c: Candidates, eps: float, min_keep: int = 1, stats: Any = None) -> Candidates:
     """transformers' EpsilonLogitsWarper: remove tokens with p < ε, keeping the top ``min_keep``. Neutral: 0.
+
+    ``stats``: the engine's ``RowStats`` of ``c`` (the raw row), when it has them; the cut is then found from its
+    list of highest logits where that decides it exactly.
 
     >>> epsilon(Candidates.from_logits(torch.tensor([[0.6, 0.35, 0.05]]).log()), 0.1).dense().isfinite()
     tensor([[ True,  True, False]])
     """
     if eps <= 0.0:
         return c
+    if stats is not None and min_keep <= 1:
+        log_floor = [math.log(eps)] * c.logits.shape[0]
+        found = _cut_from_listed(c, stats, log_floor, _softmax_margin(c.logits.shape[-1]))
+        if found is not None:
+            return found
     floor = torch.full((c.logits.shape[0], 1), eps, dtype=c.logits.dtype, device=c.logits.device)
     return _cutoff(c, torch.softmax(c.logits, dim=-1), floor, min_keep)
 
@@ -122,9 +184,12 @@ def epsilon(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
 ETA_FLOOR_MARGIN = 1e-5
 
 
-def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
+def eta(c: Candidates, eps: float, min_keep: int = 1, stats: Any = None) -> Candidates:
     """transformers' EtaLogitsWarper: remove tokens with p < min(η, √η·e^(−H)), H the row's entropy in nats.
     Neutral: 0.
+
+    ``stats``: the engine's ``RowStats`` of ``c`` (the raw row), when it has them; the cut is then found from its
+    entropy, normaliser and list of highest logits where that decides it exactly.
 
     >>> eta(Candidates.from_logits(torch.tensor([[0.9, 0.09, 0.01]]).log()), 0.05).dense().isfinite()
     tensor([[ True,  True, False]])
@@ -132,6 +197,12 @@ def eta(c: Candidates, eps: float, min_keep: int = 1) -> Candidates:
     if eps <= 0.0:
         return c
     logits = c.logits
+    if stats is not None and min_keep <= 1:
+        log_floor = [min(math.log(eps), 0.5 * math.log(eps) - entropy) for entropy in stats.entropy.tolist()]
+        # the floor's own rounding (see ETA_FLOOR_MARGIN) on top of the softmax's
+        found = _cut_from_listed(c, stats, log_floor, _softmax_margin(logits.shape[-1]) + 2 * ETA_FLOOR_MARGIN)
+        if found is not None:
+            return found
     probs = torch.softmax(logits, dim=-1)  # the cut compares these, and the entropy weighs by them
     floor = None
     if logits.shape[-1] > SMALL_ROW and not sync_free():
@@ -175,8 +246,8 @@ def xtc_stage(cfg: Any) -> Stage:
 
 
 def epsilon_stage(cfg: Any) -> Stage:
-    return lambda c, h: epsilon(c, cfg.epsilon_cutoff, cfg.min_tokens_to_keep)
+    return lambda c, h: epsilon(c, cfg.epsilon_cutoff, cfg.min_tokens_to_keep, h.stats(c))
 
 
 def eta_stage(cfg: Any) -> Stage:
-    return lambda c, h: eta(c, cfg.eta_cutoff, cfg.min_tokens_to_keep)
+    return lambda c, h: eta(c, cfg.eta_cutoff, cfg.min_tokens_to_keep, h.stats(c))
