@@ -256,7 +256,7 @@ def _stat_rows():
 
 
 def test_the_kernels_row_statistics_are_the_float64_ones():
-    from llmsample.sampling.row_stats import RowStats
+    from llmsample.sampling.row_stats import TOP, RowStats
 
     lib = decode_kernel.load()
     for logits in _stat_rows():
@@ -267,7 +267,7 @@ def test_the_kernels_row_statistics_are_the_float64_ones():
         assert torch.allclose(ours.entropy, exact.entropy, rtol=1e-5, atol=2e-6)
         # the highest logits, highest first, ties in column order: exactly a stable descending sort's first ones
         assert torch.equal(ours.top_values, exact.top_values) and torch.equal(ours.top_columns, exact.top_columns)
-        assert ours.top_values.shape[1] == min(logits.shape[1], 256)
+        assert ours.top_values.shape[1] == min(logits.shape[1], TOP) and lib.stats_top() == TOP
 
 
 def test_the_kernels_row_statistics_flag_unusable_rows():

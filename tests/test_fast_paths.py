@@ -284,6 +284,9 @@ def test_dynamic_temperature_on_wide_rows_matches_a_float64_computation(trial):
     {"do_sample": True, "min_p": 0.05}, {"do_sample": True, "epsilon_cutoff": 3e-4},
     {"do_sample": True, "temperature": 0.7, "eta_cutoff": 3e-4}, {"do_sample": True, "top_k": 300},
     {"do_sample": True, "temperature": 0.7, "top_p": 0.5},
+    {"do_sample": True, "repetition_penalty": 1.2, "top_k": 40, "temperature": 0.8},
+    {"do_sample": True, "repetition_penalty": 1.5, "epsilon_cutoff": 3e-4},
+    {"repetition_penalty": 1.3},
 ])
 def test_a_step_given_the_engines_row_statistics_equals_one_without(settings):
     """``RowStats`` only spare passes over the raw row: the same tokens, and probabilities and entropies within
@@ -313,3 +316,33 @@ def test_row_statistics_of_a_row_with_nan_are_refused_as_the_row_is():
     for stats in (None, RowStats.of(logits)):
         with pytest.raises(SamplingError, match="NaN"):
             Sampler(SamplingConfig()).step(torch.zeros(2, 1, dtype=torch.long), logits, stats=stats)
+
+
+def test_statistics_derived_after_a_repetition_penalty_are_the_penalised_rows():
+    """``RowStats.lowered``: the normaliser within float32 rounding and the list a sort's (no ties here), with
+    repeated ids in the history and rows of a batch that lose unlike numbers of listed tokens; None where the
+    penalty took most of a row's mass (the normaliser's rounding would grow past top_p's margin)."""
+    from llmsample.sampling.row_stats import RowStats
+
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(3, 262_144, generator=g) * 2
+    logits[:, :50] += 7
+    ids = torch.cat((torch.randint(0, 60, (3, 40), generator=g), torch.randint(0, 262_144, (3, 24), generator=g)),
+                    dim=1)
+    ids[1, :10] = 3  # a repeated id
+    history = stages.History(ids, raw_logits=logits, raw_stats=RowStats.of(logits))
+    out = stages.penalties(Candidates.from_logits(logits), history, 1.3)
+    assert history.derived is not None and history.derived[0] is out.logits
+    derived, exact = history.derived[1], RowStats.of(out.logits)
+    assert torch.allclose(derived.log_total, exact.log_total, rtol=0, atol=5e-6)
+    n = derived.top_values.shape[1]
+    assert n >= stages.FIRST_WINDOW
+    assert torch.equal(derived.top_values, exact.top_values[:, :n])
+    assert torch.equal(derived.top_columns, exact.top_columns[:, :n])
+    assert torch.equal(derived.top, exact.top) and torch.equal(derived.argmax, exact.argmax)
+
+    peaked = torch.randn(1, 262_144, generator=g)
+    peaked[0, 5] = 30.0  # nearly all the mass
+    history = stages.History(torch.tensor([[5]]), raw_logits=peaked, raw_stats=RowStats.of(peaked))
+    stages.penalties(Candidates.from_logits(peaked), history, 3.0)
+    assert history.derived is None

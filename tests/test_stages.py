@@ -314,3 +314,13 @@ def test_top_p_after_top_k_reads_the_sorted_survivors_as_they_are(trial):
         other = shuffled if c is kept else stages.temperature(shuffled, 0.7)
         assert not other.descending
         assert torch.equal(stages.top_p(c, 0.8).dense(), stages.top_p(other, 0.8).dense())
+
+
+def test_penalties_keep_finite_logits_finite_and_removed_ones_removed():
+    """What lets a chain with penalties skip the emptied-row pass: no penalty overflows a logit to ±inf."""
+    logits = torch.tensor([[-3.0e38, 3.0e38, 1.0, float("-inf")]])
+    history = History(torch.tensor([[0, 1, 3, 0, 1, 3]]), prompt_len=0)
+    out = penalties(Candidates.from_logits(logits), history, 1e30, frequency_penalty=2.0, presence_penalty=2.0)
+    assert torch.isfinite(out.logits[0, :3]).all() and out.logits[0, 3] == float("-inf")
+    raised = penalties(Candidates.from_logits(logits), history, 1e-30, frequency_penalty=-2.0, presence_penalty=-2.0)
+    assert torch.isfinite(raised.logits[0, :3]).all() and raised.logits[0, 3] == float("-inf")

@@ -614,7 +614,8 @@ static inline float exp_nonpositive(float x) {
 
 #define STATS_PIECE 8192 /* columns per work item of row_stats */
 #define STATS_CHUNK 256  /* the chunks whose maxima row_stats writes (llmsample's fast_topk reads them for a small k) */
-#define STATS_TOP 256    /* how many of each row's highest logits row_stats lists (fewer when the row is narrower) */
+#define STATS_TOP 320    /* how many of each row's highest logits row_stats lists (fewer when the row is narrower;
+                            llmsample/sampling/row_stats.py's TOP says why this many) */
 
 int stats_chunk(void) { return STATS_CHUNK; }
 int stats_top(void) { return STATS_TOP; }

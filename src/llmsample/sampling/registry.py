@@ -270,6 +270,7 @@ class StageSpec:
     active: Optional[Callable[[Any], bool]] = None
     peer: str = ""  # whose semantics, for --explain and the docs
     check: Optional[Callable[[Any], None]] = None  # a rule across the stage's fields; raises ConfigError
+    keeps_token: Optional[bool] = None  # whether it keeps a row's finite logits finite (None: as its kind does)
 
     def is_set(self, cfg: Any) -> bool:
         if self.active is not None:
@@ -283,7 +284,7 @@ class StageSpec:
     @property
     def keeps_a_token(self) -> bool:
         """Whether a row that holds a finite logit still holds one after this stage."""
-        return self.kind in KEEP_A_TOKEN_KINDS
+        return self.kind in KEEP_A_TOKEN_KINDS if self.keeps_token is None else self.keeps_token
 
 
 DEFAULT_BREAKERS = ("\n", ":", '"', "*")
@@ -325,7 +326,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
         impl="llmsample.sampling.stages:penalties_stage", position=20, hf_position=20,
         aliases=("penalty", "repetition_penalty", "frequency_penalty", "presence_penalty"),
         active=lambda c: c.repetition_penalty != 1.0 or c.frequency_penalty != 0.0 or c.presence_penalty != 0.0,
-        peer="transformers/OpenAI/llama.cpp"),
+        peer="transformers/OpenAI/llama.cpp", keeps_token=True),  # a penalised finite logit stays finite
     StageSpec(
         "no_repeat_ngram", PENALTY,
         (Field("no_repeat_ngram_size", 0, "int", "Ban any token that would repeat an n-gram of this size.", lo=0,

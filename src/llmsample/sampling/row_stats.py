@@ -6,14 +6,17 @@ vocabulary again for them. Without them it computes what it needs itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from llmsample.sampling.stages import CHUNK
+from llmsample.sampling.stages import CHUNK, FIRST_WINDOW
 
-TOP = 256  # how many of a row's highest logits an engine lists (decode_kernel.c's STATS_TOP)
+# How many of a row's highest logits an engine lists (decode_kernel.c's STATS_TOP): top_p's first window, and 64
+# more, so that the list a repetition penalty over the last 64 tokens leaves (``RowStats.lowered``) still holds it.
+TOP = FIRST_WINDOW + 64
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class RowStats:
     top: torch.Tensor  # [batch, 1] float32: the largest logit; NaN when the row holds one, +inf when it holds +inf
     argmax: torch.Tensor  # [batch] long: the first column holding it
     log_total: torch.Tensor  # [batch, 1] float32: the row's logsumexp, within float32 rounding
-    entropy: torch.Tensor  # [batch] float32: the entropy (nats) of the row's softmax
+    entropy: Optional[torch.Tensor]  # [batch] float32: the entropy (nats) of the row's softmax (None: not known)
     # [batch, chunks]: the largest logit of each whole chunk of columns, in order (``stages.fast_topk`` reads them
     # where its chunks are those: ``CHUNK`` columns each)
     chunk_maxima: Optional[torch.Tensor] = None
@@ -57,9 +60,33 @@ class RowStats:
                    maxima.float(), bool(torch.isfinite(top).all()), listed[:, :n].contiguous(),
                    order[:, :n].contiguous())
 
-    def highest(self, n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """The rows' ``n`` highest logits and their columns (``[batch, n]`` each, sorted as ``torch.topk`` sorts),
-        when the list holds that many; else None."""
-        if self.top_values is None or n > self.top_values.shape[1]:
+    def lowered(self, logits: torch.Tensor, columns: torch.Tensor, before: torch.Tensor,
+                after: torch.Tensor) -> Optional["RowStats"]:
+        """The statistics of ``logits``: these rows after the logits at ``columns`` (``[batch, n]``, repeats
+        allowed) went from ``before`` to ``after``, each lower or equal (a repetition penalty above 1). None when
+        they cannot be derived within float32 rounding.
+
+        The normaliser loses the changed tokens' share of the mass, e^(before − L) − e^(after − L) summed once per
+        column in float64; where that leaves less than a quarter of it, the stored normaliser's rounding (≈1e-7,
+        relatively) would grow past what top_p's margin allows, and None is returned. The list of highest logits
+        keeps its entries still above its last raw value (nothing outside it can have risen past that), sorted
+        again (a changed entry that ties an unchanged one follows its old place, not its column). Entropy and
+        chunk maxima are not derived.
+        """
+        if self.top_values is None or self.finite is not True:
             return None
-        return self.top_values[:, :n], self.top_columns[:, :n]
+        log_totals = []
+        for ids, old, new, log_total in zip(columns.tolist(), before.tolist(), after.tolist(),
+                                            self.log_total.flatten().tolist()):
+            changed = dict(zip(ids, zip(old, new)))  # each column once (a few dozen numbers: plain Python)
+            lost = sum(math.exp(b - log_total) - math.exp(a - log_total) for b, a in changed.values())
+            if lost > 0.75:
+                return None
+            log_totals.append(log_total + math.log1p(-lost))
+        values, order = logits.gather(1, self.top_columns).sort(dim=-1, descending=True, stable=True)
+        listed = int((values > self.top_values[:, -1:]).sum(-1).min())
+        if listed < 1:
+            return None
+        values, listed_columns = values[:, :listed], self.top_columns.gather(1, order[:, :listed])
+        log_total = torch.tensor(log_totals, dtype=torch.float32, device=logits.device).unsqueeze(1)
+        return RowStats(values[:, :1], listed_columns[:, 0], log_total, None, None, True, values, listed_columns)

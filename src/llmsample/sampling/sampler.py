@@ -254,10 +254,11 @@ class Sampler:
         """
         logits = c.logits
         if not self._dense_wide(c):
-            log_probs = torch.log_softmax(logits, dim=-1)
             if probs is None:
-                probs = log_probs.exp()
-            return probs.gather(1, columns.unsqueeze(1)).squeeze(1), -(probs * log_probs).nansum(-1)
+                probs = torch.softmax(logits, dim=-1)
+            # −p·log p of the softmax's own p (0 for a removed token): one operation where log_softmax, a product
+            # and a NaN-skipping sum took three, each a cold dispatch after the model's step
+            return probs.gather(1, columns.unsqueeze(1)).squeeze(1), torch.special.entr(probs).sum(-1)
         if history.raw_stats is not None and logits is history.raw_logits:  # the engine's, for the raw row
             stats, at = history.raw_stats, columns.unsqueeze(1)
             prob = probs.gather(1, at) if probs is not None else torch.exp(logits.gather(1, at) - stats.log_total)
@@ -357,8 +358,9 @@ def _column_of(c: Candidates, token_ids: torch.Tensor) -> tuple[torch.Tensor, to
 def _keep_best_if_emptied(c: Candidates, raw: Candidates) -> Candidates:
     """The documented fallback: a row the chain left without any token keeps its best raw token.
 
-    no_repeat_ngram already does this for its bans; this catches the rest (a penalty that overflowed every
-    logit of a row to −inf).
+    no_repeat_ngram already does this for its bans, and the penalties keep finite logits finite; this catches the
+    rest (a ban of every token by logit_bias, DRY's penalty overflowing, a selector). A chain whose every stage
+    keeps a token (``StageSpec.keeps_a_token``) does not call it.
     """
     emptied = torch.isneginf(c.logits.amax(-1))
     if stages.sync_free():  # every row through the same ops: a row's best raw token where it was emptied

@@ -9,7 +9,6 @@ the logits within a row, so that keeps ties at the boundary (as transformers' to
 from __future__ import annotations
 
 import contextvars
-import functools
 import math
 import struct
 from dataclasses import dataclass, field
@@ -81,13 +80,17 @@ class History:
     raw_log_total_quick: Optional[torch.Tensor] = field(default=None, repr=False)  # quick_logsumexp's
     raw_max: Optional[torch.Tensor] = field(default=None, repr=False)  # [batch, 1], when the check computed it
     raw_stats: Optional[Any] = field(default=None, repr=False)  # the engine's RowStats of the raw logits, if any
+    # (logits, RowStats) of a dense row a stage derived from the raw one, with its statistics derived from the
+    # engine's (a repetition penalty: ``RowStats.lowered``)
+    derived: Optional[tuple[torch.Tensor, Any]] = field(default=None, repr=False)
 
     def row_max(self, c: Candidates) -> torch.Tensor:
         """``[batch, 1]`` largest logit of ``c``'s rows: the one the finiteness check found, when ``c`` is the raw
-        row unchanged."""
+        row unchanged (a row with derived statistics: theirs)."""
         if self.raw_max is not None and c.is_dense and c.logits is self.raw_logits:
             return self.raw_max
-        return c.logits.amax(-1, keepdim=True)
+        stats = self.derived[1] if self.derived is not None and c.logits is self.derived[0] else None
+        return c.logits.amax(-1, keepdim=True) if stats is None else stats.top
 
     def chunk_maxima(self, c: Candidates) -> Optional[torch.Tensor]:
         """The engine's chunk maxima of ``c`` (``RowStats.chunk_maxima``) when ``c`` is the raw row unchanged."""
@@ -95,16 +98,21 @@ class History:
         return None if stats is None else stats.chunk_maxima
 
     def stats(self, c: Candidates) -> Optional[Any]:
-        """The engine's ``RowStats`` of ``c`` when ``c`` is the raw row unchanged; else None."""
-        if self.raw_stats is not None and c.is_dense and c.logits is self.raw_logits:
+        """The engine's ``RowStats`` of ``c`` when ``c`` is the raw row unchanged, or those derived from them for
+        the row a stage made of it (``derived``); else None."""
+        if not c.is_dense:
+            return None
+        if self.raw_stats is not None and c.logits is self.raw_logits:
             return self.raw_stats
+        if self.derived is not None and c.logits is self.derived[0]:
+            return self.derived[1]
         return None
 
-    def highest(self, c: Candidates, n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """``c``'s ``n`` highest logits and their columns (sorted, as ``fast_topk`` returns them) when the engine
-        listed that many for the raw row and ``c`` is that row unchanged; else None."""
+    def listed(self, c: Candidates) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``c``'s highest logits and their columns (``[batch, n]`` each, sorted as ``fast_topk`` returns them)
+        when the engine listed them (``stats``); else None."""
         stats = self.stats(c)
-        return None if stats is None else stats.highest(n)
+        return None if stats is None or stats.top_values is None else (stats.top_values, stats.top_columns)
 
     def raw_log_normaliser(self, quick: bool = False) -> torch.Tensor:
         """``logsumexp`` of the raw logits' rows, ``[batch, 1]``: computed on the first call, then reused.
@@ -122,8 +130,12 @@ class History:
         return self.raw_log_total
 
     def log_total(self, c: Candidates) -> Optional[torch.Tensor]:
-        """``quick_logsumexp`` of ``c``'s rows, ``[batch, 1]``, when ``c`` is the raw row unchanged; else None."""
-        return self.raw_log_normaliser(quick=True) if c.is_dense and c.logits is self.raw_logits else None
+        """``quick_logsumexp`` of ``c``'s rows, ``[batch, 1]``, when ``c`` is the raw row unchanged (or a row with
+        derived statistics: theirs); else None."""
+        if c.is_dense and c.logits is self.raw_logits:
+            return self.raw_log_normaliser(quick=True)
+        stats = self.stats(c)
+        return None if stats is None else stats.log_total
 
     @property
     def generated(self) -> torch.Tensor:
@@ -467,7 +479,13 @@ def penalties(
             logits = padded.scatter(1, ids, seen)[:, :vocab]
         elif c.is_dense:  # every id inside the row (the usual case): one copy, no padded row and its slice
             # A repeated id writes the same value each time: each is penalised once, from the row's own logit.
-            logits = logits.scatter(1, seen_ids, _repetition(logits.gather(1, seen_ids), repetition_penalty))
+            before = logits.gather(1, seen_ids)
+            after = _repetition(before, repetition_penalty)
+            logits = logits.scatter(1, seen_ids, after)
+            stats = history.stats(c)
+            if stats is not None and repetition_penalty > 1.0 and frequency_penalty == 0.0 == presence_penalty:
+                lowered = stats.lowered(logits, seen_ids, before, after)  # every change lowers a logit
+                history.derived = None if lowered is None else (logits, lowered)
         else:
             present = _table(seen_ids, vocab, counts=False).gather(1, c.ids)
             logits = torch.where(present, _repetition(logits, repetition_penalty), logits)
@@ -477,7 +495,8 @@ def penalties(
         if not c.is_dense:
             counts = counts.gather(1, c.ids)
         delta = counts * frequency_penalty + (counts > 0).to(counts.dtype) * presence_penalty
-        logits = logits - delta
+        # a finite logit stays finite (one near float32's limit could overflow), a removed one stays removed
+        logits = torch.where(torch.isfinite(logits), (logits - delta).clamp_(-FLOAT32_MAX, FLOAT32_MAX), logits)
     return c.with_logits(logits)
 
 
@@ -518,14 +537,14 @@ def no_repeat_ngram(c: Candidates, history: History, size: int) -> Candidates:
 
 
 def top_k(c: Candidates, k: int, min_keep: int = 1, maxima: Optional[torch.Tensor] = None,
-          highest: Optional[Callable[[int], Optional[tuple[torch.Tensor, torch.Tensor]]]] = None) -> Candidates:
+          listed: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Candidates:
     """Keep the k highest logits (at least ``min_keep``); ties with the k-th are kept too. Neutral: 0.
 
     >>> top_k(Candidates.from_logits(torch.tensor([[1.0, 3.0, 2.0, 2.0]])), 2).logits
     tensor([[-inf, 3., 2., 2.]])
 
     What an engine computed with the row, when it did: ``maxima``, the row's chunk maxima (``fast_topk``);
-    ``highest(n)``, its n highest logits and their columns, sorted (None when it did not list that many).
+    ``listed``, its highest logits and their columns, sorted (``History.listed``).
     """
     width = c.logits.shape[-1]
     if k <= 0:
@@ -533,8 +552,10 @@ def top_k(c: Candidates, k: int, min_keep: int = 1, maxima: Optional[torch.Tenso
     k = max(k, min_keep)
     if k >= width:
         return c
-    listed = highest(k + 1) if highest is not None else None
-    values, columns = listed if listed is not None else fast_topk(c.logits, k + 1, maxima)
+    if listed is not None and k + 1 <= listed[0].shape[1]:
+        values, columns = listed[0][:, : k + 1], listed[1][:, : k + 1]
+    else:
+        values, columns = fast_topk(c.logits, k + 1, maxima)
     kth = values[:, k - 1 : k]
     if sync_free():
         return keep_from(c, kth)
@@ -544,7 +565,7 @@ def top_k(c: Candidates, k: int, min_keep: int = 1, maxima: Optional[torch.Tenso
 
 
 def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.Tensor] = None,
-          highest: Optional[Callable[[int], Optional[tuple[torch.Tensor, torch.Tensor]]]] = None) -> Candidates:
+          listed: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Candidates:
     """Nucleus: keep token j iff the probability mass strictly above it is < p (the token that crosses p is
     kept; ties with it are kept). At least ``min_keep`` tokens always survive. Neutral: 1.0.
 
@@ -562,8 +583,9 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         return c
     logits = c.logits
     width = logits.shape[-1]
-    # highest(n): the row's n highest logits and columns, when an engine listed them (top_k's argument); its first
-    # window needs no pass over the row then.
+    # listed: the row's highest logits and columns, when an engine listed them (top_k's argument): a window the
+    # list holds is read from it, without a pass over the row. (The windows' sizes stay the same with or without
+    # it: the path a row takes, and so the order in which the draw walks its survivors, must not depend on it.)
     # log_total: the caller may know it (the raw row's, computed once per step). Else it is computed here within
     # float32 rounding: that scales every probability alike, by ≈1e-6, far inside the margin below, so only a cut
     # that float32 rounding decides anyway (as transformers' float32 sum does) could move.
@@ -587,8 +609,10 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
     histogram_tried = False
     while True:
         window = min(window, width)
-        listed = highest(window) if highest is not None else None
-        values, columns = listed if listed is not None else fast_topk(logits, window)  # sorted, descending
+        if listed is not None and window <= listed[0].shape[1]:
+            values, columns = listed[0][:, :window], listed[1][:, :window]
+        else:
+            values, columns = fast_topk(logits, window)  # sorted, descending
         probs = torch.exp(values - log_total).double()
         mass_above = probs.cumsum(-1) - probs
         # transformers' rule at its precision: keep j iff fl32(mass from j down) > fl32(1 - p).
@@ -806,12 +830,11 @@ def no_repeat_ngram_stage(cfg: Any) -> Stage:
 
 
 def top_k_stage(cfg: Any) -> Stage:
-    return lambda c, h: top_k(c, cfg.top_k, cfg.min_tokens_to_keep, h.chunk_maxima(c),
-                              functools.partial(h.highest, c))
+    return lambda c, h: top_k(c, cfg.top_k, cfg.min_tokens_to_keep, h.chunk_maxima(c), h.listed(c))
 
 
 def top_p_stage(cfg: Any) -> Stage:
-    return lambda c, h: top_p(c, cfg.top_p, cfg.min_tokens_to_keep, h.log_total(c), functools.partial(h.highest, c))
+    return lambda c, h: top_p(c, cfg.top_p, cfg.min_tokens_to_keep, h.log_total(c), h.listed(c))
 
 
 def min_p_stage(cfg: Any) -> Stage:

@@ -197,7 +197,7 @@ def eta(c: Candidates, eps: float, min_keep: int = 1, stats: Any = None) -> Cand
     if eps <= 0.0:
         return c
     logits = c.logits
-    if stats is not None and min_keep <= 1:
+    if stats is not None and stats.entropy is not None and min_keep <= 1:
         log_floor = [min(math.log(eps), 0.5 * math.log(eps) - entropy) for entropy in stats.entropy.tolist()]
         # the floor's own rounding (see ETA_FLOOR_MARGIN) on top of the softmax's
         found = _cut_from_listed(c, stats, log_floor, _softmax_margin(logits.shape[-1]) + 2 * ETA_FLOOR_MARGIN)
