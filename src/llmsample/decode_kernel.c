@@ -702,18 +702,26 @@ static inline uint64_t top_key(float value, int64_t column) {
     return (uint64_t)bits << 32 | (uint32_t)~(uint32_t)column;
 }
 
+/* Hoare's partition of v[0..n-1] around its middle key, larger keys first: afterwards v[0..*j] >= pivot, v[*i..n-1]
+ * <= pivot, and whatever lies between equals it. */
+static void partition(uint64_t *v, int64_t n, int64_t *i_out, int64_t *j_out) {
+    uint64_t pivot = v[n / 2];
+    int64_t i = 0, j = n - 1;
+    while (i <= j) {
+        while (v[i] > pivot) i++;
+        while (v[j] < pivot) j--;
+        if (i <= j) {
+            uint64_t t = v[i];
+            v[i++] = v[j], v[j--] = t;
+        }
+    }
+    *i_out = i, *j_out = j;
+}
+
 static void sort_descending(uint64_t *v, int64_t n) {
     while (n > 16) {
-        uint64_t pivot = v[n / 2];
-        int64_t i = 0, j = n - 1;
-        while (i <= j) {
-            while (v[i] > pivot) i++;
-            while (v[j] < pivot) j--;
-            if (i <= j) {
-                uint64_t t = v[i];
-                v[i++] = v[j], v[j--] = t;
-            }
-        }
+        int64_t i, j;
+        partition(v, n, &i, &j);
         if (j + 1 < n - i) { /* the shorter side by recursion, the longer by the loop */
             sort_descending(v, j + 1);
             v += i, n -= i;
@@ -730,25 +738,26 @@ static void sort_descending(uint64_t *v, int64_t n) {
     }
 }
 
-/* The k-th largest of n floats (1 <= k <= n, no NaN), reordering them. */
-static float kth_largest(float *v, int n, int k) {
-    int lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        float pivot = v[lo + (hi - lo) / 2];
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pivot) i++;
-            while (v[j] < pivot) j--;
-            if (i <= j) {
-                float t = v[i];
-                v[i++] = v[j], v[j--] = t;
-            }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else return v[want];
+/* The k-th largest of n distinct keys (1 <= k <= n), reordering them. */
+static uint64_t kth_largest(uint64_t *v, int64_t n, int64_t k) {
+    int64_t want = k - 1;
+    while (n > 1) {
+        int64_t i, j;
+        partition(v, n, &i, &j);
+        if (want <= j) n = j + 1;
+        else if (want >= i) v += i, want -= i, n -= i;
+        else break;
     }
     return v[want];
+}
+
+/* The logit a top_key holds. */
+static inline float key_value(uint64_t key) {
+    uint32_t bits = (uint32_t)(key >> 32);
+    bits = bits & 0x80000000u ? bits & 0x7fffffffu : ~bits;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
 }
 
 typedef struct {
@@ -767,7 +776,7 @@ typedef struct {
 static void top_rows(const void *context, int64_t lo, int64_t hi) {
     TopJob *job = (TopJob *)context;
     int V = job->vocab, k = V < STATS_TOP ? V : STATS_TOP, groups = (V + TOP_GROUP - 1) / TOP_GROUP;
-    float *scratch = malloc(sizeof(float) * (size_t)groups);
+    uint64_t *scratch = malloc(sizeof(uint64_t) * (size_t)groups);
     if (!scratch) {
         atomic_store(&job->failed, 1);
         return;
@@ -781,12 +790,12 @@ static void top_rows(const void *context, int64_t lo, int64_t hi) {
             float top = job->piece[row * job->pieces + i].top;
             broken |= !(top < INFINITY);
         }
-        for (int g = 0; g < groups; g++) scratch[g] = group_max[g];
+        for (int g = 0; g < groups; g++) scratch[g] = top_key(group_max[g], g);
         if (broken) { /* NaN or +inf: the sampler refuses the row before it reads the list */
             for (int i = 0; i < k; i++) values[i] = NAN, columns[i] = i;
             continue;
         }
-        float t = groups > k ? kth_largest(scratch, groups, k) : -INFINITY;
+        float t = groups > k ? key_value(kth_largest(scratch, groups, k)) : -INFINITY;
         int64_t reached = 0;
         for (int g = 0; g < groups; g++) reached += group_max[g] >= t;
         uint64_t *found = malloc(sizeof(uint64_t) * (size_t)reached * TOP_GROUP);
