@@ -14,9 +14,9 @@
  * rounding, not bit for bit.
  *
  * With the logits it can write each row's statistics the sampler needs (largest logit and its first column, the
- * log-normaliser, the entropy, each chunk's largest logit, its highest logits in order: llmsample/sampling/row_stats.py),
- * while the row is still
- * in the cache: the sampler would otherwise pass over the 262,144 logits several times more, cold, after the step.
+ * log-normaliser, the entropy, each chunk's largest logit, the highest logits in order:
+ * llmsample/sampling/row_stats.py), while the row is still in the cache: the sampler would otherwise pass over the
+ * 262,144 logits several times more, cold, after the step.
  *
  * Built by llmsample/decode_kernel.py with the system C compiler (-O3 -march=native -fopenmp) at first use and
  * kept in the cache; where no compiler is found, the eager path runs instead.
@@ -785,16 +785,18 @@ static void top_rows(const void *context, int64_t lo, int64_t hi) {
         const float *l = job->logits + row * V, *group_max = job->groups + row * groups;
         float *values = job->values + row * k;
         int64_t *columns = job->columns + row * k;
+        float best = -INFINITY;
         int broken = 0;
         for (int i = 0; i < job->pieces; i++) { /* a piece with NaN has a NaN top */
             float top = job->piece[row * job->pieces + i].top;
             broken |= !(top < INFINITY);
+            best = top > best ? top : best;
         }
-        for (int g = 0; g < groups; g++) scratch[g] = top_key(group_max[g], g);
-        if (broken) { /* NaN or +inf: the sampler refuses the row before it reads the list */
+        if (broken || best == -INFINITY) { /* NaN, +inf or nothing finite: the sampler refuses the row first */
             for (int i = 0; i < k; i++) values[i] = NAN, columns[i] = i;
             continue;
         }
+        for (int g = 0; g < groups; g++) scratch[g] = top_key(group_max[g], g);
         float t = groups > k ? key_value(kth_largest(scratch, groups, k)) : -INFINITY;
         int64_t reached = 0;
         for (int g = 0; g < groups; g++) reached += group_max[g] >= t;

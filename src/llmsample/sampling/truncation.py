@@ -6,7 +6,9 @@ survivors of a wide row are compacted and ties at the boundary are kept.
 
 from __future__ import annotations
 
+import bisect
 import math
+import operator
 from typing import Any, Optional
 
 import torch
@@ -105,16 +107,17 @@ def _take_found(c: Candidates, columns: torch.Tensor, found: torch.Tensor) -> Ca
     return c.take(columns, values)
 
 
-# A float32 softmax over n logits (torch's CPU kernel: each of at least 8 vector lanes sums n/8 exponentials in
-# order, then 1/S scales them) is off by at most about (n/8 + 8) float32 spacings relatively. The engine's
-# normaliser (RowStats: float sums of 128 terms added in double) by at most 128 more.
+# How far a float32 softmax's probability can lie from e^(logit − L), relatively, in float32 spacings: torch's CPU
+# kernel sums the n exponentials in at least 8 vector lanes, each in order (n/8, then 8 to add the lanes), and
+# rounds the exponential and the scaling (8 more, generously); the engine's L (RowStats: float sums of 128 terms
+# added in double) is off by at most 128.
 SOFTMAX_LANES = 8
 FLOAT32_SPACING = 2.0**-24
 
 
 def _softmax_margin(width: int) -> float:
     """How far, in log-probability, a float32 softmax's value can lie from the one an engine's normaliser gives."""
-    return (width / SOFTMAX_LANES + 8 + 128 + 8) * FLOAT32_SPACING
+    return (width / SOFTMAX_LANES + 8 + 8 + 128) * FLOAT32_SPACING
 
 
 def _cut_from_listed(c: Candidates, stats: Any, log_floor: list[float], margin: float) -> Optional[Candidates]:
@@ -132,7 +135,7 @@ def _cut_from_listed(c: Candidates, stats: Any, log_floor: list[float], margin: 
         cut = log_total + floor  # log p >= floor  <=>  logit >= cut
         if values[-1] >= cut - margin:  # the list may end before the survivors do
             return None
-        count = _count_at_least(values, cut)
+        count = bisect.bisect_right(values, -cut, key=operator.neg)  # how many are >= cut (highest first)
         if count == 0 or abs(values[count - 1] - cut) <= margin or abs(values[count] - cut) <= margin:
             return None
         counts.append(count)
@@ -143,18 +146,6 @@ def _cut_from_listed(c: Candidates, stats: Any, log_floor: list[float], margin: 
         cuts = torch.tensor([listed[row][count - 1] for row, count in enumerate(counts)]).unsqueeze(1)
         values = values.masked_fill(values < cuts, NEG_INF)
     return c.take(columns, values)
-
-
-def _count_at_least(descending: list[float], cut: float) -> int:
-    """How many of ``descending`` (sorted, highest first) are ``>= cut``."""
-    low, high = 0, len(descending)
-    while low < high:
-        middle = (low + high) // 2
-        if descending[middle] >= cut:
-            low = middle + 1
-        else:
-            high = middle
-    return low
 
 
 def epsilon(c: Candidates, eps: float, min_keep: int = 1, stats: Any = None) -> Candidates:
