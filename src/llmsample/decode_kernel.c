@@ -762,8 +762,8 @@ static inline float key_value(uint64_t key) {
 
 typedef struct {
     const float *logits;
-    int vocab, pieces;
-    const Piece *piece; /* StatsJob's: [batch, pieces] */
+    int vocab;
+    const float *row_values; /* RowStatsOut's values: [batch, 3], the row's largest logit first (NaN: broken) */
     const float *groups; /* StatsJob's */
     float *values;
     int64_t *columns;
@@ -785,14 +785,7 @@ static void top_rows(const void *context, int64_t lo, int64_t hi) {
         const float *l = job->logits + row * V, *group_max = job->groups + row * groups;
         float *values = job->values + row * k;
         int64_t *columns = job->columns + row * k;
-        float best = -INFINITY;
-        int broken = 0;
-        for (int i = 0; i < job->pieces; i++) { /* a piece with NaN has a NaN top */
-            float top = job->piece[row * job->pieces + i].top;
-            broken |= !(top < INFINITY);
-            best = top > best ? top : best;
-        }
-        if (broken || best == -INFINITY) { /* NaN, +inf or nothing finite: the sampler refuses the row first */
+        if (!isfinite(job->row_values[row * 3])) { /* NaN, +inf or nothing finite: the sampler refuses it first */
             for (int i = 0; i < k; i++) values[i] = NAN, columns[i] = i;
             continue;
         }
@@ -838,13 +831,6 @@ static int row_stats(int batch, int vocab, const float *logits, const RowStatsOu
     }
     StatsJob job = {logits, vocab, pieces, part, out->maxima, group_max};
     parallel(stats_pieces, &job, (int64_t)batch * pieces, 1);
-    TopJob top_job = {logits, vocab, pieces, part, group_max, out->top_values, out->top_columns, 0};
-    parallel(top_rows, &top_job, batch, 1);
-    free(group_max);
-    if (top_job.failed) {
-        free(part);
-        return -1;
-    }
     for (int b = 0; b < batch; b++) {
         const Piece *p = part + (size_t)b * pieces;
         float *values = out->values + (size_t)b * 3;
@@ -875,7 +861,10 @@ static int row_stats(int batch, int vocab, const float *logits, const RowStatsOu
         values[2] = (float)(log(total) - spread / total);
     }
     free(part);
-    return unusable;
+    TopJob top_job = {logits, vocab, out->values, group_max, out->top_values, out->top_columns, 0};
+    parallel(top_rows, &top_job, batch, 1); /* after the rows' largest logits: it lists only usable rows */
+    free(group_max);
+    return top_job.failed ? -1 : unusable;
 }
 
 typedef struct {

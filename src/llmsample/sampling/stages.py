@@ -89,7 +89,7 @@ class History:
         row unchanged (a row with derived statistics: theirs)."""
         if self.raw_max is not None and c.is_dense and c.logits is self.raw_logits:
             return self.raw_max
-        stats = self.derived[1] if self.derived is not None and c.logits is self.derived[0] else None
+        stats = self.stats(c)
         return c.logits.amax(-1, keepdim=True) if stats is None else stats.top
 
     def chunk_maxima(self, c: Candidates) -> Optional[torch.Tensor]:
