@@ -113,3 +113,12 @@ def test_help_keeps_every_default_and_range(cli, monkeypatch, words):
         assert "[default: 1; (0, 1]; 1.0 = off; repeatable" not in text
     if words == "inspect":  # a repeatable flag keeps its default and range
         assert "(repeatable: one value per variant) [default: 1; (0, 1]; 1.0 = off]" in text
+
+
+def test_every_readme_table_has_rows():
+    """A table's header and rule with nothing under them (a re-measured table whose rows were lost) is caught."""
+    lines = README.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("|") and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[i + 1].strip()):
+            below = lines[i + 2] if i + 2 < len(lines) else ""
+            assert below.startswith("|"), f"README line {i + 1}: a table with no rows ({line[:60]})"

@@ -6,12 +6,15 @@ vocabulary again for them. Without them it computes what it needs itself.
 
 from __future__ import annotations
 
+import bisect
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from llmsample.sampling import narrow
 from llmsample.sampling.stages import CHUNK, FIRST_WINDOW
 
 # How many of a row's highest logits an engine lists (decode_kernel.c's STATS_TOP): top_p's first window, and 64
@@ -60,33 +63,44 @@ class RowStats:
                    maxima.float(), bool(torch.isfinite(top).all()), listed[:, :n].contiguous(),
                    order[:, :n].contiguous())
 
-    def lowered(self, logits: torch.Tensor, columns: torch.Tensor, before: torch.Tensor,
-                after: torch.Tensor) -> Optional["RowStats"]:
-        """The statistics of ``logits``: these rows after the logits at ``columns`` (``[batch, n]``, repeats
-        allowed) went from ``before`` to ``after``, each lower or equal (a repetition penalty above 1). None when
-        they cannot be derived within float32 rounding.
+    def lowered(self, columns: list[list[int]], before: list[list[float]],
+                after: list[list[float]]) -> Optional["RowStats"]:
+        """The statistics of these rows after the logits at ``columns`` (per row, repeats allowed) went from
+        ``before`` to ``after``, each lower or equal (a repetition penalty above 1). None when they cannot be
+        derived within float32 rounding.
 
         The normaliser loses the changed tokens' share of the mass, e^(before − L) − e^(after − L) summed once per
         column in float64; where that leaves less than a quarter of it, the stored normaliser's rounding (≈1e-7,
         relatively) would grow past what top_p's margin allows, and None is returned. The list of highest logits
         keeps its entries still above its last raw value (nothing outside it can have risen past that), sorted
         again (a changed entry that ties an unchanged one follows its old place, not its column). Entropy and
-        chunk maxima are not derived.
+        chunk maxima are not derived. All of it on the host: a few hundred numbers a row.
         """
         if self.top_values is None or self.finite is not True:
             return None
-        log_totals = []
-        for ids, old, new, log_total in zip(columns.tolist(), before.tolist(), after.tolist(),
-                                            self.log_total.flatten().tolist()):
-            changed = dict(zip(ids, zip(old, new)))  # each column once (a few dozen numbers: plain Python)
+        log_totals, rows, counts = [], [], []
+        for ids, old, new, log_total, values, listed_columns in zip(
+                columns, before, after, self.log_total.flatten().tolist(), self.top_values.tolist(),
+                self.top_columns.tolist()):
+            changed = dict(zip(ids, zip(old, new)))  # each column once
             lost = sum(math.exp(b - log_total) - math.exp(a - log_total) for b, a in changed.values())
             if lost > 0.75:
                 return None
             log_totals.append(log_total + math.log1p(-lost))
-        values, order = logits.gather(1, self.top_columns).sort(dim=-1, descending=True, stable=True)
-        listed = int((values > self.top_values[:, -1:]).sum(-1).min())
+            updated = list(values)
+            position = dict(zip(listed_columns, range(len(values))))
+            for column, (_, value) in changed.items():
+                if column in position:
+                    updated[position[column]] = value
+            order = sorted(range(len(updated)), key=updated.__getitem__, reverse=True)  # stable, as torch's
+            ordered = [updated[i] for i in order]
+            rows.append((ordered, [listed_columns[i] for i in order]))
+            counts.append(bisect.bisect_left(ordered, -values[-1], key=operator.neg))  # how many lie above it
+        listed = min(counts)
         if listed < 1:
             return None
-        values, listed_columns = values[:, :listed], self.top_columns.gather(1, order[:, :listed])
-        log_total = torch.tensor(log_totals, dtype=torch.float32, device=logits.device).unsqueeze(1)
+        device = self.top_values.device
+        values = narrow.as_tensor([row[:listed] for row, _ in rows], device=device)
+        listed_columns = narrow.as_tensor([row[:listed] for _, row in rows], torch.long, device)
+        log_total = narrow.as_tensor([[x] for x in log_totals], device=device)
         return RowStats(values[:, :1], listed_columns[:, 0], log_total, None, None, True, values, listed_columns)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from llmsample.sampling import registry, stages
+from llmsample.sampling import narrow, registry, stages
 from llmsample.sampling.candidates import Candidates
 from llmsample.sampling.constraint import unpack
 from llmsample.sampling.row_stats import RowStats
@@ -155,6 +156,14 @@ class Sampler:
     ) -> torch.Tensor:
         """``[batch]`` next token ids: argmax when greedy, else one draw from the processed distribution."""
         history, c = self._run(input_ids, logits, prompt_len, generator)
+        if self._narrow_draw(c, None):
+            self.last_record = history.record
+            u = uniforms(c.logits, generator)
+            picked = narrow.draw(c.logits.tolist(), u.flatten().tolist())
+            if picked is None:
+                return c.to_vocab(draw(c.logits, generator, u=u))
+            return narrow.as_tensor([_vocab_ids(c, [column for column, _, _ in picked])], torch.long,
+                                    c.logits.device)[0]
         return c.to_vocab(self._draw(c, generator, history))
 
     def step(
@@ -176,10 +185,18 @@ class Sampler:
         (nothing then passes over the raw row again for its maximum, normaliser, entropy or greedy's pick).
         """
         history, c = self._run(input_ids, logits, prompt_len, generator, stats=stats)
+        u = None
+        if self._narrow_draw(c, force):
+            u = uniforms(c.logits, generator)
+            picked = narrow.draw(c.logits.tolist(), u.flatten().tolist())
+            if picked is not None:
+                return self._narrow_choice(c, history, picked)
         # The draw's softmax serves the token's probability and the entropy too.
         probs = None if self.config.greedy else torch.softmax(c.logits, dim=-1)
         if self.config.greedy and history.raw_stats is not None and c.logits is history.raw_logits:
             columns = history.raw_stats.argmax
+        elif u is not None:
+            columns = draw(c.logits, generator, probs, u)
         else:
             columns = self._select_columns(c, generator, probs)
         forced = removed = None
@@ -203,6 +220,25 @@ class Sampler:
         raw_prob = torch.exp(history.raw_logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - log_total)
         valid = torch.isfinite(log_total).all() if self.sync_free and self.check_finite else None
         return Choice(token_ids, prob, raw_prob, entropy, history.record, valid, forced)
+
+    def _narrow_draw(self, c: Candidates, force: Optional[torch.Tensor]) -> bool:
+        """Whether this step's draw is decided on the host (``narrow``): a sampled row few enough survivors,
+        no forced token, no selector that learns from the draw (mirostat), no sync-free step."""
+        return (not self.config.greedy and force is None and self._after_draw is None and not self.sync_free
+                and c.logits.numel() <= narrow.HOST_LIMIT and c.logits.device.type == "cpu")
+
+    def _narrow_choice(self, c: Candidates, history: History, picked: list[tuple[int, float, float]]) -> Choice:
+        """The ``Choice`` for the columns, probabilities and entropies ``narrow.draw`` picked."""
+        ids = _vocab_ids(c, [column for column, _, _ in picked])
+        self.last_record = history.record
+        raw_values = history.raw_logits[list(range(len(ids))), ids].tolist()
+        log_totals = history.raw_log_normaliser(quick=True).flatten().tolist()
+        raw_probs = [math.exp(value - log_total) for value, log_total in zip(raw_values, log_totals)]
+        device = c.logits.device
+        numbers = narrow.as_tensor([[prob for _, prob, _ in picked], raw_probs,
+                                    [entropy for _, _, entropy in picked]], device=device)
+        return Choice(narrow.as_tensor([ids], torch.long, device)[0], numbers[0], numbers[1], numbers[2],
+                      history.record)
 
     def _check_constraint(self, history: History, c: Candidates, force: torch.Tensor, forced: torch.Tensor) -> None:
         """``ForcedTokenRefused`` when the grammar stage runs and forbids a forced token (reads back: only at a
@@ -346,6 +382,11 @@ class Sampler:
         return history, Candidates.from_logits(logits)
 
 
+def _vocab_ids(c: Candidates, columns: list[int]) -> list[int]:
+    """The vocabulary ids of one column per row, as plain numbers."""
+    return columns if c.ids is None else [row[column] for row, column in zip(c.ids.tolist(), columns)]
+
+
 def _column_of(c: Candidates, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[batch]`` column of each row's ``token_ids`` in ``c``, and whether the row holds it at all (a compacted
     row holds only its survivors). No read-back: fixed shapes, as the sync-free path needs."""
@@ -376,18 +417,25 @@ def _keep_best_if_emptied(c: Candidates, raw: Candidates) -> Candidates:
     return Candidates.from_logits(dense)
 
 
+def uniforms(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The ``[batch, 1]`` uniform numbers ``draw`` takes for these rows (drawn first by a caller that decides on
+    the host, so that the stream of random numbers is the same either way)."""
+    return torch.rand((logits.shape[0], 1), generator=generator, device=logits.device, dtype=logits.dtype)
+
+
 def draw(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
-         probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+         probs: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One draw per row from softmax(logits) by inverse CDF: ``[batch, n]`` → ``[batch]`` column indices.
 
     One uniform number per row and a cumulative sum: no ``multinomial`` over the vocabulary. A removed
     (−inf) column has an empty interval, so it is never drawn. ``probs``: ``softmax(logits)``, when the caller
-    has it.
+    has it; ``u``: the row's uniform numbers (``uniforms``), when the caller drew them.
     """
     if probs is None:
         probs = torch.softmax(logits, dim=-1)
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=logits.device, dtype=cdf.dtype)
+    if u is None:
+        u = uniforms(probs, generator)
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)

@@ -8,14 +8,17 @@ the logits within a row, so that keeps ties at the boundary (as transformers' to
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import math
+import operator
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
+from llmsample.sampling import narrow
 from llmsample.sampling.candidates import NEG_INF, Candidates
 
 # Rows at most this wide are filtered in place; wider dense rows are compacted through a growing topk window.
@@ -471,21 +474,26 @@ def penalties(
     vocab = c.vocab_size
     seen_ids = history.window(last_n, start=min(prompt_ignore_length, history.prompt_len))
     if repetition_penalty != 1.0 and seen_ids.shape[1] > 0:
-        if c.is_dense and (sync_free() or not bool((seen_ids < vocab).all())):
+        # With the engine's statistics of the row, they are derived for the penalised row (every change lowers a
+        # logit), on the host: the few numbers the penalty changes are read back once.
+        stats = history.stats(c) if (repetition_penalty > 1.0 and frequency_penalty == 0.0 == presence_penalty
+                                     and seen_ids.numel() <= narrow.HOST_LIMIT and not sync_free()) else None
+        ids = seen_ids.tolist() if stats is not None else None
+        if ids is not None and max(max(row) for row in ids) < vocab:
+            old = logits.gather(1, seen_ids).tolist()
+            new = narrow.repetition(old, repetition_penalty)
+            logits = logits.scatter(1, seen_ids, narrow.as_tensor(new, device=logits.device))
+            lowered = stats.lowered(ids, old, new)
+            history.derived = None if lowered is None else (logits, lowered)
+        elif c.is_dense and (sync_free() or not bool((seen_ids < vocab).all())):
             # Touch only the history's columns: a spare column absorbs ids past the vocab.
             padded = torch.nn.functional.pad(logits, (0, 1))
-            ids = seen_ids.clamp(max=vocab)
-            seen = _repetition(padded.gather(1, ids), repetition_penalty)
-            logits = padded.scatter(1, ids, seen)[:, :vocab]
+            clamped = seen_ids.clamp(max=vocab)
+            seen = _repetition(padded.gather(1, clamped), repetition_penalty)
+            logits = padded.scatter(1, clamped, seen)[:, :vocab]
         elif c.is_dense:  # every id inside the row (the usual case): one copy, no padded row and its slice
             # A repeated id writes the same value each time: each is penalised once, from the row's own logit.
-            before = logits.gather(1, seen_ids)
-            after = _repetition(before, repetition_penalty)
-            logits = logits.scatter(1, seen_ids, after)
-            stats = history.stats(c)
-            if stats is not None and repetition_penalty > 1.0 and frequency_penalty == 0.0 == presence_penalty:
-                lowered = stats.lowered(logits, seen_ids, before, after)  # every change lowers a logit
-                history.derived = None if lowered is None else (logits, lowered)
+            logits = logits.scatter(1, seen_ids, _repetition(logits.gather(1, seen_ids), repetition_penalty))
         else:
             present = _table(seen_ids, vocab, counts=False).gather(1, c.ids)
             logits = torch.where(present, _repetition(logits, repetition_penalty), logits)
@@ -593,6 +601,10 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
     # One sort of the whole row: fixed shapes, nothing read back (cheap on a GPU), and on a narrow row (a compacted
     # one) fewer operations than the windows below.
     if sync_free() or width <= SMALL_ROW:
+        if c.descending and c.ids is not None and logits.numel() <= narrow.HOST_LIMIT and not sync_free():
+            found = _top_p_narrow(c, cut, min_keep, log_total)
+            if found is not None:
+                return found
         values = logits if c.descending else torch.sort(logits, dim=-1, descending=True)[0]
         if log_total is None:  # the sorted row's first value is its maximum
             top = values[:, :1]
@@ -604,6 +616,11 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         return keep_from(c, values.gather(1, kept - 1))
     if log_total is None:
         log_total = quick_logsumexp(logits)
+    # the first window, from the list, decided on the host (batch 1 to 8)
+    if listed is not None and FIRST_WINDOW <= listed[0].shape[1] and logits.shape[0] * FIRST_WINDOW <= 2048:
+        found = _top_p_listed(c, listed, log_total, cut, min_keep)
+        if found is not None:
+            return found
     total = None  # each row's mass, ≈ 1 within float32 rounding: summed only for a row whose cut lies that close
     window = FIRST_WINDOW
     histogram_tried = False
@@ -654,6 +671,51 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
         window *= WINDOW_GROWTH
         while window < min(at_least, width):
             window *= WINDOW_GROWTH
+
+
+def _top_p_narrow(c: Candidates, cut: float, min_keep: int, log_total: Optional[torch.Tensor]) -> Optional[Candidates]:
+    """top_p on a compacted row in descending order, decided on the host (``narrow.top_p_sorted_count``): the
+    survivors as a prefix of the row, or None (the tensor path)."""
+    rows = c.logits.tolist()
+    counts = narrow.top_p_sorted_count(rows, cut, None if log_total is None else log_total.flatten().tolist())
+    if counts is None:
+        return None
+    width = c.logits.shape[-1]
+    thresholds = [row[max(count, min(min_keep, width)) - 1] for row, count in zip(rows, counts)]
+    keep = [bisect.bisect_right(row, -threshold, key=operator.neg) for row, threshold in zip(rows, thresholds)]
+    return _prefix(c, keep, thresholds)
+
+
+def _prefix(c: Candidates, keep: list[int], thresholds: list[float], values: Optional[torch.Tensor] = None,
+            columns: Optional[torch.Tensor] = None) -> Candidates:
+    """The first ``keep[row]`` columns of each row of ``c`` (sorted, highest first: ``values`` and ``columns``
+    when they are a list's, not ``c``'s own), a longer row's beyond its own count removed (below its threshold)."""
+    widest = max(keep)
+    if values is None:
+        kept = Candidates(c.logits[:, :widest], c.ids[:, :widest], c.vocab_size, descending=True)
+    else:
+        kept = c.take(columns[:, :widest], values[:, :widest], descending=True)
+    if min(keep) == widest:
+        return kept
+    cuts = narrow.as_tensor([[x] for x in thresholds], device=kept.logits.device)
+    return kept.with_logits(kept.logits.masked_fill(kept.logits < cuts, NEG_INF), descending=True)
+
+
+def _top_p_listed(c: Candidates, listed: tuple[torch.Tensor, torch.Tensor], log_total: torch.Tensor, cut: float,
+                  min_keep: int) -> Optional[Candidates]:
+    """top_p's first window from an engine's list of highest logits, decided on the host (``narrow.top_p_count``):
+    the survivors when the window holds every row's, else None (the window the tensor way)."""
+    window = FIRST_WINDOW
+    values, columns = listed[0][:, :window], listed[1][:, :window]
+    rows = values.tolist()
+    counts = narrow.top_p_count(rows, log_total.flatten().tolist(), cut)
+    if counts is None:
+        return None
+    thresholds = [row[max(count, min(min_keep, window)) - 1] for row, count in zip(rows, counts)]
+    if any(row[-1] >= threshold for row, threshold in zip(rows, thresholds)):  # ties reach the window's end
+        return None
+    keep = [bisect.bisect_right(row, -threshold, key=operator.neg) for row, threshold in zip(rows, thresholds)]
+    return _prefix(c, keep, thresholds, values, columns)
 
 
 def _top_p_threshold_from_histogram(logits: torch.Tensor, log_total: torch.Tensor, cut: float,
@@ -777,7 +839,10 @@ def temperature(c: Candidates, t: float, row_max: Optional[torch.Tensor] = None)
     # ℓ/T overflows only for absurd logits (|ℓ| near float32's limit at small T); only there is the row shifted
     # by its maximum first, which leaves its softmax unchanged. Everywhere else the values are exactly ℓ/T.
     if row_max is None:  # the caller may know it (the raw row's, from the finiteness check)
-        row_max = c.logits.amax(-1, keepdim=True)
+        row_max = c.logits[:, :1] if c.descending else c.logits.amax(-1, keepdim=True)
+    # On the host, with room: ℓ/T overflows float32 only past its largest value (the check below is exact)
+    if not sync_free() and all(abs(top) < FLOAT32_MAX * 0.5 * t for top in row_max.flatten().tolist()):
+        return c.with_logits(torch.div(c.logits, t), descending=c.descending)
     overflows = torch.isinf(row_max / t) & torch.isfinite(row_max)
     if not sync_free() and not bool(overflows.any()):
         # one pass (ℓ − 0 is ℓ: the same values as below); dividing by T > 0 keeps the order
