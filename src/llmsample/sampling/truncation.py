@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from llmsample.sampling import narrow
 from llmsample.sampling.candidates import NEG_INF, Candidates
 from llmsample.sampling.stages import (SMALL_ROW, History, Stage, at_least, fast_topk, keep_from, kth_logit,
                                        protect, quick_logsumexp, row_finite, sync_free)
@@ -140,12 +141,11 @@ def _cut_from_listed(c: Candidates, stats: Any, log_floor: list[float], margin: 
             return None
         counts.append(count)
     widest = max(counts)
-    columns, order = stats.top_columns[:, :widest].sort(-1)  # vocabulary order
-    values = stats.top_values[:, :widest].gather(1, order)
-    if min(counts) < widest:  # a shorter row's extra columns are removed
-        cuts = torch.tensor([listed[row][count - 1] for row, count in enumerate(counts)]).unsqueeze(1)
-        values = values.masked_fill(values < cuts, NEG_INF)
-    return c.take(columns, values)
+    rows = []  # each row's survivors in vocabulary order; a shorter row's extra columns removed
+    for values, columns, count in zip(listed, stats.top_columns[:, :widest].tolist(), counts):
+        rows.append(sorted(zip(columns, values[:count] + [NEG_INF] * (widest - count))))
+    columns = narrow.as_tensor([[column for column, _ in row] for row in rows], torch.long, c.logits.device)
+    return c.take(columns, narrow.as_tensor([[value for _, value in row] for row in rows], device=c.logits.device))
 
 
 def epsilon(c: Candidates, eps: float, min_keep: int = 1, stats: Any = None) -> Candidates:
