@@ -88,7 +88,7 @@ def test_top_p_from_the_list_decided_on_the_host_keeps_what_the_tensor_window_ke
 @pytest.mark.parametrize("trial", range(40))
 def test_top_p_on_a_compacted_row_decided_on_the_host_keeps_what_the_sorted_path_keeps(trial, monkeypatch):
     logits, _, p = listed_row(trial)
-    compacted = stages.top_k(Candidates.from_logits(logits), 5 + 20 * trial)  # descending, with ids
+    compacted = stages.top_k(Candidates.from_logits(logits), 5 + 6 * trial)  # descending, with ids
     host = stages.top_p(compacted, p)
     monkeypatch.setattr(narrow, "top_p_sorted_count", lambda *args: None)
     tensor = stages.top_p(compacted, p)
@@ -105,7 +105,7 @@ def test_the_host_decides_top_p_on_most_of_these_rows():
         cut = float(torch.tensor(1 - p, dtype=torch.float32))
         window = stats.top_values[:, : stages.FIRST_WINDOW].tolist()
         from_list += narrow.top_p_count(window, stats.log_total.flatten().tolist(), cut) is not None
-        compacted = stages.top_k(Candidates.from_logits(logits), 5 + 20 * trial)
+        compacted = stages.top_k(Candidates.from_logits(logits), 5 + 6 * trial)
         if compacted.logits.numel() <= narrow.HOST_LIMIT:
             from_row += narrow.top_p_sorted_count(compacted.logits.tolist(), cut) is not None
     assert from_list >= 15 and from_row >= 20
@@ -149,8 +149,8 @@ def test_a_step_decided_on_the_host_equals_the_tensor_step(settings, monkeypatch
     cfg = SamplingConfig(do_sample=True, **settings)
     rows = []
     for trial in range(6):
-        logits = torch.randn(2, 100_000, generator=g) * (1 + trial)
-        logits[:, :60] += 5
+        logits = torch.randn(2, 100_000, generator=g) * (1 + trial % 3)
+        logits[:, : 8 + 12 * trial] += 14 - trial  # nuclei of a few to hundreds of tokens
         rows.append(logits)
     results = {}
     decided = []

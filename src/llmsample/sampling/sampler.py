@@ -159,7 +159,7 @@ class Sampler:
         if self._narrow_draw(c, None):
             self.last_record = history.record
             u = uniforms(c.logits, generator)
-            picked = narrow.draw(c.logits.tolist(), u.flatten().tolist())
+            picked = narrow.draw(c.logits.tolist(), u.flatten().tolist(), entropy=False)
             if picked is None:
                 return c.to_vocab(draw(c.logits, generator, u=u))
             return narrow.as_tensor([_vocab_ids(c, [column for column, _, _ in picked])], torch.long,

@@ -477,7 +477,7 @@ def penalties(
         # With the engine's statistics of the row, they are derived for the penalised row (every change lowers a
         # logit), on the host: the few numbers the penalty changes are read back once.
         stats = history.stats(c) if (repetition_penalty > 1.0 and frequency_penalty == 0.0 == presence_penalty
-                                     and seen_ids.numel() <= narrow.HOST_LIMIT and not sync_free()) else None
+                                     and seen_ids.numel() <= narrow.PENALTY_HOST_LIMIT and not sync_free()) else None
         ids = seen_ids.tolist() if stats is not None else None
         if ids is not None and max(max(row) for row in ids) < vocab:
             old = logits.gather(1, seen_ids).tolist()
