@@ -12,6 +12,8 @@ For each setting and batch size it reports, per decoding step:
   probabilities and the entropy, which ``generate`` does not compute) against the same transformers step.
 Gathering a step's rows out of the pool happens outside the timed span, for both sides.
 Both sides produce the same removed set on every step (checked while timing), so the ratio compares equal work.
+Both run on a steady heap (``steady_heap``: glibc's malloc keeps freed blocks instead of handing them back), as a
+decode loop's heap is, so that a figure does not depend on which rows ran before it.
 
 Last, on the CPU, the sampler's share of a decoding step where it runs for real: the default model decoding as a
 run does (int8, torch's threads), each setting for ``--share-tokens`` tokens, ``Sampler.step`` timed inside the
@@ -21,6 +23,7 @@ decode loop against the whole step (forward, draw and loop), median ms per token
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import sys
@@ -112,6 +115,24 @@ def hf_warpers(cfg: SamplingConfig) -> list:
 
 
 cfg_device = "cpu"
+
+
+def steady_heap() -> None:
+    """Have glibc's malloc serve every tensor of a step from its heap, both sides alike.
+
+    By default a freed block above a threshold goes back to the system, and glibc moves that threshold with what was
+    freed last; so whether a step's 1 MB tensors come back as fresh pages (a page fault per 4 KB: a 1 MB division
+    then takes 2-3 times as long) depends on what ran before, and single figures moved by up to 1.5x with the order
+    of the rows. A decode loop's heap is already past it (the model's own tensors are larger); these settings put the
+    benchmark there too. Elsewhere than glibc: nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 64 << 20)
+    libc.mallopt(m_trim_threshold, 256 << 20)
 
 
 def timed(fn: Callable[[torch.Tensor], torch.Tensor], make: Callable[[int], torch.Tensor], steps: int,
@@ -239,6 +260,7 @@ def main() -> None:
     parser.add_argument("--share-repeats", type=int, default=3)
     parser.add_argument("--share-only", action="store_true", help="only the sampler's share of a decoding step")
     args = parser.parse_args()
+    steady_heap()
     if args.share_only:
         print_share(args)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -346,3 +347,45 @@ def test_statistics_derived_after_a_repetition_penalty_are_the_penalised_rows():
     history = stages.History(torch.tensor([[5]]), raw_logits=peaked, raw_stats=RowStats.of(peaked))
     stages.penalties(Candidates.from_logits(peaked), history, 3.0)
     assert history.derived is None
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_counting_through_chunk_maxima_counts_what_a_comparison_counts(trial):
+    logits = wide_rows(trial)[:, : 4_096 + 997 * trial]  # ragged ends too
+    g = torch.Generator().manual_seed(3000 + trial)
+    if trial % 5 == 0:
+        logits[0, 17] = float("nan")  # a NaN hides its chunk from the maxima: the plain count
+    floor = torch.quantile(logits.nan_to_num(nan=0.0, neginf=-1e30).float(), 1 - 10 ** -(1 + 3 * torch.rand(1, generator=g).item()),
+                           dim=-1, keepdim=True)
+    assert torch.equal(stages.count_at_least(logits, floor), (logits >= floor).sum(-1))
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_xtc_with_a_quick_normaliser_removes_what_the_exact_one_removes(trial):
+    """XTC's normaliser from the fused softmax (or the history's) decides only where no token lies within its margin
+    of the threshold; a token placed on the threshold sends the row to ``torch.logsumexp``."""
+    logits = wide_rows(trial)
+    threshold = [0.1, 0.02, 0.3, 0.005][trial % 4]
+    if trial % 3 == 2:  # a token at the threshold: p = t where the rest sums to S means ℓ = log(t/(1 − t)·S)
+        logits[0, 5] = NEG_INF
+        logits[0, 5] = torch.logsumexp(logits[0], -1) + math.log(threshold / (1 - threshold))
+    history = stages.History(torch.zeros(logits.shape[0], 1, dtype=torch.long), generator=torch.Generator())
+    quick = truncation.xtc(Candidates.from_logits(logits), history, 1.0, threshold)
+    with plain_paths():
+        exact = truncation.xtc(Candidates.from_logits(logits), history, 1.0, threshold)
+    assert torch.equal(quick.dense(), exact.dense())
+
+
+def test_xtc_near_its_threshold_takes_the_exact_normaliser(monkeypatch):
+    calls = []
+    plain = torch.logsumexp
+    monkeypatch.setattr(torch, "logsumexp", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    logits = torch.randn(1, 50_000, generator=torch.Generator().manual_seed(1)) * 3
+    logits[0, :3] += 20
+    history = stages.History(torch.zeros(1, 1, dtype=torch.long), generator=torch.Generator())
+    truncation.xtc(Candidates.from_logits(logits), history, 1.0, 0.1)
+    assert not calls  # decided by the quick normaliser
+    logits[0, 9] = NEG_INF
+    logits[0, 9] = plain(logits[0], -1) + math.log(0.1 / 0.9)  # its probability: 0.1, within rounding
+    truncation.xtc(Candidates.from_logits(logits), history, 1.0, 0.1)
+    assert calls

@@ -360,6 +360,30 @@ def at_least(x: torch.Tensor, floor: torch.Tensor,
                                                                                   NEG_INF)
 
 
+def count_at_least(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``[batch]``: ``(x >= floor).sum(-1)`` (``floor``: ``[batch, 1]``), reading only the chunks of 64 whose largest
+    value reaches the floor when they are few (a boolean pass over a 262,144-wide row takes 0.11 ms here, its sum
+    0.08 more; the chunks' maxima 0.04).
+
+    >>> count_at_least(torch.tensor([[0.1, 0.5, 0.2, 0.7]]), torch.tensor([[0.2]]))
+    tensor([3])
+    """
+    batch, width = x.shape
+    body = width - width % AT_LEAST_CHUNK
+    blocks = x[:, :body].unflatten(1, (body // AT_LEAST_CHUNK, AT_LEAST_CHUNK))
+    maxima = blocks.amax(-1)
+    reached = maxima >= floor
+    rows, chunks = reached.nonzero(as_tuple=True)
+    # a NaN hides its chunk's other values from the maxima; many chunks: a pass over the row is as cheap
+    if rows.numel() > COMPACT_LIMIT * batch // 8 or bool(torch.isnan(maxima).any()):
+        return (x >= floor).sum(-1)
+    counts = torch.zeros(batch, dtype=torch.long, device=x.device)
+    counts.index_add_(0, rows, (blocks[rows, chunks] >= floor[rows]).sum(-1))
+    if body < width:
+        counts += (x[:, body:] >= floor).sum(-1)
+    return counts
+
+
 def _sorted_from(values: torch.Tensor, columns: torch.Tensor, floor: torch.Tensor,
                  k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The k largest of ``values`` (and their ``columns``), sorted, from only those ``>= floor`` (``[batch, 1]``,
@@ -415,7 +439,7 @@ def keep_from(c: Candidates, threshold: torch.Tensor) -> Candidates:
     logits = c.logits
     width = logits.shape[-1]
     if width > SMALL_ROW and not sync_free():
-        needed = int((logits >= threshold).sum(-1).max())
+        needed = int(count_at_least(logits, threshold).max())
         if needed <= COMPACT_LIMIT:
             values, columns = fast_topk(logits, max(needed, 1))
             return c.take(columns, values.masked_fill(values < threshold, NEG_INF), descending=True)
@@ -601,7 +625,8 @@ def top_p(c: Candidates, p: float, min_keep: int = 1, log_total: Optional[torch.
     # One sort of the whole row: fixed shapes, nothing read back (cheap on a GPU), and on a narrow row (a compacted
     # one) fewer operations than the windows below.
     if sync_free() or width <= SMALL_ROW:
-        if c.descending and c.ids is not None and logits.numel() <= narrow.HOST_LIMIT and not sync_free():
+        if (c.descending and c.ids is not None and logits.numel() <= narrow.HOST_LIMIT and not sync_free()
+                and logits.device.type == "cpu"):
             found = _top_p_narrow(c, cut, min_keep, log_total)
             if found is not None:
                 return found

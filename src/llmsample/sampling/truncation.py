@@ -19,8 +19,9 @@ from llmsample.sampling.stages import (SMALL_ROW, History, Stage, at_least, fast
                                        protect, quick_logsumexp, row_finite, sync_free)
 
 
-def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
+def top_n_sigma(c: Candidates, n: float, min_keep: int = 1, row_max: Optional[torch.Tensor] = None) -> Candidates:
     """Keep logits ≥ max − n·σ, σ the (population) standard deviation of the finite logits. Neutral: ≤ 0.
+    ``row_max``: the rows' largest logits, when the caller knows them.
 
     >>> top_n_sigma(Candidates.from_logits(torch.tensor([[0.0, 1.0, 2.0, 3.0]])), 1.0).dense()
     tensor([[-inf, -inf, 2., 3.]])
@@ -38,8 +39,11 @@ def top_n_sigma(c: Candidates, n: float, min_keep: int = 1) -> Candidates:
         mean = torch.where(finite, logits, torch.zeros_like(logits)).sum(-1, keepdim=True) / count
         deviation = torch.where(finite, logits - mean, torch.zeros_like(logits))
     sigma = torch.linalg.vector_norm(deviation, dim=-1, keepdim=True) / count.sqrt()
-    threshold = logits.amax(-1, keepdim=True) - n * sigma
-    return keep_from(c, protect(c, threshold, min_keep))
+    if row_max is None:
+        row_max = logits.amax(-1, keepdim=True)
+    threshold = row_max - n * sigma
+    # the top token always stays (min_keep 1: the threshold is at most the maximum)
+    return keep_from(c, torch.minimum(threshold, row_max) if min_keep <= 1 else protect(c, threshold, min_keep))
 
 
 def xtc(c: Candidates, history: History, probability: float, threshold: float, min_keep: int = 1) -> Candidates:
@@ -66,7 +70,7 @@ def xtc(c: Candidates, history: History, probability: float, threshold: float, m
     # At most 1/threshold tokens can reach the threshold: a small window holds them all.
     window = width if threshold <= 0.0 else min(width, int(1.0 / threshold) + 1)
     values, columns = fast_topk(logits, window)
-    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_total = _xtc_log_total(logits, history.log_total(c), values, threshold)
     # a prefix of the sorted window; a removed token (−inf) is not a candidate, even at threshold 0 (llama.cpp's
     # list holds only the tokens still in the running)
     above = ((values - log_total).exp() >= threshold) & (values > NEG_INF)
@@ -79,6 +83,28 @@ def xtc(c: Candidates, history: History, probability: float, threshold: float, m
     # Only tokens inside the window can be above the cut: remove them there, not with a full-row mask.
     removed = acts & (values > cut)
     return c.with_logits(logits.scatter(1, columns, values.masked_fill(removed, NEG_INF)))
+
+
+# How far (in log-probability, plus four float32 spacings of the normaliser) a quick normaliser may put a token
+# from XTC's threshold before the exact one decides it: the quick ones are within ≈1e-6 of torch.logsumexp.
+XTC_MARGIN = 1e-5
+
+
+def _xtc_log_total(logits: torch.Tensor, quick: Optional[torch.Tensor], values: torch.Tensor,
+                   threshold: float) -> torch.Tensor:
+    """XTC's normaliser: ``torch.logsumexp`` of the rows, or, off a sync-free step, the quick one (``quick``: what
+    the history knows, else ``quick_logsumexp``: one fused softmax where logsumexp takes two exponential passes)
+    wherever no window value lies within ``XTC_MARGIN`` of the threshold, so that the tokens it finds at or above
+    the threshold are the ones the exact normaliser finds."""
+    if sync_free() or threshold <= 0.0 or logits.shape[-1] <= SMALL_ROW:
+        return torch.logsumexp(logits, dim=-1, keepdim=True)
+    if quick is None:
+        quick = quick_logsumexp(logits)
+    spacing = torch.nextafter(quick, torch.full_like(quick, math.inf)) - quick
+    gap = (values - quick - math.log(threshold)).abs_()
+    if bool((gap > XTC_MARGIN + 4 * spacing).all()):
+        return quick
+    return torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
 def _cutoff(c: Candidates, probs: torch.Tensor, probability_floor: torch.Tensor, min_keep: int) -> Candidates:
@@ -229,7 +255,7 @@ def _eta_floor(eps: float, logits: torch.Tensor, probs: torch.Tensor, log_total:
 
 
 def top_n_sigma_stage(cfg: Any) -> Stage:
-    return lambda c, h: top_n_sigma(c, cfg.top_n_sigma, cfg.min_tokens_to_keep)
+    return lambda c, h: top_n_sigma(c, cfg.top_n_sigma, cfg.min_tokens_to_keep, h.row_max(c))
 
 
 def xtc_stage(cfg: Any) -> Stage:
