@@ -2,10 +2,11 @@
 
 Once the survivors are a few hundred numbers, each small torch operation (a cumulative sum, a search, a gather)
 costs more in dispatch than in arithmetic, and in the decode loop each kind of operation is cold after the model's
-step. So the draw and top_p's first window are decided here, in plain Python over the numbers read back once.
-Each decision is the one the tensor path makes: where a float32 rounding of the tensor path could tip it (the
-number compared lies within a stated margin of the edge), the caller is told to take the tensor path instead, so
-a seed picks the same token either way.
+step. So the draw, top_p's count and a repetition penalty's changed logits are computed here, in plain Python over
+the numbers read back once. Each decision is the one the tensor path makes: where a float32 rounding of the tensor
+path could tip it (the number compared lies within a stated margin of the edge), the caller is told to take the
+tensor path instead, so a seed picks the same token either way; the penalty's float32 arithmetic is reproduced
+exactly.
 """
 
 from __future__ import annotations

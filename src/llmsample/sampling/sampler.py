@@ -158,8 +158,7 @@ class Sampler:
         history, c = self._run(input_ids, logits, prompt_len, generator)
         if self._narrow_draw(c, None):
             self.last_record = history.record
-            u = uniforms(c.logits, generator)
-            picked = narrow.draw(c.logits.tolist(), u.flatten().tolist(), entropy=False)
+            picked, u = _draw_on_host(c, generator, entropy=False)
             if picked is None:
                 return c.to_vocab(draw(c.logits, generator, u=u))
             return narrow.as_tensor([_vocab_ids(c, [column for column, _, _ in picked])], torch.long,
@@ -187,8 +186,7 @@ class Sampler:
         history, c = self._run(input_ids, logits, prompt_len, generator, stats=stats)
         u = None
         if self._narrow_draw(c, force):
-            u = uniforms(c.logits, generator)
-            picked = narrow.draw(c.logits.tolist(), u.flatten().tolist())
+            picked, u = _draw_on_host(c, generator)
             if picked is not None:
                 return self._narrow_choice(c, history, picked)
         # The draw's softmax serves the token's probability and the entropy too.
@@ -222,8 +220,8 @@ class Sampler:
         return Choice(token_ids, prob, raw_prob, entropy, history.record, valid, forced)
 
     def _narrow_draw(self, c: Candidates, force: Optional[torch.Tensor]) -> bool:
-        """Whether this step's draw is decided on the host (``narrow``): a sampled row few enough survivors,
-        no forced token, no selector that learns from the draw (mirostat), no sync-free step."""
+        """Whether this step's draw is decided on the host (``narrow``): sampled rows with few survivors, on the
+        CPU, no forced token, no selector that learns from the draw (mirostat), no sync-free step."""
         return (not self.config.greedy and force is None and self._after_draw is None and not self.sync_free
                 and c.logits.numel() <= narrow.HOST_LIMIT and c.logits.device.type == "cpu")
 
@@ -380,6 +378,14 @@ class Sampler:
                           raw_logits=logits, raw_max=row_max, raw_stats=stats,
                           raw_log_total_quick=None if stats is None else stats.log_total)
         return history, Candidates.from_logits(logits)
+
+
+def _draw_on_host(c: Candidates, generator: Optional[torch.Generator],
+                  entropy: bool = True) -> tuple[Optional[list[tuple[int, float, float]]], torch.Tensor]:
+    """``narrow.draw``'s picks for ``c``'s rows (None: the tensor draw decides, with the same uniform numbers) and
+    the uniform numbers it took."""
+    u = uniforms(c.logits, generator)
+    return narrow.draw(c.logits.tolist(), u.flatten().tolist(), entropy), u
 
 
 def _vocab_ids(c: Candidates, columns: list[int]) -> list[int]:
