@@ -313,3 +313,22 @@ def test_a_kernel_step_hands_its_statistics_to_the_sampler(monkeypatch):
             assert torch.equal(with_stats.token_ids, without.token_ids)
             for field in ("prob", "raw_prob", "entropy"):
                 assert torch.allclose(getattr(with_stats, field), getattr(without, field), rtol=1e-4, atol=1e-6)
+
+
+def test_a_prompt_read_by_the_torch_path_hands_its_last_rows_statistics_on(monkeypatch):
+    """A prompt too long for the kernel's step is read the eager way; its last position's statistics still come
+    with it (the first token's sampler takes the same shortcuts as every later one), and only for that position."""
+    from llmsample.language_model import wrap
+    from llmsample.quantize import BF16_PRODUCT_ROWS
+    from llmsample.sampling.row_stats import RowStats
+
+    kernel, _ = int8_pair(monkeypatch, vocab=5000)
+    lm = wrap(kernel)
+    ids = torch.randint(3, 5000, (2, BF16_PRODUCT_ROWS), generator=torch.Generator().manual_seed(3))
+    assert not kernel.kernel_step.takes(ids, 1)
+    logits, _ = lm.forward(ids)
+    stats, exact = lm.row_stats(logits), RowStats.of(logits)
+    assert stats is not None and torch.equal(stats.argmax, exact.argmax)
+    assert torch.allclose(stats.log_total, exact.log_total, rtol=0, atol=1e-5)
+    assert torch.equal(stats.top_columns, exact.top_columns)
+    assert kernel(ids, logits_to_keep=0).row_stats is None  # every position's logits: none

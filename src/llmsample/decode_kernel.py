@@ -268,6 +268,11 @@ class KernelStep:
         scales = self._kept(linear.scales.float().contiguous())
         return Product(_ptr(weight), _ptr(scales), _ptr(rowsum), weight.shape[0], weight.shape[1])
 
+    def stats(self, logits: torch.Tensor) -> Any:
+        """The ``RowStats`` of logits this model's torch path wrote (the prompt's last position), as a step of the
+        kernel computes them for its own."""
+        return row_stats(self.lib, logits)
+
     def takes(self, input_ids: torch.Tensor, logits_to_keep: int) -> bool:
         """Whether ``step`` computes this forward: the last position's logits of one new position per row, or of
         a few (a short prompt; from ``quantize.BF16_PRODUCT_ROWS`` rows on the eager bfloat16 products are faster)."""

@@ -541,7 +541,10 @@ class Gemma3ForCausalLM(nn.Module):
         x = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
         hidden = self.model.norm(x).reshape(-1, x.shape[-1])
         logits = self.project(hidden).view(batch, keep, -1)
-        return ForwardOutput(logits=logits, past_key_values=cache)
+        stats = None
+        if keep == 1 and self.kernel_step is not None:  # the first token's sampler gets them as every later one does
+            stats = self.kernel_step.stats(logits.view(batch, -1))
+        return ForwardOutput(logits=logits, past_key_values=cache, row_stats=stats)
 
 
 def load_native(state_dict: dict[str, torch.Tensor], config: Gemma3Config, dtype: torch.dtype,
