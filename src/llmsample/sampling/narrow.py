@@ -28,14 +28,21 @@ HOST_LIMIT = 256
 PENALTY_HOST_LIMIT = 1024
 
 FLOAT32_SPACING = 2.0**-24
+SOFTMAX_LANES = 8
+
+
+def softmax_spacings(width: int) -> float:
+    """How many float32 spacings, relatively, a probability from torch's float32 CPU softmax over ``width`` values
+    can lie from the exact one: the kernel sums the exponentials in at least 8 vector lanes, each in order (width/8,
+    then 8 to add the lanes), and rounds the exponential and the scaling (8 more, generously)."""
+    return width / SOFTMAX_LANES + 8 + 8
 
 
 def _draw_margin(width: int) -> float:
     """How far, relative to the total, torch's float32 softmax and cumulative sum can put a row's cumulative
-    probability from the exact one: each probability within (width/8 + 16) spacings (the exponential, 1 spacing;
-    the normaliser, summed in at least 8 lanes; the scaling), the sum's and the draw's roundings one spacing each;
-    doubled, generously."""
-    return 2 * (width / 8 + 16 + 4) * FLOAT32_SPACING
+    probability from the exact one: each probability within ``softmax_spacings``, the sum's and the draw's
+    roundings a few spacings more; doubled, generously."""
+    return 2 * (softmax_spacings(width) + 4) * FLOAT32_SPACING
 
 
 def draw(rows: list[list[float]], uniforms: list[float],
@@ -73,6 +80,20 @@ def draw(rows: list[list[float]], uniforms: list[float],
     return picked
 
 
+def _float32_above(x: float) -> float:
+    """The float32 number after ``x``, a positive normal float32 number."""
+    return x + math.ldexp(1.0, math.frexp(x)[1] - 24)
+
+
+def reaching(values: list[float], x: float) -> int:
+    """How many of ``values`` (highest first) are at least ``x``.
+
+    >>> reaching([3.0, 2.0, 2.0, 1.0], 2.0)
+    3
+    """
+    return bisect.bisect_right(values, -x, key=operator.neg)
+
+
 def top_p_count(rows: list[list[float]], log_totals: list[float], cut: float) -> Optional[list[int]]:
     """How many of each row's highest logits (``rows``: sorted, highest first) ``stages.top_p``'s window keeps
     before ``min_keep``: the count of tokens j with fl32(1 − mass above j) > ``cut`` (1 − p in float32), the masses
@@ -82,7 +103,7 @@ def top_p_count(rows: list[list[float]], log_totals: list[float], cut: float) ->
     The tensor path takes each probability as a float32 exponential of a float32 difference; here in float64, so
     the masses differ by at most the mass times (the largest |logit − log total| + 4) float32 spacings.
     """
-    cut_up = cut + math.ldexp(1.0, math.frexp(cut)[1] - 24)  # the next float32 above cut (0 < cut < 1)
+    cut_up = _float32_above(cut)
     counts = []
     for values, log_total in zip(rows, log_totals):
         error_scale = (abs(values[-1] - log_total) + abs(values[0] - log_total) + 4) * FLOAT32_SPACING
@@ -114,7 +135,7 @@ def top_p_sorted_count(rows: list[list[float]], cut: float,
     each within (|logit − log total| + |log total| + the row's width + 8) float32 spacings of the exact one,
     relatively; a decision is taken here only where the mass lies further than that from the cut.
     """
-    cut_up = cut + math.ldexp(1.0, math.frexp(cut)[1] - 24)
+    cut_up = _float32_above(cut)
     counts = []
     for r, values in enumerate(rows):
         finite = [v for v in values if v != -math.inf]

@@ -8,10 +8,8 @@ the logits within a row, so that keeps ties at the boundary (as transformers' to
 
 from __future__ import annotations
 
-import bisect
 import contextvars
 import math
-import operator
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -219,10 +217,12 @@ def kth_logit(c: Candidates, k: int) -> torch.Tensor:
     return fast_topk(c.logits, k)[0][:, k - 1 : k]
 
 
-def protect(c: Candidates, threshold: torch.Tensor, min_keep: int) -> torch.Tensor:
-    """Lower ``threshold`` so that at least ``min_keep`` tokens (and their ties) stay above it."""
+def protect(c: Candidates, threshold: torch.Tensor, min_keep: int,
+            row_max: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Lower ``threshold`` so that at least ``min_keep`` tokens (and their ties) stay above it (``row_max``: the
+    rows' largest logits, when the caller knows them)."""
     if min_keep <= 1:
-        return torch.minimum(threshold, c.logits.amax(-1, keepdim=True))
+        return torch.minimum(threshold, c.logits.amax(-1, keepdim=True) if row_max is None else row_max)
     return torch.minimum(threshold, kth_logit(c, min_keep))
 
 
@@ -319,6 +319,13 @@ def left_aligned_columns(rows: torch.Tensor, counts: torch.Tensor, width: int,
 AT_LEAST_CHUNK = 64  # at_least's chunks: narrow, so that the chunks a few hundred survivors touch are few values
 
 
+def _blocks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x``'s whole chunks of ``AT_LEAST_CHUNK`` columns (``[batch, chunks, AT_LEAST_CHUNK]``, a view) and how
+    many columns they cover (the rest is the ragged end)."""
+    body = x.shape[-1] - x.shape[-1] % AT_LEAST_CHUNK
+    return x[:, :body].unflatten(1, (body // AT_LEAST_CHUNK, AT_LEAST_CHUNK)), body
+
+
 def at_least(x: torch.Tensor, floor: torch.Tensor,
              limit: int = COMPACT_LIMIT) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Each row's columns where ``x >= floor`` (``[batch, 1]``), in column order, and the values there: two
@@ -333,8 +340,7 @@ def at_least(x: torch.Tensor, floor: torch.Tensor,
     (tensor([[1, 2, 3]]), tensor([[0.5000, 0.2000, 0.7000]]))
     """
     batch, width = x.shape
-    body = width - width % AT_LEAST_CHUNK
-    blocks = x[:, :body].unflatten(1, (body // AT_LEAST_CHUNK, AT_LEAST_CHUNK))
+    blocks, body = _blocks(x)
     rows, chunks = (blocks.amax(-1) >= floor).nonzero(as_tuple=True)  # row-major, so each row's in column order
     if rows.numel() > limit * batch:  # every such chunk holds a survivor
         return None
@@ -369,11 +375,9 @@ def count_at_least(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     tensor([3])
     """
     batch, width = x.shape
-    body = width - width % AT_LEAST_CHUNK
-    blocks = x[:, :body].unflatten(1, (body // AT_LEAST_CHUNK, AT_LEAST_CHUNK))
+    blocks, body = _blocks(x)
     maxima = blocks.amax(-1)
-    reached = maxima >= floor
-    rows, chunks = reached.nonzero(as_tuple=True)
+    rows, chunks = (maxima >= floor).nonzero(as_tuple=True)
     # a NaN hides its chunk's other values from the maxima; many chunks: a pass over the row is as cheap
     if rows.numel() > COMPACT_LIMIT * batch // 8 or bool(torch.isnan(maxima).any()):
         return (x >= floor).sum(-1)
@@ -705,10 +709,13 @@ def _top_p_narrow(c: Candidates, cut: float, min_keep: int, log_total: Optional[
     counts = narrow.top_p_sorted_count(rows, cut, None if log_total is None else log_total.flatten().tolist())
     if counts is None:
         return None
-    width = c.logits.shape[-1]
-    thresholds = [row[max(count, min(min_keep, width)) - 1] for row, count in zip(rows, counts)]
-    keep = [bisect.bisect_right(row, -threshold, key=operator.neg) for row, threshold in zip(rows, thresholds)]
-    return _prefix(c, keep, thresholds)
+    thresholds = _nucleus_thresholds(rows, counts, min_keep)
+    return _prefix(c, [narrow.reaching(row, x) for row, x in zip(rows, thresholds)], thresholds)
+
+
+def _nucleus_thresholds(rows: list[list[float]], counts: list[int], min_keep: int) -> list[float]:
+    """Each row's last kept logit: its ``count``-th highest, or its ``min_keep``-th when that is lower."""
+    return [row[max(count, min(min_keep, len(row))) - 1] for row, count in zip(rows, counts)]
 
 
 def _prefix(c: Candidates, keep: list[int], thresholds: list[float], values: Optional[torch.Tensor] = None,
@@ -736,11 +743,10 @@ def _top_p_listed(c: Candidates, listed: tuple[torch.Tensor, torch.Tensor], log_
     counts = narrow.top_p_count(rows, log_total.flatten().tolist(), cut)
     if counts is None:
         return None
-    thresholds = [row[max(count, min(min_keep, window)) - 1] for row, count in zip(rows, counts)]
+    thresholds = _nucleus_thresholds(rows, counts, min_keep)
     if any(row[-1] >= threshold for row, threshold in zip(rows, thresholds)):  # ties reach the window's end
         return None
-    keep = [bisect.bisect_right(row, -threshold, key=operator.neg) for row, threshold in zip(rows, thresholds)]
-    return _prefix(c, keep, thresholds, values, columns)
+    return _prefix(c, [narrow.reaching(row, x) for row, x in zip(rows, thresholds)], thresholds, values, columns)
 
 
 def _top_p_threshold_from_histogram(logits: torch.Tensor, log_total: torch.Tensor, cut: float,
@@ -865,13 +871,13 @@ def temperature(c: Candidates, t: float, row_max: Optional[torch.Tensor] = None)
     # by its maximum first, which leaves its softmax unchanged. Everywhere else the values are exactly ℓ/T.
     if row_max is None:  # the caller may know it (the raw row's, from the finiteness check)
         row_max = c.logits[:, :1] if c.descending else c.logits.amax(-1, keepdim=True)
-    # On the host, with room: ℓ/T overflows float32 only past its largest value (the check below is exact)
-    if not sync_free() and all(abs(top) < FLOAT32_MAX * 0.5 * t for top in row_max.flatten().tolist()):
+    # Read on the host, with room: a finite ℓ/T overflows float32 only past half its largest value times T. Then
+    # one pass; dividing by T > 0 keeps the order. A row flagged here (or any, sync-free) is judged exactly below,
+    # and an unflagged one there gets the same values (ℓ − 0 is ℓ).
+    if not sync_free() and not any(math.isfinite(top) and abs(top) >= FLOAT32_MAX * 0.5 * t
+                                   for top in row_max.flatten().tolist()):
         return c.with_logits(torch.div(c.logits, t), descending=c.descending)
     overflows = torch.isinf(row_max / t) & torch.isfinite(row_max)
-    if not sync_free() and not bool(overflows.any()):
-        # one pass (ℓ − 0 is ℓ: the same values as below); dividing by T > 0 keeps the order
-        return c.with_logits(torch.div(c.logits, t), descending=c.descending)
     shift = torch.where(overflows, row_max, torch.zeros_like(row_max))
     return c.with_logits(torch.sub(c.logits, shift).div_(t), descending=c.descending)  # divided in place
 

@@ -6,9 +6,7 @@ survivors of a wide row are compacted and ties at the boundary are kept.
 
 from __future__ import annotations
 
-import bisect
 import math
-import operator
 from typing import Any, Optional
 
 import torch
@@ -42,8 +40,7 @@ def top_n_sigma(c: Candidates, n: float, min_keep: int = 1, row_max: Optional[to
     if row_max is None:
         row_max = logits.amax(-1, keepdim=True)
     threshold = row_max - n * sigma
-    # the top token always stays (min_keep 1: the threshold is at most the maximum)
-    return keep_from(c, torch.minimum(threshold, row_max) if min_keep <= 1 else protect(c, threshold, min_keep))
+    return keep_from(c, protect(c, threshold, min_keep, row_max))
 
 
 def xtc(c: Candidates, history: History, probability: float, threshold: float, min_keep: int = 1) -> Candidates:
@@ -134,17 +131,14 @@ def _take_found(c: Candidates, columns: torch.Tensor, found: torch.Tensor) -> Ca
     return c.take(columns, values)
 
 
-# How far a float32 softmax's probability can lie from e^(logit − L), relatively, in float32 spacings: torch's CPU
-# kernel sums the n exponentials in at least 8 vector lanes, each in order (n/8, then 8 to add the lanes), and
-# rounds the exponential and the scaling (8 more, generously); the engine's L (RowStats: float sums of 128 terms
-# added in double) is off by at most 128.
-SOFTMAX_LANES = 8
-FLOAT32_SPACING = 2.0**-24
+# How far an engine's normaliser (RowStats: float sums of 128 terms added in double) can lie from the exact one, in
+# float32 spacings.
+ENGINE_NORMALISER_SPACINGS = 128
 
 
 def _softmax_margin(width: int) -> float:
     """How far, in log-probability, a float32 softmax's value can lie from the one an engine's normaliser gives."""
-    return (width / SOFTMAX_LANES + 8 + 8 + 128) * FLOAT32_SPACING
+    return (narrow.softmax_spacings(width) + ENGINE_NORMALISER_SPACINGS) * narrow.FLOAT32_SPACING
 
 
 def _cut_from_listed(c: Candidates, stats: Any, log_floor: list[float], margin: float) -> Optional[Candidates]:
@@ -162,7 +156,7 @@ def _cut_from_listed(c: Candidates, stats: Any, log_floor: list[float], margin: 
         cut = log_total + floor  # log p >= floor  <=>  logit >= cut
         if values[-1] >= cut - margin:  # the list may end before the survivors do
             return None
-        count = bisect.bisect_right(values, -cut, key=operator.neg)  # how many are >= cut (highest first)
+        count = narrow.reaching(values, cut)
         if count == 0 or abs(values[count - 1] - cut) <= margin or abs(values[count] - cut) <= margin:
             return None
         counts.append(count)
